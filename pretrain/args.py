@@ -1,0 +1,56 @@
+"""Command-line arguments of pretrain/main.py. Settings that live in the DeepSpeed JSON
+(batch sizes, precision, ZeRO stage, optimizer, scheduler) have no flag here on purpose."""
+import argparse
+import os
+
+from models.registry import ConfigError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message}; see python pretrain/main.py --help")
+
+
+def build_parser():
+    p = OneLineParser(description="Pretrain a Switchyard model through a DeepSpeed engine.")
+    p.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
+    p.add_argument("--model_config", required=True, help="model config JSON (models/configs/*.json)")
+    p.add_argument("--task", default="lm", help="registered task name (pretrain/tasks/)")
+    p.add_argument("--train_data", required=True, help="UTF-8 text file")
+    p.add_argument("--val_data", default=None, help="validation text file (default: the tail of --train_data)")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="tail fraction held out when --val_data is not given")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a sentencepiece .model file")
+    p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: the model's max_seq_len)")
+    p.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
+    p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
+    p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
+    p.add_argument("--eval_interval", type=int, default=0, help="validation loss every N steps (0: only at the end)")
+    p.add_argument("--eval_iters", type=int, default=4, help="validation micro-batches per rank")
+    p.add_argument("--log_interval", type=int, default=1, help="log every N steps")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--wandb_project", default=None, help="log to W&B (offline when WANDB_API_KEY is unset)")
+    p.add_argument("--wandb_run_name", default=None)
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s for MFU (default: known GPUs' bf16 dense peak; MFU is not reported on CPU)")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    checks = [
+        (args.max_steps >= 1, f"--max_steps must be >= 1, got {args.max_steps}"),
+        (args.save_interval >= 0, "--save_interval must be >= 0"),
+        (args.eval_interval >= 0, "--eval_interval must be >= 0"),
+        (args.eval_iters >= 1, "--eval_iters must be >= 1"),
+        (args.log_interval >= 1, "--log_interval must be >= 1"),
+        (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),
+        (args.seq_len is None or args.seq_len >= 1, "--seq_len must be >= 1"),
+        (os.path.isfile(args.train_data), f"--train_data {args.train_data} does not exist; pass an existing file"),
+        (args.val_data is None or os.path.isfile(args.val_data), f"--val_data {args.val_data} does not exist; pass an existing file"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return args

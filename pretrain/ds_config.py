@@ -1,0 +1,117 @@
+"""Read a DeepSpeed JSON config and refuse, in one line, what the launch cannot run.
+
+Everything here runs before torch.distributed starts and before any model is allocated.
+The JSON goes to ``deepspeed.initialize`` as written; Switchyard adds one section of its
+own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+from models.registry import ConfigError
+
+
+@dataclass
+class LaunchPlan:
+    """What the config and world size imply, derived the way DeepSpeed derives it."""
+    world_size: int
+    dp_size: int
+    train_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    zero_stage: int
+    precision: str  # "fp32", "bf16" or "fp16"
+    pipeline_stages: int
+    expert_parallel_size: int
+
+
+def load_ds_config(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass one of ds_configs/*.json to --ds_config")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file")
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return config
+
+
+def _positive_int(config, key, path):
+    value = config.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"DeepSpeed config {path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def plan_launch(config, path, world_size, model_family, num_experts=None):
+    zero = config.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    fp16 = bool((config.get("fp16") or {}).get("enabled", False))
+    bf16 = bool((config.get("bf16") or {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ConfigError(f"DeepSpeed config {path} enables both fp16 and bf16; enable one")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+    stages = (config.get("pipeline") or {}).get("stages", 1)
+    stages = 1 if stages == "auto" else stages
+    if not isinstance(stages, int) or stages < 1:
+        raise ConfigError(f"DeepSpeed config {path}: pipeline.stages must be a positive integer, got {stages!r}")
+    if stages > 1:
+        if stage >= 2:
+            raise ConfigError(f"DeepSpeed config {path}: pipeline parallelism runs with ZeRO stage 0 or 1 only "
+                              f"(DeepSpeed partitions gradients across micro-batches otherwise); set zero_optimization.stage to 0 or 1")
+        if model_family != "gpt":
+            raise ConfigError(f"DeepSpeed config {path}: pipeline stages are supported for the dense 'gpt' family only; "
+                              f"use a config without 'pipeline' for a {model_family} model")
+        if world_size % stages:
+            raise ConfigError(f"DeepSpeed config {path}: {stages} pipeline stages do not divide the world size {world_size}; "
+                              f"launch a multiple of {stages} ranks")
+
+    ep_size = (config.get("moe") or {}).get("expert_parallel_size", 1)
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size must be a positive integer, got {ep_size!r}")
+    if model_family == "switch":
+        if stage == 3:
+            raise ConfigError(f"DeepSpeed config {path}: DeepSpeed 0.19's MoE layer does not run under ZeRO-3 "
+                              f"(it points to AutoEP, which needs a Hugging Face model); use ZeRO stage 0, 1 or 2 for Switch models")
+        if world_size % ep_size:
+            raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide the world size "
+                              f"{world_size}; launch a multiple of {ep_size} ranks or lower expert_parallel_size")
+        if num_experts % ep_size:
+            raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide num_experts "
+                              f"{num_experts}; pick an expert-parallel size that divides it")
+
+    dp = world_size // stages
+    tbs = _positive_int(config, "train_batch_size", path)
+    mbs = _positive_int(config, "train_micro_batch_size_per_gpu", path)
+    gas = _positive_int(config, "gradient_accumulation_steps", path)
+    if tbs is None and mbs is None:
+        raise ConfigError(f"DeepSpeed config {path} sets neither train_batch_size nor train_micro_batch_size_per_gpu; set at least one")
+    if tbs is not None and mbs is not None and gas is None:
+        if tbs % (mbs * dp):
+            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by train_micro_batch_size_per_gpu "
+                              f"{mbs} x {dp} data-parallel ranks; set train_batch_size to a multiple of {mbs * dp} or launch another number of ranks")
+        gas = tbs // (mbs * dp)
+    elif tbs is not None and gas is not None and mbs is None:
+        if tbs % (gas * dp):
+            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by gradient_accumulation_steps "
+                              f"{gas} x {dp} data-parallel ranks; set train_batch_size to a multiple of {gas * dp}")
+        mbs = tbs // (gas * dp)
+    elif tbs is None:
+        gas = gas or 1
+        tbs = mbs * gas * dp
+    elif mbs is None:
+        gas = 1
+        if tbs % dp:
+            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by {dp} data-parallel ranks; "
+                              f"set it to a multiple of {dp}")
+        mbs = tbs // dp
+    elif tbs != mbs * gas * dp:
+        raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} != train_micro_batch_size_per_gpu {mbs} x "
+                          f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks; drop one of the three and let it be derived")
+    return LaunchPlan(world_size=world_size, dp_size=dp, train_batch_size=tbs, micro_batch_size=mbs, grad_accum_steps=gas,
+                      zero_stage=stage, precision=precision, pipeline_stages=stages, expert_parallel_size=ep_size)

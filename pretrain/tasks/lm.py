@@ -1,0 +1,48 @@
+"""Language modeling: next-token cross entropy (+ the Switch auxiliary losses) on packed windows."""
+import torch.nn.functional as F
+
+from models import build_model
+from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
+from pretrain.data.tokenizer import check_fits_model, load_tokenizer
+from pretrain.tasks import register_task
+
+
+@register_task("lm")
+class LanguageModelingTask:
+    def __init__(self, args, model_config):
+        self.model_config = model_config
+        self.seq_len = args.seq_len or model_config.max_seq_len
+        self.tokenizer = load_tokenizer(args.tokenizer)
+        check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)
+        tokens = read_text_tokens(args.train_data, self.tokenizer)
+        if args.val_data:
+            train_tokens, val_tokens = tokens, read_text_tokens(args.val_data, self.tokenizer)
+        else:
+            train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
+        self.train = LMSamples(train_tokens, self.seq_len, args.train_data)
+        self.train_order = SeededOrder(self.train.num_samples, args.seed)
+        self.val = LMSamples(val_tokens, self.seq_len, args.val_data or f"validation split of {args.train_data}") \
+            if len(val_tokens) else None
+
+    def build_model(self):
+        return build_model(self.model_config)
+
+    def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
+        return micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size)
+
+    def val_batch(self, i, micro_batch_size, dp_rank, dp_size):
+        """The i-th validation micro-batch of this rank, in file order, wrapping around."""
+        n = self.val.num_samples
+        first = (i * dp_size + dp_rank) * micro_batch_size
+        return micro_batch(self.val, lambda k: k % n, first, 0, micro_batch_size, 0, 1)
+
+    def loss(self, outputs, batch):
+        """(loss to backprop, dict of detached parts to log)."""
+        logits, aux_loss, moe_stats = outputs
+        targets = batch[:, 1:]
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return lm_loss + aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": aux_loss.detach(), "moe": moe_stats}
+
+    @staticmethod
+    def inputs(batch):
+        return batch[:, :-1]

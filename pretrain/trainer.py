@@ -1,0 +1,129 @@
+"""The training loop. It knows engines and tasks, never a model's insides.
+
+One step = grad_accum_steps micro-batches through engine.forward/backward/step (DeepSpeed
+steps the optimizer on the last one), then logging, validation and checkpointing.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint
+
+# bf16 dense peak of known GPUs, TFLOP/s, for MFU when --peak_tflops is not given.
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(requested):
+    if requested is not None or not torch.cuda.is_available():
+        return requested
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+
+
+class Trainer:
+    def __init__(self, engine, task, plan, args, logger, flops_per_token):
+        self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops(args.peak_tflops)
+        self.dp_rank = dist.get_rank() // plan.pipeline_stages if plan.pipeline_stages > 1 else dist.get_rank()
+        self.step = 0
+        self.consumed_samples = 0
+        self.tokens_per_step = plan.train_batch_size * task.seq_len
+
+    def state(self):
+        return {"step": self.step, "consumed_samples": self.consumed_samples}
+
+    def resume(self):
+        state = checkpoint.load(self.engine, self.args.save_dir)
+        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+        if dist.get_rank() == 0:
+            print(f"resumed from step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
+
+    def micro_batches(self):
+        for micro in range(self.plan.grad_accum_steps):
+            yield self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+
+    def train_step(self):
+        """One optimizer step; returns the sums of the logged parts over its micro-batches."""
+        lm_sum, aux_sum, moe_sum = 0.0, 0.0, None
+        for batch in self.micro_batches():
+            outputs = self.engine(self.task.inputs(batch))
+            loss, parts = self.task.loss(outputs, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            lm_sum = lm_sum + parts["lm_loss"]
+            aux_sum = aux_sum + parts["aux_loss"]
+            if parts["moe"]:
+                layer = torch.stack([torch.cat([s["expert_fraction"], s["dropped_fraction"].reshape(1)]) for s in parts["moe"]])
+                moe_sum = layer if moe_sum is None else moe_sum + layer
+        return lm_sum, aux_sum, moe_sum
+
+    def train(self):
+        args = self.args
+        window_start, window_steps = time.perf_counter(), 0
+        sums = None
+        while self.step < args.max_steps:
+            lm_sum, aux_sum, moe_sum = self.train_step()
+            self.step += 1
+            self.consumed_samples += self.plan.train_batch_size
+            window_steps += 1
+            step_sums = torch.stack([torch.as_tensor(lm_sum, dtype=torch.float32), torch.as_tensor(aux_sum, dtype=torch.float32)])
+            if moe_sum is not None:
+                step_sums = torch.cat([step_sums, moe_sum.flatten()])
+            sums = step_sums if sums is None else sums + step_sums
+            if self.step % args.log_interval == 0 or self.step == args.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self.log_train(sums, window_steps, elapsed, moe_sum)
+                window_start, window_steps, sums = time.perf_counter(), 0, None
+            if args.eval_interval and self.step % args.eval_interval == 0:
+                self.validate()
+            if args.save_interval and self.step % args.save_interval == 0:
+                checkpoint.save(self.engine, args.save_dir, self.step, self.state())
+        if not args.eval_interval or self.step % args.eval_interval:
+            self.validate()
+        if not args.save_interval or self.step % args.save_interval:
+            checkpoint.save(self.engine, args.save_dir, self.step, self.state())
+
+    def log_train(self, sums, steps, elapsed, last_moe):
+        # One all-reduce per log step: every rank's sums become the data-parallel mean.
+        dist.all_reduce(sums)
+        sums = (sums / (dist.get_world_size() * steps * self.plan.grad_accum_steps)).tolist()
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        metrics = {
+            "train/loss": sums[0] + sums[1],
+            "train/lm_loss": sums[0],
+            "train/lr": self.engine.get_lr()[0],
+            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "perf/step_time_s": elapsed / steps,
+            "perf/tokens_per_s": tokens_per_s,
+        }
+        histograms = {}
+        if last_moe is not None:
+            metrics["train/aux_loss"] = sums[1]
+            n_layers, width = last_moe.shape
+            for layer in range(n_layers):
+                row = sums[2 + layer * width: 2 + (layer + 1) * width]
+                metrics[f"moe/layer{layer}/dropped_fraction"] = row[-1]
+                metrics[f"moe/layer{layer}/max_expert_fraction"] = max(row[:-1])
+                histograms[f"moe/layer{layer}/expert_fraction"] = row[:-1]
+        if self.plan.precision == "fp16":
+            metrics["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            metrics["train/skipped_steps"] = float(self.engine.skipped_steps)
+        if self.peak:
+            metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / dist.get_world_size() / (self.peak * 1e12)
+        self.logger.log(self.step, metrics, histograms)
+
+    @torch.no_grad()
+    def validate(self):
+        if self.task.val is None:
+            return
+        self.engine.eval()
+        total = torch.zeros(2)
+        for i in range(self.args.eval_iters):
+            batch = self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+            _, parts = self.task.loss(self.engine(self.task.inputs(batch)), batch)
+            total += torch.stack([parts["lm_loss"].float().cpu(), torch.ones(())])
+        self.engine.train()
+        dist.all_reduce(total)
+        self.logger.log(self.step, {"val/loss": (total[0] / total[1]).item()})
