@@ -21,6 +21,26 @@ def peak_tflops(requested):
     return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
 
 
+def grad_norm(engine):
+    """Global gradient norm where DeepSpeed keeps none (fp32 without ZeRO), from the reduced gradients.
+
+    Shared weights' gradients are identical on every rank; each expert's lives on world/ep ranks.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    shared, expert = torch.zeros(()), torch.zeros(())
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().float().square().sum().cpu()
+            if is_moe_param(p):
+                expert += sq
+            else:
+                shared += sq
+    if any(is_moe_param(p) for p in engine.module.parameters()):
+        dist.all_reduce(expert)
+        expert /= dist.get_world_size() // engine.module.config.expert_parallel_size
+    return float((shared + expert).sqrt())
+
+
 class Trainer:
     def __init__(self, engine, task, plan, args, logger, flops_per_token):
         self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
@@ -30,6 +50,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len
+        self.fp32_grad_norm = 0.0
 
     def state(self):
         return {"step": self.step, "consumed_samples": self.consumed_samples}
@@ -51,6 +72,8 @@ class Trainer:
             outputs = self.engine(self.task.inputs(batch))
             loss, parts = self.task.loss(outputs, batch)
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
+                self.fp32_grad_norm = grad_norm(self.engine)
             self.engine.step()
             lm_sum = lm_sum + parts["lm_loss"]
             aux_sum = aux_sum + parts["aux_loss"]
@@ -94,7 +117,7 @@ class Trainer:
             "train/loss": sums[0] + sums[1],
             "train/lm_loss": sums[0],
             "train/lr": self.engine.get_lr()[0],
-            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "train/grad_norm": float(self.engine.get_global_grad_norm() or self.fp32_grad_norm),
             "perf/step_time_s": elapsed / steps,
             "perf/tokens_per_s": tokens_per_s,
         }
