@@ -31,7 +31,9 @@ def rank_env(rank, world_size, port, extra=None):
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-               WANDB_MODE="offline", WANDB_SILENT="true")
+               WANDB_MODE="offline", WANDB_SILENT="true",
+               # The venv's ninja first, always: torch's JIT cache is keyed by the ninja that built it.
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     env.pop("WANDB_API_KEY", None)
     env.update(extra or {})
     return env

@@ -1,0 +1,124 @@
+"""Switch layer: routing, capacity and dropped tokens against a hand-computed case; the paper's
+details (distinct expert init, aux loss reaching the router, fp32 router, z-loss)."""
+import math
+
+import torch
+
+from models import config_from_dict
+from models.switch import SwitchFFN, SwitchLM, expert_capacity
+
+
+def switch_config(**over):
+    base = {"family": "switch", "vocab_size": 32, "max_seq_len": 8, "d_model": 4, "n_layers": 2, "n_heads": 2,
+            "d_ff": 8, "num_experts": 2, "capacity_factor": 1.0, "eval_capacity_factor": 1.0, "min_capacity": 0}
+    return config_from_dict({**base, **over})
+
+
+def routed_layer(**over):
+    torch.manual_seed(0)
+    layer = SwitchFFN(switch_config(**over), layer_idx=1)
+    with torch.no_grad():  # router logits = the first two input features
+        layer.moe.deepspeed_moe.gate.wg.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    return layer
+
+
+# 6 tokens: tokens 0-3 prefer expert 0, tokens 4-5 expert 1.
+TOKENS = torch.tensor([[2.0, 0, 1, 0], [1.5, 0, 0, 1], [3.0, 1, 0, 0], [1.0, 0, 1, 1],
+                       [0, 2.0, 1, 0], [0, 1.0, 0, 1]]).reshape(1, 6, 4)
+
+
+def test_routing_capacity_and_dropped_tokens_match_hand_computation():
+    layer = routed_layer()
+    layer.train()
+    out, aux, stats = layer(TOKENS)
+    # capacity = ceil(6 tokens / 2 experts * 1.0) = 3: expert 0 receives 4 tokens, keeps 3, drops 1.
+    assert expert_capacity(6, 2, 1.0, 0) == 3
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))
+    assert math.isclose(float(stats["dropped_fraction"]), 1 / 6, rel_tol=1e-6)
+
+    logits = TOKENS[0, :, :2]
+    gates = torch.softmax(logits, dim=-1)
+    experts = layer.local_experts()
+    expected = [gates[i, e] * experts[e](TOKENS[0, i]) for i, e in enumerate([0, 0, 0, 0, 1, 1])]
+    zero_rows = [i for i in range(6) if torch.all(out[0, i] == 0)]
+    assert len(zero_rows) == 1 and zero_rows[0] < 4  # exactly one expert-0 token over capacity, output 0
+    for i in range(6):
+        if i not in zero_rows:
+            torch.testing.assert_close(out[0, i], expected[i], rtol=1e-5, atol=1e-6)
+    # Load-balancing loss (Switch eq. 4): alpha * N * sum_i f_i * P_i, f from the routing before the drop.
+    f = torch.tensor([4 / 6, 2 / 6])
+    P = gates.mean(dim=0)
+    torch.testing.assert_close(aux, 0.01 * 2 * (f * P).sum(), rtol=1e-6, atol=0)
+
+
+def test_dropped_token_passes_through_the_block_residual():
+    torch.manual_seed(0)
+    model = SwitchLM(switch_config(moe_layers=[0], n_layers=1))
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.ffn.moe.deepspeed_moe.gate.wg.weight.zero_()  # all tokens tie -> argmax picks expert 0
+    x = torch.randn(1, 6, 4)
+    after_attn = x + block.attn(block.ln_attn(x))
+    out, _, stats = block(x)
+    dropped = [i for i in range(6) if torch.equal(out[0, i], after_attn[0, i])]
+    assert len(dropped) == 3 and math.isclose(float(stats["dropped_fraction"]), 0.5, rel_tol=1e-6)
+
+
+def test_experts_start_different_and_seed_by_global_index():
+    torch.manual_seed(0)
+    layer = SwitchFFN(switch_config(num_experts=4), layer_idx=1)
+    layer.init_experts(seed=7)
+    weights = [e.fc.weight.clone() for e in layer.local_experts()]
+    assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
+    layer.init_experts(seed=7)
+    assert all(torch.equal(w, e.fc.weight) for w, e in zip(weights, layer.local_experts()))
+
+
+def test_switch_init_is_reduced_scale():
+    torch.manual_seed(0)
+    config = switch_config(d_model=256, n_heads=4, d_ff=1024, vocab_size=64)
+    model = SwitchLM(config)
+    std = model.blocks[0].attn.qkv.weight.std().item()
+    # truncated normal at 2 std has std 0.88 * sqrt(0.1 / 256)
+    assert abs(std - 0.88 * math.sqrt(0.1 / 256)) < 0.1 * math.sqrt(0.1 / 256)
+
+
+def test_aux_loss_reaches_the_router_gradient():
+    layer = routed_layer()
+    _, aux, _ = layer(TOKENS)
+    aux.backward()
+    grad = layer.moe.deepspeed_moe.gate.wg.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_router_runs_in_float32_when_the_model_is_bf16():
+    layer = routed_layer().to(torch.bfloat16)
+    out, aux, stats = layer(TOKENS.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert aux.dtype == torch.float32  # computed from float32 gate probabilities
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))
+
+
+def test_router_z_loss_adds_mean_squared_logsumexp():
+    base = routed_layer()
+    with_z = routed_layer(z_loss_coef=0.001)
+    _, aux, _ = base(TOKENS)
+    _, aux_z, _ = with_z(TOKENS)
+    z = torch.logsumexp(TOKENS[0, :, :2], dim=-1).square().mean()
+    torch.testing.assert_close(aux_z - aux, 0.001 * z, rtol=1e-5, atol=0)
+
+
+def test_eval_uses_the_eval_capacity_factor():
+    layer = routed_layer(eval_capacity_factor=2.0)
+    layer.eval()
+    _, _, stats = layer(TOKENS)
+    assert float(stats["dropped_fraction"]) == 0.0  # capacity 6 holds all 4 expert-0 tokens
+
+
+def test_param_counts_total_and_active():
+    torch.manual_seed(0)
+    model = SwitchLM(switch_config(num_experts=4))
+    total, active = model.param_counts()
+    per_expert = sum(p.numel() for p in model.blocks[1].ffn.local_experts()[0].parameters())
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total - active == 3 * per_expert
