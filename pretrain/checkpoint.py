@@ -15,10 +15,10 @@ def _rng_path(save_dir, tag, rank):
 
 def save(engine, save_dir, step, client_state):
     tag = f"global_step{step}"
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
-    # Written after DeepSpeed's files, so a checkpoint with RNG files has its shards too.
+    # RNG first: DeepSpeed writes the ``latest`` pointer last, so a checkpoint that ``latest`` names has it.
+    os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
     torch.save({"torch": torch.get_rng_state()}, _rng_path(save_dir, tag, dist.get_rank()))
-    dist.barrier()
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
 
 
 def has_checkpoint(save_dir):
@@ -30,7 +30,7 @@ def load(engine, save_dir):
     path, client_state = engine.load_checkpoint(save_dir)
     if path is None:
         raise FileNotFoundError(f"no loadable checkpoint in {save_dir}")
-    tag = os.path.basename(os.path.normpath(path))
+    tag = os.path.basename(os.path.dirname(path))  # path is the tag's model-states file
     rng = torch.load(_rng_path(save_dir, tag, dist.get_rank()), weights_only=True)
     torch.set_rng_state(rng["torch"])
     return client_state

@@ -90,7 +90,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     from pretrain import distributed
-    run(*prepared)
+    try:
+        run(*prepared)
+    except ConfigError as e:  # found once data or tokenizer are read, still before the model exists
+        if distributed.rank_from_env() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)
     distributed.finish(0)
 
 
