@@ -1,0 +1,93 @@
+"""Bad input is refused at start with one line on stderr, exit code 2, no traceback, no model built."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import CORPUS, MAIN, REPO
+
+DS = REPO / "ds_configs"
+MODELS = REPO / "models" / "configs"
+
+
+def write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def ds_with(tmp_path, **over):
+    config = json.loads((DS / "zero1.json").read_text())
+    config.update(over)
+    return write(tmp_path / "ds.json", config)
+
+
+def model_with(tmp_path, base="tiny-gpt.json", **over):
+    config = json.loads((MODELS / base).read_text())
+    config.update(over)
+    return write(tmp_path / "model.json", config)
+
+
+# name -> (function of tmp_path returning (ds_config, model_config, extra args, world size), expected text)
+CASES = {
+    "malformed ds json": (lambda t: (write(t / "ds.json", '{"train_batch_size": 8,'), MODELS / "tiny-gpt.json", [], 1),
+                          "is not valid JSON (line 1"),
+    "missing ds config": (lambda t: (t / "nope.json", MODELS / "tiny-gpt.json", [], 1), "does not exist"),
+    "malformed model json": (lambda t: (DS / "zero1.json", write(t / "m.json", "{family: gpt}"), [], 1), "is not valid JSON"),
+    "unknown model key": (lambda t: (DS / "zero1.json", model_with(t, n_layer=2), [], 1), "unknown key 'n_layer' (did you mean 'n_layers'?)"),
+    "wrong model type": (lambda t: (DS / "zero1.json", model_with(t, d_model="64"), [], 1), "'d_model' must be int"),
+    "heads do not divide": (lambda t: (DS / "zero1.json", model_with(t, n_heads=5), [], 1), "must be divisible by n_heads"),
+    "unknown family": (lambda t: (DS / "zero1.json", model_with(t, family="gtp"), [], 1), "did you mean 'gpt'"),
+    "ep size in model file": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", expert_parallel_size=2), [], 1),
+                              "is set at launch"),
+    "world size cannot divide batch": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", [], 3),
+                                       "train_batch_size 8 is not divisible by train_micro_batch_size_per_gpu 2 x 3"),
+    "fp16 and bf16": (lambda t: (ds_with(t, fp16={"enabled": True}, bf16={"enabled": True}), MODELS / "tiny-gpt.json", [], 1),
+                      "enables both fp16 and bf16"),
+    "pipeline with zero2": (lambda t: (ds_with(t, pipeline={"stages": 2}, zero_optimization={"stage": 2}),
+                                       MODELS / "tiny-gpt.json", [], 2), "ZeRO stage 0 or 1 only"),
+    "pipeline with switch": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-switch.json", [], 2),
+                             "dense 'gpt' family only"),
+    "pipeline stages vs world": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-gpt.json", [], 3),
+                                 "do not divide the world size 3"),
+    "switch with zero3": (lambda t: (DS / "zero3.json", MODELS / "tiny-switch.json", [], 1), "does not run under ZeRO-3"),
+    "ep does not divide world": (lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch.json", [], 1),
+                                 "does not divide the world size 1"),
+    "ep does not divide experts": (lambda t: (ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6),
+                                              MODELS / "tiny-switch.json", [], 3), "does not divide num_experts 4"),
+    "bad zero stage": (lambda t: (ds_with(t, zero_optimization={"stage": 4}), MODELS / "tiny-gpt.json", [], 1), "must be 0, 1, 2 or 3"),
+    "no batch size": (lambda t: (write(t / "ds.json", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}),
+                                 MODELS / "tiny-gpt.json", [], 1), "sets neither train_batch_size"),
+    "missing train data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", t / "none.txt"], 1),
+                           "--train_data"),
+    "bad flag": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--zero_stage", "2"], 1), "unrecognized arguments"),
+    "resume without checkpoint": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--resume"], 1), "holds no checkpoint"),
+    "tokenizer does not fit model": (lambda t: (DS / "zero1.json", model_with(t, vocab_size=200), [], 1),
+                                     "tokenizer has 257 ids but model config"),
+    "empty data file": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", write(t / "e.txt", "")], 1),
+                        "is empty"),
+    "non utf8 data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
+                                 ["--train_data", write(t / "b.txt", b"ok\n\xff\xfe\n")], 1),
+                      "line 2 is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_refused_with_one_line(tmp_path, name):
+    make, expected = CASES[name]
+    ds_config, model_config, extra, world = make(tmp_path)
+    args = ["--ds_config", ds_config, "--model_config", model_config, "--train_data", CORPUS, "--max_steps", 2,
+            "--save_dir", tmp_path / "run", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["WORLD_SIZE"] = str(world)
+    env["TORCH_EXTENSIONS_DIR"] = env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    proc = subprocess.run([sys.executable, str(MAIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "latest").exists()
