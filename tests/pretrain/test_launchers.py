@@ -1,0 +1,44 @@
+"""The same entry point under the deepspeed launcher and torchrun, 2 CPU ranks each, with W&B offline."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO, free_port, read_metrics, train_args
+
+BIN = Path(sys.executable).parent
+
+
+def launcher_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true",
+               PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_launcher_runs_two_ranks(tmp_path, launcher):
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        cmd = [BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    args = train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--wandb_project", "switchyard-test", "--eval_interval", 2)
+    proc = subprocess.Popen([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO, env=launcher_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise
+    assert proc.returncode == 0, output[-4000:]
+    run = tmp_path / "run"
+    assert sorted(read_metrics(run)) == [1, 2, 3, 4]
+    assert sorted(read_metrics(run, "val/loss")) == [2, 4]
+    assert "moe/layer0/dropped_fraction" in (run / "metrics.jsonl").read_text()
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
