@@ -1,14 +1,17 @@
 """Dense decoder-only Transformer LM (GPT): pre-LayerNorm, tied embeddings, SDPA attention.
 
-Read top to bottom: config, attention, feed-forward, block, model. The Switch LM
-(models/switch.py) reuses everything here and swaps the feed-forward of chosen layers.
+Read top to bottom: config, attention, feed-forward, block, model, then the same model cut
+into pipeline stages. The Switch LM (models/switch.py) reuses everything here and swaps the
+feed-forward of chosen layers.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from models.registry import register_model
 
@@ -167,7 +170,103 @@ class GPT(nn.Module):
         return total, total
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 x active matmul parameters + causal attention (PaLM, app. B)."""
-        _, active = self.param_counts()
-        matmul_params = active - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
-        return 6 * matmul_params + 12 * self.config.n_layers * self.config.d_model * seq_len
+        return training_flops_per_token(self.config, self.param_counts()[1], seq_len)
+
+
+def training_flops_per_token(config, active_params, seq_len):
+    """Training FLOPs per token: 6 x active matmul parameters + causal attention (PaLM, app. B)."""
+    matmul_params = active_params - (config.max_seq_len * config.d_model if config.positions == "learned" else 0)
+    return 6 * matmul_params + 12 * config.n_layers * config.d_model * seq_len
+
+
+# ------------------------------------------------------------------------------------------
+# Pipeline parallelism: the same GPT as a flat list of layers for deepspeed.pipe.PipelineModule.
+#
+#   layer 0          token embedding, tied with the head (TiedLayerSpec key "tok_emb")
+#   layer 1          learned positions (nothing for rotary) + dropout
+#   layers 2..L+1    the blocks
+#   layer L+2        final LayerNorm
+#   layer L+3        head: logits = x @ tok_emb.weight.T, the tied embedding again
+#
+# Each layer's state_dict is a slice of GPT's state_dict (pipeline_prefixes), so a pipeline
+# checkpoint, which DeepSpeed writes as one layer_XX-model_states.pt per layer, converts back.
+
+class Positions(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+        return self.drop(x)
+
+
+class PipelineBlock(Block):
+    """A dense block passing one tensor to the next stage (no aux loss, no MoE stats)."""
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def tied_head(tok_emb, x):
+    return F.linear(x, tok_emb.weight)
+
+
+def pipeline_prefixes(config):
+    """Layer index -> prefix of its parameters in GPT's state_dict (None: the head has none of its own)."""
+    return ["tok_emb.", "", *[f"blocks.{i}." for i in range(config.n_layers)], "ln_f.", None]
+
+
+def to_pipeline_layers(config):
+    return [
+        TiedLayerSpec("tok_emb", nn.Embedding, config.vocab_size, config.d_model),
+        LayerSpec(Positions, config),
+        *[LayerSpec(PipelineBlock, config) for _ in range(config.n_layers)],
+        LayerSpec(nn.LayerNorm, config.d_model),
+        TiedLayerSpec("tok_emb", nn.Embedding, config.vocab_size, config.d_model, forward_fn=tied_head),
+    ]
+
+
+class GPTPipe(PipelineModule):
+    """GPT split into ``num_stages`` pipeline stages; each rank builds only its own stage's layers.
+
+    It starts from exactly the weights GPT(config) would draw from the global RNG here: a plain
+    GPT is built first and its weights copied in (the whole model is briefly in memory on each rank).
+    """
+
+    def __init__(self, config, num_stages, loss_fn):
+        plain = GPT(config)
+        super().__init__(to_pipeline_layers(config), num_stages=num_stages, loss_fn=loss_fn, partition_method="parameters")
+        self.config = config
+        self.counts = plain.param_counts()
+        self.load_gpt_state_dict(plain.state_dict())
+
+    def load_gpt_state_dict(self, state_dict):
+        """Copy this stage's slice of a GPT state_dict into its layers (and its copy of the tied embedding)."""
+        prefixes = pipeline_prefixes(self.config)
+        layers = [(prefixes[self._local_start + i], f) for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)]
+        layers += [(key + ".", module) for key, module in self.tied_modules.items()]
+        for prefix, layer in layers:
+            layer.load_state_dict({k: state_dict[prefix + k] for k in layer.state_dict()})
+
+    def param_counts(self):
+        return self.counts  # of the whole model, not of this stage
+
+    def flops_per_token(self, seq_len):
+        return training_flops_per_token(self.config, self.counts[1], seq_len)
+
+
+def gpt_state_dict_from_pipeline(ckpt_dir, config):
+    """A GPT state_dict from a pipeline checkpoint: a tag directory, or a save directory with 'latest'."""
+    if os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
+    state_dict = {}
+    for idx, prefix in enumerate(pipeline_prefixes(config)):
+        if prefix is None:
+            continue
+        layer = torch.load(os.path.join(ckpt_dir, f"layer_{idx:02d}-model_states.pt"), map_location="cpu", weights_only=True)
+        state_dict.update({prefix + k: v for k, v in layer.items()})
+    return state_dict

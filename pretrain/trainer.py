@@ -1,12 +1,14 @@
 """The training loop. It knows engines and tasks, never a model's insides.
 
 One step = grad_accum_steps micro-batches through engine.forward/backward/step (DeepSpeed
-steps the optimizer on the last one), then logging, validation and checkpointing.
+steps the optimizer on the last one), or through one PipelineEngine.train_batch when the model
+is split into pipeline stages; then logging, validation and checkpointing.
 """
 import time
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from pretrain import checkpoint
 
@@ -46,7 +48,8 @@ class Trainer:
         self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops(args.peak_tflops)
-        self.dp_rank = dist.get_rank() // plan.pipeline_stages if plan.pipeline_stages > 1 else dist.get_rank()
+        self.pipelined = isinstance(engine, PipelineEngine)
+        self.dp_rank = engine.grid.data_parallel_id if self.pipelined else dist.get_rank()
         self.step = 0
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len
@@ -67,6 +70,8 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step; returns the sums of the logged parts over its micro-batches."""
+        if self.pipelined:
+            return self.pipeline_train_step()
         lm_sum, aux_sum, moe_sum = 0.0, 0.0, None
         for batch in self.micro_batches():
             outputs = self.engine(self.task.inputs(batch))
@@ -81,6 +86,15 @@ class Trainer:
                 layer = torch.stack([torch.cat([s["expert_fraction"], s["dropped_fraction"].reshape(1)]) for s in parts["moe"]])
                 moe_sum = layer if moe_sum is None else moe_sum + layer
         return lm_sum, aux_sum, moe_sum
+
+    def pipeline_train_step(self):
+        """train_batch pulls this rank's micro-batches as (inputs, targets), runs the pipeline schedule and
+        steps; it returns the loss averaged over micro-batches and data-parallel ranks, on every stage
+        (DeepSpeed broadcasts it from the last). log_train averages sums over ranks and micro-batches:
+        grad_accum_steps times that mean is such a sum."""
+        batches = ((self.task.inputs(b), self.task.targets(b)) for b in self.micro_batches())
+        loss = self.engine.train_batch(data_iter=batches).float()  # stays on the device, for log_train's all-reduce
+        return loss * self.plan.grad_accum_steps, torch.zeros_like(loss), None
 
     def train(self):
         args = self.args
@@ -117,10 +131,11 @@ class Trainer:
             "train/loss": sums[0] + sums[1],
             "train/lm_loss": sums[0],
             "train/lr": self.engine.get_lr()[0],
-            "train/grad_norm": float(self.engine.get_global_grad_norm() or self.fp32_grad_norm),
-            "perf/step_time_s": elapsed / steps,
-            "perf/tokens_per_s": tokens_per_s,
         }
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None or not self.pipelined:  # a pipeline in fp32 without ZeRO has none to report
+            metrics["train/grad_norm"] = float(norm or self.fp32_grad_norm)
+        metrics.update({"perf/step_time_s": elapsed / steps, "perf/tokens_per_s": tokens_per_s})
         histograms = {}
         if last_moe is not None:
             metrics["train/aux_loss"] = sums[1]
@@ -141,10 +156,16 @@ class Trainer:
     def validate(self):
         if self.task.val is None:
             return
+        batches = [self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+                   for i in range(self.args.eval_iters)]
+        if self.pipelined:  # mean over micro-batches and data-parallel ranks, on every stage
+            loss = self.engine.eval_batch(((self.task.inputs(b), self.task.targets(b)) for b in batches),
+                                          num_micro_batches=len(batches))
+            self.logger.log(self.step, {"val/loss": float(loss)})
+            return
         self.engine.eval()
         total = torch.zeros(2)
-        for i in range(self.args.eval_iters):
-            batch = self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+        for batch in batches:
             _, parts = self.task.loss(self.engine(self.task.inputs(batch)), batch)
             total += torch.stack([parts["lm_loss"].float().cpu(), torch.ones(())])
         self.engine.train()

@@ -2,15 +2,26 @@
 import torch.nn.functional as F
 
 from models import build_model
+from models.gpt import GPTPipe
+from pretrain import distributed
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
 from pretrain.data.tokenizer import check_fits_model, load_tokenizer
+from pretrain.ds_config import load_ds_config, plan_launch
 from pretrain.tasks import register_task
+
+
+def lm_loss(logits, targets):
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 @register_task("lm")
 class LanguageModelingTask:
-    def __init__(self, args, model_config):
+    def __init__(self, args, model_config, pipeline_stages=None):
         self.model_config = model_config
+        if pipeline_stages is None:  # as pretrain/main.py's prepare() planned it
+            pipeline_stages = plan_launch(load_ds_config(args.ds_config), args.ds_config, distributed.world_size_from_env(),
+                                          model_config.family_name, getattr(model_config, "num_experts", None)).pipeline_stages
+        self.pipeline_stages = pipeline_stages
         self.seq_len = args.seq_len or model_config.max_seq_len
         self.tokenizer = load_tokenizer(args.tokenizer)
         check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)
@@ -25,6 +36,8 @@ class LanguageModelingTask:
             if len(val_tokens) else None
 
     def build_model(self):
+        if self.pipeline_stages > 1:  # the DeepSpeed engine built on it is a PipelineEngine
+            return GPTPipe(self.model_config, self.pipeline_stages, loss_fn=lm_loss)
         return build_model(self.model_config)
 
     def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
@@ -39,10 +52,13 @@ class LanguageModelingTask:
     def loss(self, outputs, batch):
         """(loss to backprop, dict of detached parts to log)."""
         logits, aux_loss, moe_stats = outputs
-        targets = batch[:, 1:]
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return lm_loss + aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": aux_loss.detach(), "moe": moe_stats}
+        loss = lm_loss(logits, self.targets(batch))
+        return loss + aux_loss, {"lm_loss": loss.detach(), "aux_loss": aux_loss.detach(), "moe": moe_stats}
 
     @staticmethod
     def inputs(batch):
         return batch[:, :-1]
+
+    @staticmethod
+    def targets(batch):
+        return batch[:, 1:]
