@@ -61,7 +61,7 @@ def run(args, model_config, ds_config, plan):
     distributed.init()
     rank0 = dist.get_rank() == 0
     torch.manual_seed(args.seed)  # same on every rank: replicated weights start equal
-    task = TASKS[args.task](args, model_config)
+    task = TASKS[args.task](args, model_config, plan)
     model = task.build_model()
     total, active = model.param_counts()
     flops = model.flops_per_token(task.seq_len)

@@ -3,10 +3,8 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.gpt import GPTPipe
-from pretrain import distributed
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
 from pretrain.data.tokenizer import check_fits_model, load_tokenizer
-from pretrain.ds_config import load_ds_config, plan_launch
 from pretrain.tasks import register_task
 
 
@@ -16,12 +14,9 @@ def lm_loss(logits, targets):
 
 @register_task("lm")
 class LanguageModelingTask:
-    def __init__(self, args, model_config, pipeline_stages=None):
+    def __init__(self, args, model_config, plan):
         self.model_config = model_config
-        if pipeline_stages is None:  # as pretrain/main.py's prepare() planned it
-            pipeline_stages = plan_launch(load_ds_config(args.ds_config), args.ds_config, distributed.world_size_from_env(),
-                                          model_config.family_name, getattr(model_config, "num_experts", None)).pipeline_stages
-        self.pipeline_stages = pipeline_stages
+        self.pipeline_stages = plan.pipeline_stages
         self.seq_len = args.seq_len or model_config.max_seq_len
         self.tokenizer = load_tokenizer(args.tokenizer)
         check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)

@@ -9,14 +9,13 @@ parts, all-reduced), so the tolerance is the one of tests/pretrain/test_main_zer
 import pytest
 import torch
 
-from models import load_model_config
 from models.gpt import GPT, gpt_state_dict_from_pipeline
-from pretrain.args import parse_args
+from pretrain.main import prepare
 from pretrain.tasks.lm import LanguageModelingTask
 from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 STEPS = 6
-RTOL = 1e-4
+RTOL = 1e-5
 MODEL = "tiny-gpt.json"
 
 
@@ -57,9 +56,8 @@ def test_two_stages_match_one_rank(runs):
 
 def test_pipeline_checkpoint_converts_to_gpt(runs):
     plain, pipe = runs
-    config = load_model_config(REPO / "models" / "configs" / MODEL)
-    args = parse_args([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe)])
-    task = LanguageModelingTask(args, config, pipeline_stages=1)
+    args, config, _, plan = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe)])
+    task = LanguageModelingTask(args, config, plan)
 
     converted = GPT(config)
     converted.load_state_dict(gpt_state_dict_from_pipeline(pipe, config), strict=True)
