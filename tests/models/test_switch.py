@@ -122,3 +122,17 @@ def test_param_counts_total_and_active():
     per_expert = sum(p.numel() for p in model.blocks[1].ffn.local_experts()[0].parameters())
     assert total == sum(p.numel() for p in model.parameters())
     assert total - active == 3 * per_expert
+
+
+def test_expert_dropout_acts_inside_experts_only():
+    torch.manual_seed(0)
+    config = switch_config(dropout=0.0, expert_dropout=0.5)
+    model = SwitchLM(config)
+    expert = model.blocks[1].ffn.local_experts()[0]
+    assert expert.dropout.p == 0.5
+    assert all(m.p == 0.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "experts" not in n)
+    x = torch.randn(1, 6, 4)
+    model.blocks[1].ffn.train()
+    assert not torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
+    model.blocks[1].ffn.eval()
+    assert torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
