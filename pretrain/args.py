@@ -24,7 +24,10 @@ def build_parser():
     p.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --save_dir")
+    p.add_argument("--keep_checkpoints", type=int, default=3, help="keep the newest N checkpoints (0: all)")
+    p.add_argument("--max_bad_steps", type=int, default=10,
+                   help="stop after N consecutive skipped steps (non-finite loss/gradients, fp16 overflow at the minimum scale)")
     p.add_argument("--eval_interval", type=int, default=0, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval_iters", type=int, default=4, help="validation micro-batches per rank")
     p.add_argument("--log_interval", type=int, default=1, help="log every N steps")
@@ -45,6 +48,8 @@ def parse_args(argv=None):
         (args.eval_interval >= 0, "--eval_interval must be >= 0"),
         (args.eval_iters >= 1, "--eval_iters must be >= 1"),
         (args.log_interval >= 1, "--log_interval must be >= 1"),
+        (args.keep_checkpoints >= 0, "--keep_checkpoints must be >= 0"),
+        (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),
         (args.seq_len is None or args.seq_len >= 1, "--seq_len must be >= 1"),
         (os.path.isfile(args.train_data), f"--train_data {args.train_data} does not exist; pass an existing file"),

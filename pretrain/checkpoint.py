@@ -1,36 +1,140 @@
-"""DeepSpeed checkpoints plus what DeepSpeed leaves out: the data position and each rank's RNG.
+"""Kill-safe DeepSpeed checkpoints, plus what DeepSpeed leaves out: the data position and RNG.
 
-Tags are ``global_stepN``; DeepSpeed writes the shards (ZeRO partitions, every expert of every
-expert-parallel rank) and the ``latest`` pointer.
+A checkpoint is written as ``global_stepN.partial``; once every rank has written its shards,
+rank 0 records a manifest (size and SHA-256 of each file), flushes, renames the directory to
+``global_stepN`` and atomically replaces the ``latest`` pointer. A kill at any moment leaves
+either the previous checkpoint or the new one as ``latest``, never half of one. On resume a
+checkpoint whose files do not match its manifest is skipped, with a warning, for the previous one.
 """
+import hashlib
+import json
 import os
+import re
+import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 
+MANIFEST = "manifest.json"
+TAG = re.compile(r"^global_step(\d+)$")
 
-def _rng_path(save_dir, tag, rank):
-    return os.path.join(save_dir, tag, f"rng_state_rank{rank}.pt")
+
+def _rng_path(directory, rank):
+    return os.path.join(directory, f"rng_state_rank{rank}.pt")
 
 
-def save(engine, save_dir, step, client_state):
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(path) or ".")
+
+
+def _files(directory):
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            if name != MANIFEST:
+                path = os.path.join(root, name)
+                yield os.path.relpath(path, directory), path
+
+
+def save(engine, save_dir, step, client_state, keep_last=0):
+    """Write checkpoint ``global_step{step}`` on every rank; keep the newest ``keep_last`` (0: all)."""
     tag = f"global_step{step}"
-    # RNG first: DeepSpeed writes the ``latest`` pointer last, so a checkpoint that ``latest`` names has it.
-    os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, _rng_path(save_dir, tag, dist.get_rank()))
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+    partial = f"{tag}.partial"
+    partial_dir = os.path.join(save_dir, partial)
+    if dist.get_rank() == 0 and os.path.isdir(partial_dir):  # left by a run killed while saving
+        shutil.rmtree(partial_dir)
+    dist.barrier()
+    os.makedirs(partial_dir, exist_ok=True)
+    torch.save({"torch": torch.get_rng_state()}, _rng_path(partial_dir, dist.get_rank()))
+    engine.save_checkpoint(save_dir, tag=partial, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        manifest = {}
+        for rel, path in _files(partial_dir):
+            _fsync(path)
+            manifest[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "files": manifest}, indent=1))
+        final_dir = os.path.join(save_dir, tag)
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.rename(partial_dir, final_dir)
+        _write_atomically(os.path.join(save_dir, "latest"), tag)
+        if keep_last:
+            for old in complete_tags(save_dir)[keep_last:]:
+                shutil.rmtree(os.path.join(save_dir, old))
+    dist.barrier()
 
 
-def has_checkpoint(save_dir):
-    return os.path.isfile(os.path.join(save_dir, "latest"))
+def complete_tags(save_dir):
+    """Renamed (complete) checkpoint tags, newest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    tags = [name for name in os.listdir(save_dir) if TAG.match(name) and os.path.isdir(os.path.join(save_dir, name))]
+    return sorted(tags, key=lambda name: int(TAG.match(name).group(1)), reverse=True)
+
+
+def damage(save_dir, tag):
+    """Why checkpoint ``tag`` cannot be trusted, or None when every file matches its manifest."""
+    directory = os.path.join(save_dir, tag)
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"no readable {MANIFEST} ({e.__class__.__name__})"
+    for rel, expected in files.items():
+        path = os.path.join(directory, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != expected["bytes"]:
+            return f"{rel} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
 
 
 def load(engine, save_dir):
-    """Load the latest checkpoint; returns its client state (step, consumed_samples, ...)."""
-    path, client_state = engine.load_checkpoint(save_dir)
+    """Load the newest intact checkpoint; returns its client state (step, consumed_samples, ...).
+
+    Rank 0 checks the files and broadcasts its choice, so every rank loads the same tag.
+    """
+    choice = [None]
+    if dist.get_rank() == 0:
+        for tag in complete_tags(save_dir):
+            problem = damage(save_dir, tag)
+            if problem is None:
+                choice[0] = tag
+                break
+            print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one",
+                  file=sys.stderr, flush=True)
+    dist.broadcast_object_list(choice, src=0)
+    tag = choice[0]
+    if tag is None:
+        raise FileNotFoundError(f"no intact checkpoint in {save_dir}")
+    path, client_state = engine.load_checkpoint(save_dir, tag=tag)
     if path is None:
-        raise FileNotFoundError(f"no loadable checkpoint in {save_dir}")
-    tag = os.path.basename(os.path.dirname(path))  # path is the tag's model-states file
-    rng = torch.load(_rng_path(save_dir, tag, dist.get_rank()), weights_only=True)
+        raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, tag)}")
+    rng = torch.load(_rng_path(os.path.join(save_dir, tag), dist.get_rank()), weights_only=True)
     torch.set_rng_state(rng["torch"])
     return client_state

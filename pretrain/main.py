@@ -13,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path
 
 from models.registry import ConfigError  # noqa: E402
 
+EXIT_CONFIG = 2  # bad arguments or configs
+EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last good checkpoint is untouched
+EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and --resume (EX_TEMPFAIL)
+
 
 def prepare(argv):
     """Everything that can be checked without a process group: args, model config, DeepSpeed config."""
@@ -79,8 +83,11 @@ def run(args, model_config, ds_config, plan):
     trainer = Trainer(engine, task, plan, args, logger, flops)
     if args.resume:
         trainer.resume()
-    trainer.train()
-    logger.close()
+    try:
+        outcome = trainer.train()
+    finally:
+        logger.close()
+    return outcome
 
 
 def main(argv=None):
@@ -88,16 +95,17 @@ def main(argv=None):
         prepared = prepare(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     from pretrain import distributed
+    from pretrain.trainer import TrainingDiverged
     try:
-        run(*prepared)
-    except ConfigError as e:  # found once data or tokenizer are read, still before the model exists
+        outcome = run(*prepared)
+    except (ConfigError, TrainingDiverged) as e:  # config: found once data are read, before the model exists
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.stderr.flush()
-        os._exit(2)
-    distributed.finish(0)
+        os._exit(EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED)
+    distributed.finish(0 if outcome == "done" else EXIT_REQUEUE)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ One step = grad_accum_steps micro-batches through engine.forward/backward/step (
 steps the optimizer on the last one), or through one PipelineEngine.train_batch when the model
 is split into pipeline stages; then logging, validation and checkpointing.
 """
+import math
+import signal
 import time
 
 import torch
@@ -43,6 +45,33 @@ def grad_norm(engine):
     return float((shared + expert).sqrt())
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; nothing was saved over the last good checkpoint."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a clean stop.
+
+    The handler only sets a flag; ranks agree on it through one all-reduce per step, so every rank
+    finishes the same step before saving, whichever rank the signal reached first.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank_received(self):
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 class Trainer:
     def __init__(self, engine, task, plan, args, logger, flops_per_token):
         self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
@@ -54,6 +83,9 @@ class Trainer:
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len
         self.fp32_grad_norm = 0.0
+        self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
+        self.consecutive_bad_steps = 0
+        self.last_saved_step = None
 
     def state(self):
         return {"step": self.step, "consumed_samples": self.consumed_samples}
@@ -79,13 +111,29 @@ class Trainer:
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
                 self.fp32_grad_norm = grad_norm(self.engine)
-            self.engine.step()
+            if self.engine.is_gradient_accumulation_boundary() and not math.isfinite(self.fp32_grad_norm):
+                self.skip_optimizer_step()
+            else:
+                self.engine.step()
             lm_sum = lm_sum + parts["lm_loss"]
             aux_sum = aux_sum + parts["aux_loss"]
             if parts["moe"]:
                 layer = torch.stack([torch.cat([s["expert_fraction"], s["dropped_fraction"].reshape(1)]) for s in parts["moe"]])
                 moe_sum = layer if moe_sum is None else moe_sum + layer
         return lm_sum, aux_sum, moe_sum
+
+    def skip_optimizer_step(self):
+        """DeepSpeed skips non-finite steps itself under ZeRO and fp16; without ZeRO in fp32 it would apply
+        them. Drop the gradients instead: the optimizer leaves parameters without a gradient untouched.
+        Clipping is off for this one step because DeepSpeed's clip fails on a model with no gradients."""
+        self.engine.zero_grad()
+        clipping = self.engine._config.gradient_clipping
+        self.engine._config.gradient_clipping = 0.0
+        try:
+            self.engine.step()
+        finally:
+            self.engine._config.gradient_clipping = clipping
+        self.own_skipped_steps += 1
 
     def pipeline_train_step(self):
         """train_batch pulls this rank's micro-batches as (inputs, targets), runs the pipeline schedule and
@@ -96,11 +144,36 @@ class Trainer:
         loss = self.engine.train_batch(data_iter=batches).float()  # stays on the device, for log_train's all-reduce
         return loss * self.plan.grad_accum_steps, torch.zeros_like(loss), None
 
+    def skipped_steps(self):
+        return self.engine.skipped_steps + self.own_skipped_steps
+
+    def save(self):
+        """Checkpoint this step, unless it ends a run of skipped steps: nothing is saved over the last good one."""
+        if self.consecutive_bad_steps:
+            return
+        checkpoint.save(self.engine, self.args.save_dir, self.step, self.state(), self.args.keep_checkpoints)
+        self.last_saved_step = self.step
+
+    def check_bad_step(self, skipped_before):
+        """Count consecutive skipped steps (non-finite loss or gradients, fp16 overflow); stop past the limit."""
+        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if self.skipped_steps() > skipped_before else 0
+        if self.consecutive_bad_steps < self.args.max_bad_steps:
+            return
+        why = "non-finite loss or gradient norm"
+        if self.plan.precision == "fp16":
+            why = f"fp16 overflow with the loss scale at {float(self.engine.optimizer.cur_scale):g} (its minimum is min_loss_scale)"
+        last = f"step {self.last_saved_step}" if self.last_saved_step else "none saved by this run"
+        raise TrainingDiverged(f"stopping at step {self.step}: {self.consecutive_bad_steps} consecutive steps skipped ({why}); "
+                               f"last good checkpoint: {last}; lower the learning rate, check the data, or resume from it")
+
     def train(self):
+        """Train to --max_steps; returns "done", or the signal's name after a stop signal (checkpoint saved)."""
         args = self.args
+        signals = StopSignals()
         window_start, window_steps = time.perf_counter(), 0
         sums = None
         while self.step < args.max_steps:
+            skipped_before = self.skipped_steps()
             lm_sum, aux_sum, moe_sum = self.train_step()
             self.step += 1
             self.consumed_samples += self.plan.train_batch_size
@@ -113,14 +186,22 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.log_train(sums, window_steps, elapsed, moe_sum)
                 window_start, window_steps, sums = time.perf_counter(), 0, None
+            self.check_bad_step(skipped_before)
             if args.eval_interval and self.step % args.eval_interval == 0:
                 self.validate()
+            if signals.any_rank_received():
+                self.save()
+                if dist.get_rank() == 0:
+                    print(f"stop signal ({signals.received or 'on another rank'}) at step {self.step}: checkpoint "
+                          f"{self.last_saved_step} is the one to resume from; exiting for requeue", flush=True)
+                return signals.received or "signal"
             if args.save_interval and self.step % args.save_interval == 0:
-                checkpoint.save(self.engine, args.save_dir, self.step, self.state())
+                self.save()
         if not args.eval_interval or self.step % args.eval_interval:
             self.validate()
-        if not args.save_interval or self.step % args.save_interval:
-            checkpoint.save(self.engine, args.save_dir, self.step, self.state())
+        if self.last_saved_step != self.step:
+            self.save()
+        return "done"
 
     def log_train(self, sums, steps, elapsed, last_moe):
         # One all-reduce per log step: every rank's sums become the data-parallel mean.
@@ -145,9 +226,9 @@ class Trainer:
                 metrics[f"moe/layer{layer}/dropped_fraction"] = row[-1]
                 metrics[f"moe/layer{layer}/max_expert_fraction"] = max(row[:-1])
                 histograms[f"moe/layer{layer}/expert_fraction"] = row[:-1]
+        metrics["train/skipped_steps"] = float(self.skipped_steps())
         if self.plan.precision == "fp16":
             metrics["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
-            metrics["train/skipped_steps"] = float(self.engine.skipped_steps)
         if self.peak:
             metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / dist.get_world_size() / (self.peak * 1e12)
         self.logger.log(self.step, metrics, histograms)

@@ -1,0 +1,113 @@
+"""Faults: stop signals, kills at random moments (also while saving), damaged checkpoints, NaN steps."""
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, stop_ranks, train_args, wait_ranks
+
+HERE = REPO / "tests" / "pretrain"
+MODEL = "tiny-gpt-dropout.json"
+
+
+def latest(save_dir):
+    return int((save_dir / "latest").read_text().strip().removeprefix("global_step"))
+
+
+def wait_for_step(save_dir, procs, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not (save_dir / "metrics.jsonl").exists() or max(read_metrics(save_dir), default=0) < step:
+        assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), "run ended early"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    run_ranks(train_args(tmp, "zero1.json", MODEL, 16, save_dir=tmp / "run"), 2, tmp / "logs")
+    return read_metrics(tmp / "run")
+
+
+def test_sigusr1_saves_exits_for_requeue_and_resumes(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    procs = start_ranks(train_args(tmp_path, "zero1.json", MODEL, 1000, save_dir=run), 2, tmp_path / "l1")
+    wait_for_step(run, procs, 3)
+    os.kill(procs[1][0].pid, signal.SIGUSR1)  # one rank only: the ranks must agree among themselves
+    results = wait_ranks(procs, tmp_path / "l1")
+    assert [r.returncode for r in results] == [75, 75], results[0].output[-3000:]
+    saved = latest(run)
+    assert saved >= 3 and max(read_metrics(run)) == saved  # finished the step it was in, saved it, stopped
+    assert saved + 2 <= 16
+    resumed = run_ranks(train_args(tmp_path, "zero1.json", MODEL, saved + 2, "--resume", save_dir=run), 2, tmp_path / "l2")
+    assert f"resumed from step {saved}" in resumed[0].output
+    losses = read_metrics(run)
+    assert [losses[s] for s in (saved + 1, saved + 2)] == [uninterrupted[s] for s in (saved + 1, saved + 2)]
+
+
+def test_random_kills_even_while_saving_always_resume_from_a_complete_checkpoint(tmp_path, uninterrupted):
+    """SIGKILL both ranks at random moments of a run that checkpoints every step (so many kills land
+    inside a save), resume each time, and finish: the final losses equal the uninterrupted run's."""
+    rng = random.Random(0)
+    run = tmp_path / "run"
+    kills = 0
+    args = train_args(tmp_path, "zero1.json", MODEL, 16, "--save_interval", 1, "--keep_checkpoints", 2, save_dir=run)
+    while kills < 4:
+        procs = start_ranks(args + (["--resume"] if (run / "latest").exists() else []), 2, tmp_path / f"k{kills}")
+        deadline = time.monotonic() + 300
+        while not (run / "latest").exists():  # the first checkpoint of the first attempt
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        finished = any(p.poll() is not None for p, _ in procs)
+        stop_ranks(procs)
+        wait_ranks(procs, tmp_path / f"k{kills}")
+        if finished:
+            break
+        kills += 1
+        assert not list(run.glob("global_step*.partial")) or latest(run) >= 1  # a partial save never became latest
+    assert kills >= 3, "the run finished before the kills; lengthen it"
+    run_ranks(args + ["--resume"], 2, tmp_path / "final")
+    losses = read_metrics(run)
+    assert losses[16] == uninterrupted[16]
+    assert sorted(p.name for p in run.glob("global_step*") if not p.name.endswith(".partial")) == ["global_step15", "global_step16"]
+    print(f"survived {kills} kills")
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, "zero1.json", MODEL, 6, "--save_interval", 2, save_dir=run), 2, tmp_path / "l1")
+    assert latest(run) == 6
+    shard = next((run / "global_step6").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    results = run_ranks(train_args(tmp_path, "zero1.json", MODEL, 8, "--resume", save_dir=run), 2, tmp_path / "l2")
+    assert f"checkpoint {run / 'global_step6'} is damaged ({shard.name} has 100 bytes" in results[0].output
+    assert "resumed from step 4" in results[0].output
+    losses = read_metrics(run)
+    assert [losses[s] for s in (5, 6, 7, 8)] == [uninterrupted[s] for s in (5, 6, 7, 8)]
+
+
+@pytest.mark.parametrize("ds_config, gas", [("zero0.json", 2), ("zero1.json", 2), ("bf16_zero1.json", 2)])
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, ds_config, gas):
+    env = {"SWITCHYARD_TEST_NAN_STEPS": "3", "SWITCHYARD_TEST_GAS": str(gas)}
+    procs = start_ranks(train_args(tmp_path, ds_config, "tiny-gpt.json", 6), 2, tmp_path / "logs", env, script=HERE / "poisoned_loss.py")
+    results = wait_ranks(procs, tmp_path / "logs")
+    assert all(r.returncode == 0 for r in results), results[0].output[-3000:]
+    skipped = read_metrics(tmp_path / "run", "train/skipped_steps")
+    losses = read_metrics(tmp_path / "run", "train/lm_loss")
+    assert [skipped[s] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert all(losses[s] == losses[s] for s in (4, 5, 6))  # finite again: the NaN step changed no weight
+    assert losses[6] < losses[1]
+
+
+def test_consecutive_nan_steps_stop_the_run_without_saving(tmp_path):
+    env = {"SWITCHYARD_TEST_NAN_STEPS": "3-", "SWITCHYARD_TEST_GAS": "2"}
+    args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 20, "--save_interval", 2, "--max_bad_steps", 3)
+    procs = start_ranks(args, 2, tmp_path / "logs", env, script=HERE / "poisoned_loss.py")
+    results = wait_ranks(procs, tmp_path / "logs")
+    assert [r.returncode for r in results] == [3, 3]
+    errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 consecutive steps skipped" in errors[0] and "last good checkpoint: step 2" in errors[0]
+    assert latest(tmp_path / "run") == 2
+    assert sorted(p.name for p in (tmp_path / "run").glob("global_step*")) == ["global_step2"]
