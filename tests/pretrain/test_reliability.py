@@ -111,3 +111,24 @@ def test_consecutive_nan_steps_stop_the_run_without_saving(tmp_path):
     assert len(errors) == 1 and "3 consecutive steps skipped" in errors[0] and "last good checkpoint: step 2" in errors[0]
     assert latest(tmp_path / "run") == 2
     assert sorted(p.name for p in (tmp_path / "run").glob("global_step*")) == ["global_step2"]
+
+
+def test_switch_resume_restores_every_expert_of_every_expert_parallel_rank(tmp_path):
+    """EP=2: each rank saves its own 2 of the 4 experts. Resume at the last step (nothing to train),
+    which saves the loaded weights again: every expert file must come back identical, so no rank
+    loaded another rank's experts."""
+    import torch
+
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, "moe_ep2_zero2.json", "tiny-switch.json", 3, save_dir=run), 2, tmp_path / "l1")
+    files = sorted((run / "global_step3").glob("*expert_*model_states.pt"))
+    assert len(files) == 4, [f.name for f in files]  # 1 Switch layer x 4 experts
+    saved = {f.name: torch.load(f, weights_only=True) for f in files}
+    weights = [next(t for k, t in sd.items() if k.endswith("fc.weight")) for sd in saved.values()]
+    assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
+
+    run_ranks(train_args(tmp_path, "moe_ep2_zero2.json", "tiny-switch.json", 3, "--resume", save_dir=run), 2, tmp_path / "l2")
+    for name, state in saved.items():
+        again = torch.load(run / "global_step3" / name, weights_only=True)
+        assert state.keys() == again.keys()
+        assert all(torch.equal(state[k], again[k]) for k in state), name
