@@ -19,7 +19,7 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: reque
 
 
 def prepare(argv):
-    """Everything that can be checked without a process group: args, model config, DeepSpeed config."""
+    """Everything that can be checked without a process group: args, model and DeepSpeed configs, data."""
     from models import load_model_config
     from pretrain import distributed
     from pretrain.args import parse_args
@@ -37,7 +37,8 @@ def prepare(argv):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
     if args.resume and not os.path.isfile(os.path.join(args.save_dir, "latest")):
         raise ConfigError(f"--resume given but {args.save_dir} holds no checkpoint ('latest' is missing); drop --resume to start fresh")
-    return args, model_config, ds_config, plan
+    task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
+    return args, model_config, ds_config, plan, task
 
 
 def optimizer_param_groups(model):
@@ -51,7 +52,7 @@ def optimizer_param_groups(model):
     return groups
 
 
-def run(args, model_config, ds_config, plan):
+def run(args, model_config, ds_config, plan, task):
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -59,13 +60,11 @@ def run(args, model_config, ds_config, plan):
     from models import config_to_dict
     from pretrain import distributed
     from pretrain.metrics import MetricsLogger, without_secrets
-    from pretrain.tasks import TASKS
     from pretrain.trainer import Trainer
 
     distributed.init()
     rank0 = dist.get_rank() == 0
     torch.manual_seed(args.seed)  # same on every rank: replicated weights start equal
-    task = TASKS[args.task](args, model_config, plan)
     model = task.build_model()
     total, active = model.param_counts()
     flops = model.flops_per_token(task.seq_len)
@@ -94,17 +93,18 @@ def main(argv=None):
     try:
         prepared = prepare(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem; one line is enough
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     from pretrain import distributed
     from pretrain.trainer import TrainingDiverged
     try:
         outcome = run(*prepared)
-    except (ConfigError, TrainingDiverged) as e:  # config: found once data are read, before the model exists
+    except TrainingDiverged as e:
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.stderr.flush()
-        os._exit(EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED)
+        os._exit(EXIT_DIVERGED)
     distributed.finish(0 if outcome == "done" else EXIT_REQUEUE)
 
 

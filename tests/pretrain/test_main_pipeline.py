@@ -11,7 +11,6 @@ import torch
 
 from models.gpt import GPT, gpt_state_dict_from_pipeline
 from pretrain.main import prepare
-from pretrain.tasks.lm import LanguageModelingTask
 from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 STEPS = 6
@@ -56,8 +55,7 @@ def test_two_stages_match_one_rank(runs):
 
 def test_pipeline_checkpoint_converts_to_gpt(runs):
     plain, pipe = runs
-    args, config, _, plan = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe)])
-    task = LanguageModelingTask(args, config, plan)
+    args, config, _, _, task = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe)])
 
     converted = GPT(config)
     converted.load_state_dict(gpt_state_dict_from_pipeline(pipe, config), strict=True)
