@@ -1,35 +1,148 @@
-"""Language-model samples: a token stream cut into fixed-length windows, read in a seeded order.
+"""Language-model data: documents streamed from text or JSON Lines files (or a Hugging Face dataset),
+and samples: a token stream cut into fixed-length windows, read in a seeded order.
 
 The order is a pure function of (seed, sample number), so the position in the data is one
 integer, ``consumed_samples``: a resumed run recomputes exactly the batches an uninterrupted
 run would have drawn. Within a global batch, rank r of W reads micro-batch slice r, so ranks
 read disjoint samples and the union over ranks is the same global batch for any W.
 """
+import itertools
+import json
+import os
+
 import numpy as np
 import torch
 
 from models.registry import ConfigError
 
 
-def read_text_tokens(path, tokenizer):
-    """Tokenize a UTF-8 text file; documents are separated by blank lines and end with EOS."""
+def _lines(path):
+    """(line number, text, raw byte count) of each line of a file, streamed; non-UTF-8 bytes are refused with their line."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise ConfigError(f"data file {path} does not exist; pass an existing UTF-8 text file")
-    if not raw.strip():
+    with f:
+        offset = 0
+        for number, raw in enumerate(f, 1):  # split on b"\n", which is never part of a multi-byte UTF-8 character
+            try:
+                yield number, raw.decode("utf-8"), len(raw)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data file {path} line {number} is not UTF-8 (byte {offset + e.start}); "
+                                  f"convert it, e.g. iconv -t UTF-8")
+            offset += len(raw)
+
+
+def _paragraphs(path):
+    r"""Blank-line-separated documents, each with "\n\n" appended: the pieces of str.split("\n\n") on the whole file."""
+    lines, nbytes = [], 0
+    for _, line, size in _lines(path):
+        nbytes += size
+        if line == "\n" and lines:  # with the previous line's "\n" this is a "\n\n" separator
+            yield "".join(lines) + "\n", nbytes
+            lines, nbytes = [], 0
+        else:
+            lines.append(line)
+    if lines:
+        yield "".join(lines) + "\n\n", nbytes
+
+
+def _line_documents(path):
+    for _, line, size in _lines(path):
+        yield line.rstrip("\r\n"), size
+
+
+def _json_documents(path, field):
+    for number, line, size in _lines(path):
+        if not line.strip():
+            yield "", size
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data file {path} line {number} is not valid JSON ({e.msg}); each line must be one JSON object")
+        if not isinstance(record, dict) or field not in record:
+            has = f"it has {', '.join(map(repr, record))}" if isinstance(record, dict) else "it is not an object"
+            raise ConfigError(f"data file {path} line {number} has no field {field!r} ({has}); pass --field NAME")
+        yield _field_text(record[field], f"data file {path} line {number} field {field!r}"), size
+
+
+def _field_text(value, where):
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)  # e.g. a list of sentences
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} is {type(value).__name__}, not text; pick a text field with --field")
+    return value
+
+
+def is_json_lines(path):
+    return str(path).endswith((".jsonl", ".json"))
+
+
+def read_documents(path, per_line=False, field="text"):
+    r"""Stream the documents of a local file as (text to encode, raw bytes read for it).
+
+    Plain text: blank-line-separated paragraphs (with "\n\n" appended), or with ``per_line`` each
+    non-blank line. JSON Lines (.jsonl, .json): the text in ``field`` of each object. A file without
+    any text, non-UTF-8 bytes, bad JSON or a missing field raise ConfigError naming file and line.
+    """
+    if is_json_lines(path):
+        documents = _json_documents(path, field)
+    else:
+        documents = _line_documents(path) if per_line else _paragraphs(path)
+    # Blank documents are dropped; holding one document back lets the bytes of blank ones count with it.
+    held, held_bytes = None, 0
+    for text, nbytes in documents:
+        if text.strip():
+            if held is not None:
+                yield held, held_bytes
+                held_bytes = 0
+            held = text
+        held_bytes += nbytes
+    if held is None:
         raise ConfigError(f"data file {path} is empty; pass a file with text in it")
+    yield held, held_bytes
+
+
+def read_dataset_documents(name_or_dir, config=None, split="train", field="text"):
+    """Documents from a Hugging Face dataset: a directory written by save_to_disk, a local data folder
+    or a hub name (only the last needs the network)."""
+    import datasets  # slow to import; only this input needs it
+
+    saved = any(os.path.isfile(os.path.join(name_or_dir, f)) for f in ("state.json", "dataset_dict.json"))
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"data file {path} line {line} is not UTF-8 (byte {e.start}); convert it, e.g. iconv -t UTF-8")
+        dataset = datasets.load_from_disk(name_or_dir) if saved else datasets.load_dataset(name_or_dir, config, split=split)
+    except (OSError, ValueError) as e:  # not found, offline, unknown split
+        raise ConfigError(f"dataset {name_or_dir} could not be loaded ({' '.join(str(e).split())})")
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ConfigError(f"dataset {name_or_dir} has no split {split!r} (it has {', '.join(dataset)}); pass --split NAME")
+        dataset = dataset[split]
+    if field not in dataset.column_names:
+        raise ConfigError(f"dataset {name_or_dir} has no field {field!r} (it has {', '.join(dataset.column_names)}); pass --field NAME")
+    for batch in dataset.select_columns(field).iter(batch_size=1000):
+        for value in batch[field]:
+            text = _field_text(value, f"dataset {name_or_dir} field {field!r}")
+            if text.strip():
+                yield text, len(text.encode("utf-8"))
+
+
+def read_corpus(inputs=(), dataset=None, dataset_config=None, split="train", field="text", per_line=False):
+    """The documents of local files (in order) or of a Hugging Face dataset; the choice is checked now,
+    the data as they are read."""
+    if (dataset is None) == (not inputs):
+        raise ConfigError("pass input files (text or JSON Lines) or --dataset NAME_OR_DIR, one of the two")
+    if dataset is not None:
+        return read_dataset_documents(dataset, dataset_config, split, field)
+    return itertools.chain.from_iterable(read_documents(path, per_line, field) for path in inputs)
+
+
+def read_text_tokens(path, tokenizer):
+    """Tokenize a UTF-8 text file; documents are separated by blank lines and end with EOS."""
     ids = []
-    for doc in text.split("\n\n"):
-        if doc.strip():
-            ids.extend(tokenizer.encode(doc + "\n\n"))
-            ids.append(tokenizer.eos_id)
+    for text, _ in read_documents(path):
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
     return np.asarray(ids, dtype=np.int32)
 
 

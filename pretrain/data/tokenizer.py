@@ -3,6 +3,7 @@
 Both expose vocab_size, eos_id, encode(str) -> list[int], decode(list[int]) -> str, and a
 ``spec`` dict that checkpoints record so evaluation decodes with the same tokenizer.
 """
+import hashlib
 import os
 
 import sentencepiece as spm
@@ -32,7 +33,9 @@ class SentencePieceTokenizer:
         if not os.path.isfile(model_path):
             raise ConfigError(f"tokenizer {model_path} does not exist; train one with python -m pretrain.tokenizer or pass --tokenizer bytes")
         self.model_path = os.path.abspath(model_path)
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        with open(model_path, "rb") as f:  # the identity of the tokenizer, wherever the file is moved
+            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.sp.piece_to_id("</s>")
 
@@ -44,7 +47,7 @@ class SentencePieceTokenizer:
 
     @property
     def spec(self):
-        return {"type": "sentencepiece", "path": self.model_path}
+        return {"type": "sentencepiece", "path": self.model_path, "sha256": self.sha256}
 
 
 def load_tokenizer(name_or_path):
@@ -52,6 +55,39 @@ def load_tokenizer(name_or_path):
     if name_or_path in (None, "bytes"):
         return ByteTokenizer()
     return SentencePieceTokenizer(name_or_path)
+
+
+def _describe(spec):
+    return "bytes" if spec["type"] == "bytes" else f"{spec['path']} (sha256 {spec['sha256'][:12]})"
+
+
+def _same(spec, other):
+    return spec["type"] == other["type"] and spec.get("sha256") == other.get("sha256")
+
+
+def tokenizer_for_data(name_or_path, made_with):
+    """The tokenizer for training data, some of it preprocessed: ``made_with`` maps each index file to the
+    spec of the tokenizer its tokens were made with. Without --tokenizer (None) that one is used (found
+    at its recorded path or, moved with the data, beside the index); every index must match the choice."""
+    if name_or_path is None and made_with:
+        index_path, spec = next(iter(made_with.items()))
+        if spec["type"] == "bytes":
+            tokenizer = ByteTokenizer()
+        else:
+            beside = os.path.join(os.path.dirname(index_path), os.path.basename(spec["path"]))
+            path = spec["path"] if os.path.isfile(spec["path"]) else beside
+            if not os.path.isfile(path):
+                raise ConfigError(f"{index_path} was made with tokenizer {spec['path']}, which no longer exists (nor beside "
+                                  f"the index); pass --tokenizer with that .model file")
+            tokenizer = SentencePieceTokenizer(path)
+    else:
+        tokenizer = load_tokenizer(name_or_path)
+    fix = ("drop --tokenizer to use the one it was made with" if name_or_path is not None
+           else "preprocess training and validation data with one tokenizer")
+    for index_path, spec in made_with.items():
+        if not _same(spec, tokenizer.spec):
+            raise ConfigError(f"{index_path} was made with tokenizer {_describe(spec)}, not {_describe(tokenizer.spec)}; {fix}")
+    return tokenizer
 
 
 def check_fits_model(tokenizer, vocab_size, model_config_path):

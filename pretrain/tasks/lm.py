@@ -3,8 +3,10 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.gpt import GPTPipe
+from pretrain.args import build_parser
+from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
-from pretrain.data.tokenizer import check_fits_model, load_tokenizer
+from pretrain.data.tokenizer import check_fits_model, tokenizer_for_data
 from pretrain.tasks import register_task
 
 
@@ -18,11 +20,19 @@ class LanguageModelingTask:
         self.model_config = model_config
         self.pipeline_stages = plan.pipeline_stages
         self.seq_len = args.seq_len or model_config.max_seq_len
-        self.tokenizer = load_tokenizer(args.tokenizer)
+        # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
+        indexed = {path: IndexedTokens(path) for path in (args.train_data, args.val_data) if path and prefix_of(path)}
+        # --tokenizer at its default counts as not given: preprocessed data then bring their own tokenizer
+        given = args.tokenizer if args.tokenizer != build_parser().get_default("tokenizer") else None
+        self.tokenizer = tokenizer_for_data(given, {data.idx_path: data.tokenizer_spec for data in indexed.values()})
         check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)
-        tokens = read_text_tokens(args.train_data, self.tokenizer)
+
+        def read(path):
+            return indexed[path].tokens if path in indexed else read_text_tokens(path, self.tokenizer)
+
+        tokens = read(args.train_data)
         if args.val_data:
-            train_tokens, val_tokens = tokens, read_text_tokens(args.val_data, self.tokenizer)
+            train_tokens, val_tokens = tokens, read(args.val_data)
         else:
             train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
         self.train = LMSamples(train_tokens, self.seq_len, args.train_data)

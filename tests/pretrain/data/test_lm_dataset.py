@@ -1,8 +1,11 @@
-"""LM samples and their seeded order: disjoint rank shards, same global batches for any world size."""
+"""LM samples and their seeded order: disjoint rank shards, same global batches for any world size;
+documents streamed from text and JSON Lines files."""
 import numpy as np
+import pytest
 import torch
 
-from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens
+from models.registry import ConfigError
+from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_documents, read_text_tokens
 from pretrain.data.tokenizer import ByteTokenizer
 
 
@@ -49,3 +52,46 @@ def test_text_documents_end_with_eos(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("ab\n\ncd")
     assert read_text_tokens(path, ByteTokenizer()).tolist() == [97, 98, 10, 10, 256, 99, 100, 10, 10, 256]
+
+
+def test_streamed_paragraphs_are_the_pieces_of_splitting_the_whole_file(tmp_path):
+    """read_documents reads line by line; its documents must be exactly str.split("\\n\\n") of the whole text
+    (with "\\n\\n" put back, blank pieces dropped), whatever runs of newlines and spaces the text has."""
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        text = "".join(rng.choice(["a", "b", " ", "\n"], size=rng.integers(1, 40), p=[0.3, 0.2, 0.1, 0.4]))
+        path = tmp_path / f"{case}.txt"
+        path.write_text(text)
+        expected = [doc + "\n\n" for doc in text.split("\n\n") if doc.strip()]
+        if not expected:
+            with pytest.raises(ConfigError, match="is empty"):
+                list(read_documents(path))
+            continue
+        documents = list(read_documents(path))
+        assert [doc for doc, _ in documents] == expected, repr(text)
+        assert sum(n for _, n in documents) == len(text.encode())  # every byte is counted once (progress, MB/s)
+
+
+def test_line_and_json_lines_documents(tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one two\n\n  \nthree\n")
+    assert [doc for doc, _ in read_documents(lines, per_line=True)] == ["one two", "three"]
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"text": "x y", "id": 1}\n\n{"text": ["s1", "s2"]}\n')
+    assert [doc for doc, _ in read_documents(records)] == ["x y", "s1\ns2"]
+
+
+@pytest.mark.parametrize("name,content,field,expected", [
+    ("empty.txt", b"", "text", "data file {} is empty"),
+    ("blank.jsonl", b"\n\n", "text", "data file {} is empty"),
+    ("latin1.txt", "caf\u00e9\n\nna\u00efve".encode("latin-1"), "text", "data file {} line 1 is not UTF-8 (byte 3)"),
+    ("missing.jsonl", b'{"text": "a"}\n{"summary": "b"}\n', "text", "data file {} line 2 has no field 'text' (it has 'summary')"),
+    ("badjson.jsonl", b'{"text": "a"}\n{"text": \n', "text", "data file {} line 2 is not valid JSON"),
+    ("number.jsonl", b'{"text": 3}\n', "text", "data file {} line 1 field 'text' is int, not text"),
+])
+def test_bad_documents_are_refused_naming_file_and_line(tmp_path, name, content, field, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        list(read_documents(path, field=field))
+    assert str(refused.value).startswith(expected.format(path)) and "\n" not in str(refused.value)
