@@ -5,12 +5,14 @@ rank 0 records a manifest (size and SHA-256 of each file), flushes, renames the 
 ``global_stepN`` and atomically replaces the ``latest`` pointer. A kill at any moment leaves
 either the previous checkpoint or the new one as ``latest``, never half of one. On resume a
 checkpoint whose files do not match its manifest is skipped, with a warning, for the previous one.
+Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint.
 """
 import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -58,7 +60,7 @@ def _files(directory):
                 yield os.path.relpath(path, directory), path
 
 
-def save(engine, save_dir, step, client_state, keep_last=0):
+def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
     """Write checkpoint ``global_step{step}`` on every rank; keep the newest ``keep_last`` (0: all)."""
     tag = f"global_step{step}"
     partial = f"{tag}.partial"
@@ -75,7 +77,8 @@ def save(engine, save_dir, step, client_state, keep_last=0):
         for rel, path in _files(partial_dir):
             _fsync(path)
             manifest[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-        _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "files": manifest}, indent=1))
+        _write_atomically(os.path.join(partial_dir, MANIFEST),
+                          json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
         final_dir = os.path.join(save_dir, tag)
         if os.path.isdir(final_dir):
             shutil.rmtree(final_dir)
@@ -114,10 +117,34 @@ def damage(save_dir, tag):
     return None
 
 
-def load(engine, save_dir):
+def saved_dp_size(save_dir):
+    """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
+    with open(os.path.join(save_dir, "latest")) as f:
+        tag = f.read().strip()
+    try:
+        with open(os.path.join(save_dir, tag, MANIFEST)) as f:
+            return json.load(f)["dp_size"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _to_universal(save_dir, tag):
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent) beside it."""
+    universal = f"{tag}_universal"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder", os.path.join(save_dir, tag), "--output_folder", os.path.join(save_dir, universal),
+                    "--num_extract_workers", "1", "--num_merge_workers", "1",
+                    # DeepSpeed's converter wants Megatron's universal_checkpoint_info; a plain module needs none.
+                    "--inject_missing_state"], check=True, stdout=subprocess.DEVNULL)
+    return universal
+
+
+def load(engine, save_dir, universal=False):
     """Load the newest intact checkpoint; returns its client state (step, consumed_samples, ...).
 
-    Rank 0 checks the files and broadcasts its choice, so every rank loads the same tag.
+    Rank 0 checks the files and broadcasts its choice, so every rank loads the same tag. With
+    ``universal`` (another data-parallel size than the one saved; the engine was configured with
+    ``checkpoint.load_universal``) rank 0 first converts it, and removes the conversion after loading.
     """
     choice = [None]
     if dist.get_rank() == 0:
@@ -132,9 +159,19 @@ def load(engine, save_dir):
     tag = choice[0]
     if tag is None:
         raise FileNotFoundError(f"no intact checkpoint in {save_dir}")
-    path, client_state = engine.load_checkpoint(save_dir, tag=tag)
+    load_tag = tag
+    if universal:
+        choice = [_to_universal(save_dir, tag) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        load_tag = choice[0]
+    path, client_state = engine.load_checkpoint(save_dir, tag=load_tag)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, tag)}")
-    rng = torch.load(_rng_path(os.path.join(save_dir, tag), dist.get_rank()), weights_only=True)
-    torch.set_rng_state(rng["torch"])
+        raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, load_tag)}")
+    rng_path = _rng_path(os.path.join(save_dir, tag), dist.get_rank())
+    if os.path.isfile(rng_path):  # absent for ranks beyond the saved world size
+        torch.set_rng_state(torch.load(rng_path, weights_only=True)["torch"])
+    dist.barrier()
+    if universal and dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(save_dir, load_tag))
+        os.remove(os.path.join(save_dir, "latest_universal"))  # the converter's pointer; ours is ``latest``
     return client_state

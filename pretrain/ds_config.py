@@ -4,6 +4,7 @@ Everything here runs before torch.distributed starts and before any model is all
 The JSON goes to ``deepspeed.initialize`` as written; Switchyard adds one section of its
 own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
 """
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class LaunchPlan:
     precision: str  # "fp32", "bf16" or "fp16"
     pipeline_stages: int
     expert_parallel_size: int
+    resume_universal: bool = False  # resuming a ZeRO checkpoint saved at another data-parallel size
 
 
 def load_ds_config(path):
@@ -115,3 +117,16 @@ def plan_launch(config, path, world_size, model_family, num_experts=None):
                           f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks; drop one of the three and let it be derived")
     return LaunchPlan(world_size=world_size, dp_size=dp, train_batch_size=tbs, micro_batch_size=mbs, grad_accum_steps=gas,
                       zero_stage=stage, precision=precision, pipeline_stages=stages, expert_parallel_size=ep_size)
+
+
+def plan_resume(plan, config, path, saved_dp_size, model_family):
+    """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
+    go through DeepSpeed's universal checkpoint; what that cannot convert is refused."""
+    if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
+        return plan, config
+    if model_family != "gpt" or plan.pipeline_stages > 1:
+        raise ConfigError(f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "
+                          f"only dense models without pipeline stages resume at another data-parallel size; launch "
+                          f"{saved_dp_size * plan.pipeline_stages} ranks")
+    config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
+    return dataclasses.replace(plan, resume_universal=True), config

@@ -23,7 +23,8 @@ def prepare(argv):
     from models import load_model_config
     from pretrain import distributed
     from pretrain.args import parse_args
-    from pretrain.ds_config import load_ds_config, plan_launch
+    from pretrain import checkpoint
+    from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
     from pretrain.tasks import TASKS
 
     args = parse_args(argv)
@@ -35,8 +36,10 @@ def prepare(argv):
                        getattr(model_config, "num_experts", None))
     if hasattr(model_config, "expert_parallel_size"):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
-    if args.resume and not os.path.isfile(os.path.join(args.save_dir, "latest")):
-        raise ConfigError(f"--resume given but {args.save_dir} holds no checkpoint ('latest' is missing); drop --resume to start fresh")
+    if args.resume:
+        if not os.path.isfile(os.path.join(args.save_dir, "latest")):
+            raise ConfigError(f"--resume given but {args.save_dir} holds no checkpoint ('latest' is missing); drop --resume to start fresh")
+        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, checkpoint.saved_dp_size(args.save_dir), model_config.family_name)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
     return args, model_config, ds_config, plan, task
 

@@ -91,7 +91,7 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples}
 
     def resume(self):
-        state = checkpoint.load(self.engine, self.args.save_dir)
+        state = checkpoint.load(self.engine, self.args.save_dir, universal=self.plan.resume_universal)
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
         if dist.get_rank() == 0:
             print(f"resumed from step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
@@ -151,7 +151,7 @@ class Trainer:
         """Checkpoint this step, unless it ends a run of skipped steps: nothing is saved over the last good one."""
         if self.consecutive_bad_steps:
             return
-        checkpoint.save(self.engine, self.args.save_dir, self.step, self.state(), self.args.keep_checkpoints)
+        checkpoint.save(self.engine, self.args.save_dir, self.step, self.state(), self.plan.dp_size, self.args.keep_checkpoints)
         self.last_saved_step = self.step
 
     def check_bad_step(self, skipped_before):

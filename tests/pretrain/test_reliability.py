@@ -132,3 +132,35 @@ def test_switch_resume_restores_every_expert_of_every_expert_parallel_rank(tmp_p
         again = torch.load(run / "global_step3" / name, weights_only=True)
         assert state.keys() == again.keys()
         assert all(torch.equal(state[k], again[k]) for k in state), name
+
+
+@pytest.fixture(scope="module")
+def dense_two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dense2")
+    run_ranks(train_args(tmp, "zero1.json", "tiny-gpt.json", 5, save_dir=tmp / "run"), 2, tmp / "logs")
+    return read_metrics(tmp / "run")
+
+
+@pytest.mark.parametrize("ds_config", ["zero0.json", "zero1.json", "zero2.json"])
+def test_dense_run_resumes_at_another_data_parallel_size(tmp_path, ds_config, dense_two_ranks):
+    """Saved on 2 ranks, resumed on 1 (ZeRO 1-2 through DeepSpeed's universal checkpoint): the same
+    global batches follow, so the losses match the 2-rank run within the ZeRO tests' tolerance."""
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, ds_config, "tiny-gpt.json", 3, save_dir=run), 2, tmp_path / "l1")
+    results = run_ranks(train_args(tmp_path, ds_config, "tiny-gpt.json", 5, "--resume", save_dir=run), 1, tmp_path / "l2")
+    assert "resumed from step 3" in results[0].output
+    losses = read_metrics(run)
+    for step in (4, 5):
+        assert losses[step] == pytest.approx(dense_two_ranks[step], rel=1e-5), (step, losses[step], dense_two_ranks[step])
+    assert not list(run.glob("*_universal"))  # the conversion is removed once loaded
+
+
+def test_switch_run_at_another_data_parallel_size_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, "zero1.json", "tiny-switch.json", 2, save_dir=run), 2, tmp_path / "l1")
+    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--resume", save_dir=run), 1, tmp_path / "l2",
+                        check=False)
+    assert results[0].returncode == 2
+    errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "saved with 2 data-parallel ranks and this launch has 1" in errors[0]
+    assert "Traceback" not in results[0].output
