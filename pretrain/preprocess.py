@@ -77,13 +77,27 @@ def bounded(items, slots):
 
 def preprocess(*inputs, output_prefix=None, tokenizer="bytes", field="text", per_line=False, dataset=None,
                dataset_config=None, split="train", workers=os.cpu_count(), chunk_chars=1 << 18):
-    """Tokenize INPUTS (text or .jsonl files) or --dataset into OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx."""
+    """Tokenize INPUTS (text or .jsonl files) or --dataset into OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx.
+
+    Args:
+        output_prefix: where to write PREFIX.bin and PREFIX.idx (default: the first input without its extension).
+        tokenizer: ``bytes`` or a sentencepiece .model file (python -m pretrain.tokenizer).
+        field: the text field of JSON Lines records or dataset rows.
+        per_line: each line of a text file is a document (default: blank-line-separated paragraphs).
+        dataset: a Hugging Face dataset name, save_to_disk directory or local data folder, instead of INPUTS.
+        dataset_config: the dataset's configuration name, if it has several.
+        split: the dataset split.
+        workers: encoding processes.
+        chunk_chars: characters of documents per chunk handed to a worker (bounds memory).
+    """
     inputs = [str(path) for path in inputs]  # fire turns a file named 2024 into an int
     documents = read_corpus(inputs, dataset, dataset_config, split, field, per_line)
     if output_prefix is None:
         if not inputs:
             raise ConfigError("pass --output_prefix PREFIX for a --dataset input")
         output_prefix = os.path.splitext(inputs[0])[0]
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output_prefix))):
+        raise ConfigError(f"--output_prefix {output_prefix}: its directory does not exist; create it first")
     if workers < 1 or chunk_chars < 1:
         raise ConfigError(f"--workers and --chunk_chars must be >= 1, got {workers} and {chunk_chars}")
     tok = load_tokenizer(tokenizer)

@@ -46,7 +46,20 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
           max_sentence_length=1 << 16, num_threads=os.cpu_count()):
     """Train a sentencepiece model on the documents of INPUTS (or --dataset) and write OUTPUT.model/.vocab.
 
-    input_sentence_size: train on a random sample of this many documents (0: all of them).
+    Args:
+        dataset: a Hugging Face dataset name, save_to_disk directory or local data folder, instead of INPUTS.
+        dataset_config: the dataset's configuration name, if it has several.
+        split: the dataset split.
+        field: the text field of JSON Lines records or dataset rows.
+        per_line: each line of a text file is a document (default: blank-line-separated paragraphs).
+        output: path prefix of the .model/.vocab files (default: beside the data, DIR/STEM.{model_type}{vocab_size}).
+        vocab_size: pieces in all, the 4 specials and the user-defined symbols included.
+        model_type: bpe, unigram or char.
+        character_coverage: share of characters covered by pieces; the rarest others become <unk>.
+        user_defined_symbols: pieces never split, e.g. "<2de>,<2fr>".
+        input_sentence_size: train on a random sample of this many documents (0: all of them).
+        max_sentence_length: longer documents (in bytes) are left out of training.
+        num_threads: trainer threads.
     """
     if model_type not in ("bpe", "unigram", "char"):
         raise ConfigError(f"--model_type must be bpe, unigram or char, got {model_type!r}")
@@ -55,6 +68,8 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
     inputs = [str(path) for path in inputs]  # fire turns a file named 2024 into an int
     documents = read_corpus(inputs, dataset, dataset_config, split, field, per_line)
     output = output or default_output(inputs, dataset, model_type, vocab_size)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise ConfigError(f"--output {output}: its directory does not exist; create it first")
     count = 0
 
     def sentences():

@@ -134,6 +134,9 @@ def read_corpus(inputs=(), dataset=None, dataset_config=None, split="train", fie
         raise ConfigError("pass input files (text or JSON Lines) or --dataset NAME_OR_DIR, one of the two")
     if dataset is not None:
         return read_dataset_documents(dataset, dataset_config, split, field)
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise ConfigError(f"data file {path} does not exist; pass an existing UTF-8 text or JSON Lines file")
     return itertools.chain.from_iterable(read_documents(path, per_line, field) for path in inputs)
 
 

@@ -12,13 +12,14 @@ import pytest
 
 from models import load_model_config
 from models.registry import ConfigError
-from pretrain.data.indexed import IndexedTokens
+import pretrain.preprocess
+from pretrain.data.indexed import IndexedTokens, IndexedWriter
 from pretrain.data.lm_dataset import read_text_tokens
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, tokenizer_for_data
-from pretrain.preprocess import main, preprocess
+from pretrain.preprocess import chunks, main, preprocess
 from pretrain.tasks.lm import LanguageModelingTask
 from pretrain.tokenizer import train
-from tests.distributed import REPO, read_metrics, run_ranks
+from tests.distributed import MAIN, REPO, read_metrics, run_ranks
 
 SHARED = REPO.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared corpora ({SHARED}) are absent")
@@ -51,6 +52,29 @@ def test_two_workers_write_the_same_files_as_one(shakespeare, tmp_path):
     assert first[-1] == tok.eos_id and tok.decode(first[:-1]) == shakespeare.corpus.read_text().split("\n\n")[0] + "\n\n"
 
 
+def test_reading_stays_a_few_chunks_ahead_of_writing(tmp_path, monkeypatch):
+    """Memory is bounded by the chunk size: Pool.imap alone would read the whole corpus ahead of the workers."""
+    made, made_when_written = [], []
+
+    def counted_chunks(documents, chunk_chars):
+        for chunk in chunks(documents, chunk_chars):
+            made.append(chunk)
+            yield chunk
+
+    def add(self, tokens, lengths):
+        made_when_written.append(len(made))
+        write(self, tokens, lengths)
+
+    write = IndexedWriter.add
+    monkeypatch.setattr(pretrain.preprocess, "chunks", counted_chunks)
+    monkeypatch.setattr(IndexedWriter, "add", add)
+    (tmp_path / "c.txt").write_text("".join(f"paragraph {i}\n\n" for i in range(300)))
+    preprocess(str(tmp_path / "c.txt"), workers=2, chunk_chars=1)  # one document per chunk
+    assert len(made) == len(made_when_written) == 300
+    # written result i: at most i + 1 results done, 2 per worker in flight, 1 chunk waiting for a slot
+    assert max(n - i for i, n in enumerate(made_when_written)) <= 1 + 2 * 2 + 1
+
+
 def test_bytes_preprocessed_equal_what_training_tokenizes_from_text(shakespeare, tmp_path):
     preprocess(str(shakespeare.corpus), output_prefix=str(tmp_path / "b"), workers=2, chunk_chars=10_000)
     data = IndexedTokens(tmp_path / "b.bin")
@@ -72,6 +96,7 @@ def test_json_lines_field_one_document_per_record(tmp_path):
     ("latin1.txt", b"fine\n\nstill fine\n\n" * 50 + "caf\u00e9\n".encode("latin-1"), [], "data file {path} line 201 is not UTF-8"),
     ("rows.jsonl", b'{"text": "a"}\n' * 40 + b'{"body": "b"}\n', [], "data file {path} line 41 has no field 'text'"),
     ("ok.txt", b"abc\n", ["--tokenizer", "missing.model"], "tokenizer missing.model does not exist"),
+    ("ok.txt", b"abc\n", ["--output_prefix", "/nonexistent/x"], "--output_prefix /nonexistent/x: its directory does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name, content, extra, expected):
     """Reading happens in the main process while two workers encode: the error still surfaces as one line."""
@@ -145,3 +170,20 @@ def test_training_runs_on_a_preprocessed_prefix(shakespeare, tmp_path):
     assert losses[1] == pytest.approx(math.log(320), rel=0.1)  # starts near uniform over the 320 pieces
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["tokenizer"]
     assert recorded == SentencePieceTokenizer(shakespeare.model).spec
+
+
+def test_main_refuses_a_tokenizer_the_data_was_not_made_with(shakespeare, tmp_path):
+    prefix = tmp_path / "c"
+    preprocess(str(shakespeare.corpus), tokenizer=str(shakespeare.model), output_prefix=str(prefix), workers=1)
+    train(str(shakespeare.corpus), vocab_size=300, output=str(tmp_path / "other"), num_threads=1)
+    args = ["--ds_config", REPO / "ds_configs" / "zero0.json", "--model_config", REPO / "models" / "configs" / "tiny-gpt.json",
+            "--train_data", f"{prefix}.bin", "--tokenizer", tmp_path / "other.model", "--max_steps", 1,
+            "--save_dir", tmp_path / "run"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(MAIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == [f"error: {prefix}.idx was made with tokenizer {shakespeare.model} "
+                      f"(sha256 {SentencePieceTokenizer(shakespeare.model).sha256[:12]}), not {tmp_path / 'other.model'} "
+                      f"(sha256 {SentencePieceTokenizer(tmp_path / 'other.model').sha256[:12]}); "
+                      f"drop --tokenizer to use the one it was made with"]
