@@ -10,6 +10,7 @@ Resuming at another data-parallel size goes through DeepSpeed's universal checkp
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -19,6 +20,31 @@ import torch
 import torch.distributed as dist
 
 MANIFEST = "manifest.json"
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file would run code outside the allow-list when unpickled."""
+
+
+def _allowed_globals():
+    # The objects DeepSpeed's own files pickle beyond tensors and containers (found by scanning the
+    # checkpoints of every ds_configs/ recipe): loss scalers, the ZeRO stage, fragment addresses.
+    # Anything else in a checkpoint is refused, not executed.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UnsafeCheckpoint(f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
+                               f"the allow-list; refusing it (load it by hand only if you trust its source)") from None
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -164,12 +190,13 @@ def load(engine, save_dir, universal=False):
         choice = [_to_universal(save_dir, tag) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(choice, src=0)
         load_tag = choice[0]
+    engine.checkpoint_engine.load = safe_load  # DeepSpeed's engine unpickles with weights_only=False
     path, client_state = engine.load_checkpoint(save_dir, tag=load_tag)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, load_tag)}")
     rng_path = _rng_path(os.path.join(save_dir, tag), dist.get_rank())
     if os.path.isfile(rng_path):  # absent for ranks beyond the saved world size
-        torch.set_rng_state(torch.load(rng_path, weights_only=True)["torch"])
+        torch.set_rng_state(safe_load(rng_path)["torch"])
     dist.barrier()
     if universal and dist.get_rank() == 0:
         shutil.rmtree(os.path.join(save_dir, load_tag))

@@ -100,14 +100,15 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     from pretrain import distributed
+    from pretrain.checkpoint import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
     try:
         outcome = run(*prepared)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, UnsafeCheckpoint) as e:
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.stderr.flush()
-        os._exit(EXIT_DIVERGED)
+        os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
     distributed.finish(0 if outcome == "done" else EXIT_REQUEUE)
 
 

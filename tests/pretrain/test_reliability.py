@@ -164,3 +164,48 @@ def test_switch_run_at_another_data_parallel_size_is_refused(tmp_path):
     errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "saved with 2 data-parallel ranks and this launch has 1" in errors[0]
     assert "Traceback" not in results[0].output
+
+
+class Payload:
+    """Unpickling this runs a shell command: what an unsafe torch.load would execute."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import json
+
+    import torch
+
+    from pretrain.checkpoint import MANIFEST, _sha256
+
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 2, save_dir=run), 2, tmp_path / "l1")
+    marker = tmp_path / "payload_ran"
+    states = run / "global_step2" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload(marker)}, states)
+    manifest = json.loads((run / "global_step2" / MANIFEST).read_text())  # a consistent, hostile checkpoint
+    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": _sha256(states)}
+    (run / "global_step2" / MANIFEST).write_text(json.dumps(manifest))
+    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4, "--resume", save_dir=run), 2, tmp_path / "l2",
+                        check=False)
+    assert [r.returncode for r in results] == [2, 2]
+    errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "asks to run posix.system" in errors[0] and "refusing it" in errors[0], results[0].output[-2000:]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("ds_config, model", [("zero0.json", "tiny-gpt.json"), ("zero2.json", "tiny-gpt.json"),
+                                               ("zero3.json", "tiny-gpt.json"), ("bf16_zero1.json", "tiny-gpt.json"),
+                                               ("pipeline2_zero1.json", "tiny-gpt.json"), ("moe_ep2_zero2.json", "tiny-switch.json")])
+def test_every_recipe_resumes_through_the_safe_loader(tmp_path, ds_config, model):
+    """Each recipe's checkpoint loads with weights_only and the allow-list, and continues where it stopped."""
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, ds_config, model, 2, save_dir=run), 2, tmp_path / "l1")
+    results = run_ranks(train_args(tmp_path, ds_config, model, 3, "--resume", save_dir=run), 2, tmp_path / "l2")
+    assert "resumed from step 2" in results[0].output
+    assert sorted(read_metrics(run)) == [1, 2, 3]
