@@ -22,7 +22,7 @@ class MetricsLogger:
         if wandb_project:
             import wandb
             # A run never needs the network: without an API key W&B writes offline files to sync later.
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=save_dir, mode=mode,
                                     config=run_config, resume="allow")
 

@@ -209,3 +209,15 @@ def test_every_recipe_resumes_through_the_safe_loader(tmp_path, ds_config, model
     results = run_ranks(train_args(tmp_path, ds_config, model, 3, "--resume", save_dir=run), 2, tmp_path / "l2")
     assert "resumed from step 2" in results[0].output
     assert sorted(read_metrics(run)) == [1, 2, 3]
+
+
+def test_secrets_never_reach_the_run_directory_or_logs(tmp_path):
+    secret = "sk-switchyard-test-4f1c9a"
+    env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "HF_TOKEN": secret}
+    run = tmp_path / "run"
+    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 2, "--wandb_project", "t", save_dir=run), 2,
+                        tmp_path / "logs", extra_env=env)
+    assert all(secret not in r.output for r in results)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "run_config.json" for p in files)
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
