@@ -86,6 +86,11 @@ class Trainer:
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if plan.precision == "fp16" and scaler is not None:
+            # DeepSpeed raises at the first overflow at the minimum scale; the stop is check_bad_step's,
+            # after --max_bad_steps of them, with a message that names the last good checkpoint.
+            scaler.raise_error_at_min_scale = False
 
     def state(self):
         return {"step": self.step, "consumed_samples": self.consumed_samples}
@@ -155,13 +160,24 @@ class Trainer:
         self.last_saved_step = self.step
 
     def check_bad_step(self, skipped_before):
-        """Count consecutive skipped steps (non-finite loss or gradients, fp16 overflow); stop past the limit."""
-        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if self.skipped_steps() > skipped_before else 0
+        """Log a skipped step; count consecutive bad ones and stop past --max_bad_steps.
+
+        A bad step is a skipped one (non-finite loss or gradients); in fp16 only a skip with the loss
+        scale already at its minimum, since lowering the scale through overflows is normal.
+        """
+        skipped = self.skipped_steps() > skipped_before
+        why = "non-finite loss or gradient norm"
+        bad = skipped
+        if self.plan.precision == "fp16":
+            scale = float(self.engine.optimizer.cur_scale)
+            floor = self.engine._config.float16_config.min_loss_scale
+            why = f"fp16 overflow, loss scale {scale:g}, minimum {floor:g}"
+            bad = skipped and scale <= floor
+        if skipped and dist.get_rank() == 0:
+            print(f"step {self.step} skipped ({why})", flush=True)
+        self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if bad else 0
         if self.consecutive_bad_steps < self.args.max_bad_steps:
             return
-        why = "non-finite loss or gradient norm"
-        if self.plan.precision == "fp16":
-            why = f"fp16 overflow with the loss scale at {float(self.engine.optimizer.cur_scale):g} (its minimum is min_loss_scale)"
         last = f"step {self.last_saved_step}" if self.last_saved_step else "none saved by this run"
         raise TrainingDiverged(f"stopping at step {self.step}: {self.consecutive_bad_steps} consecutive steps skipped ({why}); "
                                f"last good checkpoint: {last}; lower the learning rate, check the data, or resume from it")

@@ -221,3 +221,23 @@ def test_secrets_never_reach_the_run_directory_or_logs(tmp_path):
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "run_config.json" for p in files)
     assert [p for p in files if secret.encode() in p.read_bytes()] == []
+
+
+def test_fp16_stops_when_overflows_persist_at_the_minimum_loss_scale(tmp_path):
+    import json
+
+    config = json.loads((REPO / "ds_configs" / "fp16_zero1.json").read_text())
+    config["fp16"].update(initial_scale_power=3, hysteresis=1, min_loss_scale=1)  # 8 -> 4 -> 2 -> 1, then stuck
+    ds = tmp_path / "fp16.json"
+    ds.write_text(json.dumps(config))
+    env = {"SWITCHYARD_TEST_NAN_STEPS": "3-", "SWITCHYARD_TEST_GAS": "2", "SWITCHYARD_TEST_FP16_ON_CPU": "1"}
+    args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 30, "--max_bad_steps", 3)
+    args[1] = ds
+    results = wait_ranks(start_ranks(args, 2, tmp_path / "logs", env, script=HERE / "poisoned_loss.py"), tmp_path / "logs")
+    assert [r.returncode for r in results] == [3, 3], results[0].output[-3000:]
+    out = results[0].output
+    assert "step 3 skipped (fp16 overflow, loss scale 4, minimum 1)" in out  # each skip is logged
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    # steps 3-4 lower the scale 8 -> 4 -> 2 (not bad yet), step 5 brings it to the minimum, 6-7 overflow
+    # there: the third consecutive skip at the minimum stops the run.
+    assert len(errors) == 1 and "stopping at step 7: 3 consecutive steps skipped (fp16 overflow, loss scale 1, minimum 1)" in errors[0]
