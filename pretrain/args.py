@@ -19,7 +19,8 @@ def build_parser():
     p.add_argument("--train_data", required=True, help="UTF-8 text file")
     p.add_argument("--val_data", default=None, help="validation text file (default: the tail of --train_data)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="tail fraction held out when --val_data is not given")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a sentencepiece .model file")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bytes' or a sentencepiece .model file (default: the one preprocessed data were made with, else bytes)")
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: the model's max_seq_len)")
     p.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
@@ -40,6 +41,11 @@ def build_parser():
     return p
 
 
+def data_exists(path):
+    """A text file, or a preprocessed token file given as PREFIX or PREFIX.bin (python -m pretrain.preprocess)."""
+    return os.path.isfile(path) or os.path.isfile(f"{path}.bin")
+
+
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     checks = [
@@ -52,8 +58,9 @@ def parse_args(argv=None):
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),
         (args.seq_len is None or args.seq_len >= 1, "--seq_len must be >= 1"),
-        (os.path.isfile(args.train_data), f"--train_data {args.train_data} does not exist; pass an existing file"),
-        (args.val_data is None or os.path.isfile(args.val_data), f"--val_data {args.val_data} does not exist; pass an existing file"),
+        (data_exists(args.train_data), f"--train_data {args.train_data} does not exist; pass a text file or a preprocessed PREFIX"),
+        (args.val_data is None or data_exists(args.val_data),
+         f"--val_data {args.val_data} does not exist; pass a text file or a preprocessed PREFIX"),
     ]
     for ok, message in checks:
         if not ok:

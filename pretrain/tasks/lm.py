@@ -3,7 +3,6 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.gpt import GPTPipe
-from pretrain.args import build_parser
 from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
 from pretrain.data.tokenizer import check_fits_model, tokenizer_for_data
@@ -22,9 +21,8 @@ class LanguageModelingTask:
         self.seq_len = args.seq_len or model_config.max_seq_len
         # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
         indexed = {path: IndexedTokens(path) for path in (args.train_data, args.val_data) if path and prefix_of(path)}
-        # --tokenizer at its default counts as not given: preprocessed data then bring their own tokenizer
-        given = args.tokenizer if args.tokenizer != build_parser().get_default("tokenizer") else None
-        self.tokenizer = tokenizer_for_data(given, {data.idx_path: data.tokenizer_spec for data in indexed.values()})
+        # Without --tokenizer, preprocessed data bring the tokenizer they were made with (else bytes).
+        self.tokenizer = tokenizer_for_data(args.tokenizer, {data.idx_path: data.tokenizer_spec for data in indexed.values()})
         check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)
 
         def read(path):

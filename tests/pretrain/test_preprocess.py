@@ -140,7 +140,7 @@ def test_the_tokenizer_comes_from_the_index_and_a_different_one_is_refused(shake
 
 
 def lm_task(**args):
-    defaults = dict(tokenizer="bytes", seq_len=None, val_data=None, val_fraction=0.05, seed=1,
+    defaults = dict(tokenizer=None, seq_len=None, val_data=None, val_fraction=0.05, seed=1,
                     model_config=str(REPO / "models" / "configs" / "tiny-gpt.json"))
     args = SimpleNamespace(**{**defaults, **args})
     return LanguageModelingTask(args, load_model_config(args.model_config), SimpleNamespace(pipeline_stages=1))
@@ -157,6 +157,8 @@ def test_lm_task_reads_a_prefix_memory_mapped(shakespeare, tmp_path):
     (tmp_path / "small.json").write_text(json.dumps(small))
     with pytest.raises(ConfigError, match="tokenizer has 320 ids but model config"):  # the model-config check still applies
         lm_task(train_data=str(prefix), model_config=str(tmp_path / "small.json"))
+    with pytest.raises(ConfigError, match="was made with tokenizer .* not bytes; drop --tokenizer"):
+        lm_task(train_data=str(prefix), tokenizer="bytes")  # an explicit tokenizer must be the data's
 
 
 def test_training_runs_on_a_preprocessed_prefix(shakespeare, tmp_path):
