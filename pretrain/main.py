@@ -55,9 +55,25 @@ def optimizer_param_groups(model):
     return groups
 
 
-def run(args, model_config, ds_config, plan, task):
+def build_engine(args, model_config, ds_config, plan, task):
+    """The model and its DeepSpeed engine, as training uses them; returns (engine, training FLOPs per token)."""
     import deepspeed
     import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(args.seed)  # same on every rank: replicated weights start equal
+    model = task.build_model()
+    total, active = model.param_counts()
+    flops = model.flops_per_token(task.seq_len)
+    if dist.get_rank() == 0:
+        print(f"model {model_config.family_name}: {total:,} parameters, {active:,} active per token, "
+              f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config)
+    torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
+    return engine, flops
+
+
+def run(args, model_config, ds_config, plan, task):
     import torch.distributed as dist
 
     from models import config_to_dict
@@ -66,16 +82,8 @@ def run(args, model_config, ds_config, plan, task):
     from pretrain.trainer import Trainer
 
     distributed.init()
+    engine, flops = build_engine(args, model_config, ds_config, plan, task)
     rank0 = dist.get_rank() == 0
-    torch.manual_seed(args.seed)  # same on every rank: replicated weights start equal
-    model = task.build_model()
-    total, active = model.param_counts()
-    flops = model.flops_per_token(task.seq_len)
-    if rank0:
-        print(f"model {model_config.family_name}: {total:,} parameters, {active:,} active per token, "
-              f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config)
-    torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
     logger = MetricsLogger(args.save_dir, rank0, args.wandb_project, args.wandb_run_name,
                            run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}))
     if rank0:
