@@ -1,0 +1,133 @@
+"""Engine overhead: Switchyard's training step (pretrain/main.py's build_engine + Trainer.train_step,
+a DeepSpeed engine) against a plain PyTorch loop (torch.optim.AdamW, same model, weights, batches,
+accumulation and clipping), measured in the same run on one process.
+
+    python -m bench.engine_overhead                 # tiny and 125M-shape GPT, ZeRO-0/1, fp32/bf16
+    python -m bench.engine_overhead --smoke         # a few steps of the tiny model (CI runs this)
+
+Prints a table, then the ratios (Switchyard tokens/s / plain tokens/s) last. The 125M shape runs at
+seq 128 and micro-batch 2 so a CPU finishes it; on a GPU pass --seq_len 2048 --micro_batch 8.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from pretrain import distributed  # noqa: E402
+from pretrain.main import build_engine, prepare  # noqa: E402
+from pretrain.trainer import Trainer  # noqa: E402
+
+MODELS = {"tiny": "tiny-gpt.json", "125m-shape": "gpt-125m.json"}
+RECIPES = {"zero0-fp32": ("zero0.json", None), "zero1-fp32": ("zero1.json", None),
+           "zero0-bf16": ("zero0.json", "bf16"), "zero1-bf16": ("zero1.json", "bf16")}
+
+
+def ds_config_file(base, precision, micro_batch, accumulation, workdir):
+    config = json.loads((REPO / "ds_configs" / base).read_text())
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation)
+    config.pop("train_batch_size", None)
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    path = Path(workdir) / f"{base}-{precision}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def time_steps(step, steps, warmup):
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def plain_loop(model, task, plan, lr, precision):
+    """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    consumed = [0]
+
+    def step():
+        for micro in range(plan.grad_accum_steps):
+            batch = task.train_batch(consumed[0], micro, plan.micro_batch_size, 0, 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, _ = task.loss(model(task.inputs(batch)), batch)
+            (loss / plan.grad_accum_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        consumed[0] += plan.train_batch_size
+    return step
+
+
+def measure(model_name, recipe, opts, workdir):
+    base, precision = RECIPES[recipe]
+    ds = ds_config_file(base, precision, opts.micro_batch, opts.accumulation, workdir)
+    argv = ["--ds_config", str(ds), "--model_config", str(REPO / "models" / "configs" / MODELS[model_name]),
+            "--train_data", str(REPO / "data" / "tinyshakespeare.txt"), "--max_steps", "1",
+            "--save_dir", str(Path(workdir) / "run"), "--seq_len", str(opts.seq_len)]
+    args, model_config, ds_config, plan, task = prepare(argv)
+    engine, _ = build_engine(args, model_config, ds_config, plan, task)
+    trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
+
+    def switchyard_step():
+        trainer.train_step()
+        trainer.consumed_samples += plan.train_batch_size
+
+    torch.manual_seed(args.seed)
+    plain_model = task.build_model()
+    tokens = plan.train_batch_size * task.seq_len
+    lr = ds_config["optimizer"]["params"]["lr"]
+    plain_step = plain_loop(plain_model, task, plan, lr, precision)
+    plain = ours = 0.0
+    for _ in range(opts.rounds):  # interleaved, best of each: both see the same machine load
+        plain = max(plain, tokens / time_steps(plain_step, opts.steps, opts.warmup))
+        ours = max(ours, tokens / time_steps(switchyard_step, opts.steps, opts.warmup))
+    return plain, ours
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--micro_batch", type=int, default=2)
+    p.add_argument("--accumulation", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="3 steps of the tiny model, ZeRO-0 fp32 only")
+    opts = p.parse_args()
+    if opts.smoke:
+        opts.models, opts.recipes, opts.steps, opts.warmup, opts.rounds, opts.seq_len = ["tiny"], ["zero0-fp32"], 3, 1, 1, 64
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    distributed.init()
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in opts.models:
+            for recipe in opts.recipes:
+                plain, ours = measure(model_name, recipe, opts, workdir)
+                rows.append((model_name, recipe, plain, ours))
+    print(f"\n{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
+    for model_name, recipe, plain, ours in rows:
+        print(f"{model_name:12s} {recipe:12s} {plain:12.0f} {ours:17.0f}")
+    print("\nratios (switchyard / plain PyTorch, target >= 0.95):")
+    for model_name, recipe, plain, ours in rows:
+        print(f"{model_name} {recipe}: {ours / plain:.3f}")
+    distributed.finish(0)
+
+
+if __name__ == "__main__":
+    main()
