@@ -25,7 +25,7 @@ def peak_tflops(requested):
     return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
 
 
-def grad_norm(engine):
+def grad_norm(engine, expert_parallel_size):
     """Global gradient norm where DeepSpeed keeps none (fp32 without ZeRO), from the reduced gradients.
 
     Shared weights' gradients are identical on every rank; each expert's lives on world/ep ranks.
@@ -41,7 +41,7 @@ def grad_norm(engine):
                 shared += sq
     if any(is_moe_param(p) for p in engine.module.parameters()):
         dist.all_reduce(expert)
-        expert /= dist.get_world_size() // engine.module.config.expert_parallel_size
+        expert /= dist.get_world_size() // expert_parallel_size
     return float((shared + expert).sqrt())
 
 
@@ -115,7 +115,7 @@ class Trainer:
             loss, parts = self.task.loss(outputs, batch)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
-                self.fp32_grad_norm = grad_norm(self.engine)
+                self.fp32_grad_norm = grad_norm(self.engine, self.plan.expert_parallel_size)
             if self.engine.is_gradient_accumulation_boundary() and not math.isfinite(self.fp32_grad_norm):
                 self.skip_optimizer_step()
             else:
