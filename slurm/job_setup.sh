@@ -22,5 +22,8 @@ else
 fi
 # Threads per rank: the cores Slurm gave the task, so ranks sharing a node do not oversubscribe it.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 to 23.02): without this, a site that
+# binds tasks to cores would give each rank one core.
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 source slurm/nccl.sh
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NTASKS tasks, $DEVICES, $(date -Is)"

@@ -21,8 +21,16 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
-# The requeue delay below is the only departure from a production configuration that the tests
-# depend on: Slurm holds a requeued job for cred_expire + 1 seconds (default 120) before it can start.
+# Two stand-in GPUs (Slurm only counts the devices named in gres.conf; any character device will
+# do) let a test request GPUs, so the scripts' GPU branch runs up to its checks.
+GRES_CONF = """\
+Name=gpu File=/dev/null
+Name=gpu File=/dev/zero
+"""
+
+# Departures from a production configuration, for speed only: Slurm holds a requeued job for
+# cred_expire + 1 seconds (default 120) before it can start, and then starts it at the next pass of
+# the scheduler (default every 60 s; backfill every 30 s); KillWait (default 30 s) bounds teardown.
 SLURM_CONF = """\
 ClusterName=switchyard-test
 SlurmctldHost={host}(127.0.0.1)
@@ -46,11 +54,13 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 MpiDefault=none
+SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
 ReturnToService=2
 KillWait=5
 MailProg=/bin/true
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+GresTypes=gpu
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:2 State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -94,6 +104,7 @@ class SlurmCluster:
         self.conf.write_text(SLURM_CONF.format(
             host=self.host, root=self.root, ctld_port=free_port(), slurmd_port=free_port(),
             cpus=max(2, os.cpu_count() or 1), partition=self.partition))
+        (self.root / "gres.conf").write_text(GRES_CONF)  # read from beside slurm.conf
         r = str(self.root)
         self._spawn("munged", ["munged", "--foreground", f"--key-file={key}", f"--socket={r}/munge.sock",
                                f"--pid-file={r}/munged.pid", f"--seed-file={r}/munged.seed", f"--log-file={r}/munged.log"])

@@ -27,9 +27,9 @@ def remove_job_logs():
         log.unlink()
 
 
-def submit(cluster, script, name, *args, ntasks=2, env=None):
+def submit(cluster, script, name, *args, ntasks=2, gpus=0, env=None):
     options = [f"--job-name={PREFIX}-{name}", f"--partition={cluster.partition}", "--nodes=1",
-               f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+               f"--ntasks-per-node={ntasks}", f"--gpus-per-node={gpus}", "--cpus-per-task=1", "--time=10"]
     return cluster.sbatch(script, *args, options=options, env=env, cwd=REPO)
 
 
@@ -68,13 +68,15 @@ def test_sbatch_trains_on_two_ranks_and_records_the_run(slurm_cluster, tmp_path)
     command = (record / "command.sh").read_text()
     assert command.startswith(f"cd {REPO} && srun ") and "slurm/launch_rank.sh pretrain/main.py --ds_config ds_configs/zero1.json" in command
     assert "--resume" not in command
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert (record / "git.txt").read_text().splitlines()[0] == head
+    commit = (record / "git.txt").read_text().splitlines()[0]
+    # The checkout's commit at submission: HEAD now, or one before it if a commit landed meanwhile.
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO).returncode == 0, commit
     assert (record / "zero1.json").read_bytes() == (REPO / "ds_configs" / "zero1.json").read_bytes()
     assert (record / "tiny-gpt.json").exists() and "#SBATCH --signal=USR1@" in (record / "job.sbatch").read_text()
     env = json.loads((record / "env.json").read_text())
     assert env["SLURM_JOB_ID"] == str(job_id) and env["SWITCHYARD_TEST_API_TOKEN"] == "<redacted>"
-    assert "not-for-the-record" not in "".join(p.read_text() for p in record.iterdir())
+    assert (env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"], env["SRUN_CPUS_PER_TASK"]) == ("", "1", "1")  # the CPU switch
+    assert "not-for-the-record" not in (record / "env.json").read_text() + (record / "scontrol_show_job.txt").read_text()
     print(f"job {job_id}: 4 steps on 2 ranks in {time.monotonic() - start:.0f} s")
 
 
@@ -118,3 +120,13 @@ def test_eval_script_runs_python_m_eval_cmd_with_its_arguments(slurm_cluster):
     assert "+ srun slurm/launch_rank.sh -m eval.no_such_command --split val" in log
     assert "No module named eval.no_such_command" in log
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "1:0"), log
+
+
+def test_gpu_job_is_refused_unless_it_has_one_rank_per_gpu(slurm_cluster, tmp_path):
+    """The cluster's 2 stand-in GPUs: a job granted them runs the GPU branch, which checks the counts."""
+    job_id = submit(slurm_cluster, TRAIN, "gpus", ntasks=1, gpus=2, env=train_env(tmp_path / "run"))
+    job = slurm_cluster.wait_job(job_id, lambda j: j["JobState"] in FINAL_STATES, 120, "the end")
+    log = job_log(slurm_cluster, job_id, "gpus")
+    assert "error: 1 tasks but 2 GPUs per node; set --ntasks-per-node to the GPU count" in log
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), log
+    assert not (tmp_path / "run").exists()  # refused before any rank started
