@@ -73,7 +73,7 @@ def build_engine(args, model_config, ds_config, plan, task):
     return engine, flops
 
 
-def run(args, model_config, ds_config, plan, task):
+def run(args, model_config, ds_config, plan, task, signals):
     import torch.distributed as dist
 
     from models import config_to_dict
@@ -90,7 +90,7 @@ def run(args, model_config, ds_config, plan, task):
         with open(os.path.join(args.save_dir, "run_config.json"), "w") as f:
             json.dump({"args": without_secrets(vars(args)), "model": config_to_dict(model_config), "deepspeed": ds_config,
                        "tokenizer": task.tokenizer.spec}, f, indent=1)
-    trainer = Trainer(engine, task, plan, args, logger, flops)
+    trainer = Trainer(engine, task, plan, args, logger, flops, signals)
     if args.resume:
         trainer.resume()
     try:
@@ -101,6 +101,8 @@ def run(args, model_config, ds_config, plan, task):
 
 
 def main(argv=None):
+    from pretrain.trainer import StopSignals
+    signals = StopSignals()  # first: a warning signal during start-up must not kill the rank, only stop it after a step
     try:
         prepared = prepare(argv)
     except ConfigError as e:
@@ -111,7 +113,7 @@ def main(argv=None):
     from pretrain.checkpoint import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
     try:
-        outcome = run(*prepared)
+        outcome = run(*prepared, signals)
     except (TrainingDiverged, UnsafeCheckpoint) as e:
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -73,8 +73,9 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(self, engine, task, plan, args, logger, flops_per_token):
+    def __init__(self, engine, task, plan, args, logger, flops_per_token, signals=None):
         self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
+        self.signals = signals or StopSignals()
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops(args.peak_tflops)
         self.pipelined = isinstance(engine, PipelineEngine)
@@ -185,7 +186,7 @@ class Trainer:
     def train(self):
         """Train to --max_steps; returns "done", or the signal's name after a stop signal (checkpoint saved)."""
         args = self.args
-        signals = StopSignals()
+        signals = self.signals
         window_start, window_steps = time.perf_counter(), 0
         sums = None
         while self.step < args.max_steps:
