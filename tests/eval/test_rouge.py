@@ -1,0 +1,109 @@
+"""python -m eval.rouge: figures worked out by hand, several references, stemming, ROUGE-Lsum's sentences, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eval.rouge import score
+from tests.distributed import REPO
+
+DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
+
+
+def rouge(*args):
+    proc = subprocess.run([sys.executable, "-m", "eval.rouge", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_two_references_take_the_best_match_per_summary(tmp_path):
+    hyp = write(tmp_path / "hyp.txt", ["the cat sat on the mat. it was happy.", "hello world"])
+    ref1 = write(tmp_path / "ref1.txt", ["the cats sat on a mat. it was glad.", "hello there world"])
+    ref2 = write(tmp_path / "ref2.txt", ["a cat was on the mat.", "world hello"])
+    proc, result = rouge("--hyp", hyp, "--ref", ref1, "--ref", ref2, "--output", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    # Summary 1: 7 of 9 unigrams shared with ref1 once "cats" is stemmed (F 7/9; ref2 gives 2/3).
+    # Summary 2: ref2 has the same unigrams (F 1; ref1 gives 0.8). The mean is reported x 100.
+    assert result["rouge1"] == pytest.approx(100 * (7 / 9 + 1) / 2)
+    # Bigrams: summary 1 shares 5 of its 8 with ref1 (the cat, cat sat, sat on, mat it, it was; both have 8);
+    # summary 2's one bigram is in neither reference.
+    assert result["rouge2"] == pytest.approx(100 * (5 / 8 + 0) / 2)
+    assert (result["summaries"], result["references_per_summary"], result["stemming"]) == (2, 2, True)
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+def test_stemming_is_on_by_default():
+    stemmed = score(["the cats were running"], [["the cat was run"]])
+    plain = score(["the cats were running"], [["the cat was run"]], stem=False)
+    assert stemmed["rouge1"] == pytest.approx(100 * 3 / 4)  # the, cat, run (was/were stem differently)
+    assert plain["rouge1"] == pytest.approx(100 * 1 / 4)
+
+
+def test_rouge_lsum_matches_sentence_by_sentence():
+    """Sentences in the other order: the whole-text LCS finds one of them, the summary-level LCS both."""
+    result = score(["alpha beta gamma. delta epsilon zeta."], [["delta epsilon zeta. alpha beta gamma."]])
+    assert result["rougeL"] == pytest.approx(50.0)
+    assert result["rougeLsum"] == pytest.approx(100.0)
+
+
+def test_intervals_bracket_the_mean_and_repeat_with_the_seed():
+    hyps = ["a b c d", "a b x y", "p q r s", "a x c y", "b c d e", "q r s t"]
+    refs = [["a b c d"], ["a b c d"], ["a b c d"], ["a b c d"], ["a b c d"], ["p q r s"]]
+    first, again, other = score(hyps, refs, seed=1), score(hyps, refs, seed=1), score(hyps, refs, seed=2)
+    low, high = first["interval"]["rouge1"]
+    assert low < first["rouge1"] < high
+    assert first == again and first["interval"] != other["interval"]
+
+
+def test_references_from_json_lines_fields_strings_or_lists(tmp_path):
+    records = [{"s1": "the cat sat", "s2": ["a dog ran", "the cat ran"]}, {"s1": "red sky", "s2": ["blue sea"]}]
+    refs = write(tmp_path / "refs.jsonl", [json.dumps(r) for r in records])
+    hyp = write(tmp_path / "hyp.txt", ["the cat ran", "blue sea"])
+    proc, result = rouge("--hyp", hyp, "--ref", refs, "--ref_fields", "s1,s2")
+    assert proc.returncode == 0, proc.stderr
+    assert result["rouge1"] == pytest.approx(100.0) and result["references_per_summary"] == 3
+
+
+@pytest.mark.skipif(not DIALOGSUM.exists(), reason="../shared/data/dialogsum is not present")
+def test_dialogsum_references_and_a_lead_baseline(tmp_path):
+    records = [json.loads(line) for line in DIALOGSUM.read_text().splitlines()]
+    own = write(tmp_path / "summary1.txt", [r["summary1"] for r in records])
+    proc, result = rouge("--hyp", own, "--ref", DIALOGSUM, "--ref_fields", "summary1,summary2,summary3")
+    assert proc.returncode == 0, proc.stderr
+    assert all(result[key] == pytest.approx(100.0) for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+    # Lead baseline: the first utterance of each dialogue, speaker tag removed.
+    lead = write(tmp_path / "lead.txt", [r["dialogue"].split("\n")[0].split(":", 1)[1].strip() for r in records])
+    proc, lead_result = rouge("--hyp", lead, "--ref", DIALOGSUM, "--ref_fields", "summary1,summary2,summary3")
+    assert proc.returncode == 0, proc.stderr
+    print("DialogSum test, lead-1 baseline:", {k: round(lead_result[k], 2) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")})
+    assert 5 < lead_result["rouge1"] < 60 and lead_result["rouge2"] < lead_result["rouge1"]
+
+
+def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
+    hyp = write(tmp_path / "hyp.txt", ["one", "two"])
+    short = write(tmp_path / "short.txt", ["one"])
+    empty = write(tmp_path / "empty.txt", [])
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    jsonl = write(tmp_path / "refs.jsonl", [json.dumps({"summary": "one"}), json.dumps({"other": "two"})])
+    out = tmp_path / "out.json"
+    cases = [
+        (("--hyp", hyp, "--ref", short), f"hypothesis file {hyp} has 2 lines but the references ({short}) have 1"),
+        (("--hyp", empty, "--ref", short), f"hypothesis file {empty} is empty"),
+        (("--hyp", hyp, "--ref", tmp_path / "latin1.txt"), "is not UTF-8 (line 2)"),
+        (("--hyp", hyp, "--ref", jsonl, "--ref_fields", "summary"), f"{jsonl} line 2 has no field 'summary'"),
+        (("--hyp", tmp_path / "missing.txt", "--ref", short), "hypothesis file"),
+        (("--hyp", hyp, "--ref", hyp, "--ref", short), f"reference files {hyp} (2 lines) and {short} (1 lines) differ"),
+        (("--hyp", hyp), "pass --hyp FILE and at least one --ref FILE"),
+    ]
+    for args, expected in cases:
+        proc, _ = rouge(*args, "--output", out)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, proc.stderr)
+        assert not out.exists()
