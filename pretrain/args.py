@@ -16,8 +16,11 @@ def build_parser():
     p.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     p.add_argument("--model_config", required=True, help="model config JSON (models/configs/*.json)")
     p.add_argument("--task", default="lm", help="registered task name (pretrain/tasks/)")
-    p.add_argument("--train_data", required=True, help="UTF-8 text file")
-    p.add_argument("--val_data", default=None, help="validation text file (default: the tail of --train_data)")
+    p.add_argument("--train_data", required=True, nargs="+",
+                   help="UTF-8 text files or preprocessed PREFIXes; several are blended (see --train_data_weights)")
+    p.add_argument("--train_data_weights", type=float, nargs="+", default=None,
+                   help="one positive weight per --train_data corpus: its share of training samples (default: proportional to size)")
+    p.add_argument("--val_data", default=None, help="validation text file (default: the tail of each --train_data corpus)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="tail fraction held out when --val_data is not given")
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a sentencepiece .model file (default: the one preprocessed data were made with, else bytes)")
@@ -58,7 +61,13 @@ def parse_args(argv=None):
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),
         (args.seq_len is None or args.seq_len >= 1, "--seq_len must be >= 1"),
-        (data_exists(args.train_data), f"--train_data {args.train_data} does not exist; pass a text file or a preprocessed PREFIX"),
+        *[(data_exists(path), f"--train_data {path} does not exist; pass a text file or a preprocessed PREFIX")
+          for path in args.train_data],
+        (args.train_data_weights is None or len(args.train_data_weights) == len(args.train_data),
+         f"--train_data_weights has {len(args.train_data_weights or [])} weights for {len(args.train_data)} --train_data "
+         f"corpora; give one weight per corpus, in the same order"),
+        (args.train_data_weights is None or all(0 < w < float("inf") for w in args.train_data_weights),
+         f"--train_data_weights {args.train_data_weights} must all be positive and finite; drop a corpus instead of weighting it 0"),
         (args.val_data is None or data_exists(args.val_data),
          f"--val_data {args.val_data} does not exist; pass a text file or a preprocessed PREFIX"),
     ]

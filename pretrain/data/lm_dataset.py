@@ -5,6 +5,10 @@ The order is a pure function of (seed, sample number), so the position in the da
 integer, ``consumed_samples``: a resumed run recomputes exactly the batches an uninterrupted
 run would have drawn. Within a global batch, rank r of W reads micro-batch slice r, so ranks
 read disjoint samples and the union over ranks is the same global batch for any W.
+
+Several corpora are blended with weights (as Megatron's BlendableDataset): BlendedOrder maps
+sample number k to (corpus, sample), each corpus read in its own seeded order, again a pure
+function of (seed, k).
 """
 import itertools
 import json
@@ -174,16 +178,75 @@ class SeededOrder:
     """Sample number k -> sample index: a fresh permutation per epoch, seeded by (seed, epoch)."""
 
     def __init__(self, num_samples, seed):
+        """``seed``: an int, or a tuple of ints (a blend seeds each corpus with (seed, corpus number))."""
         self.num_samples = num_samples
-        self.seed = seed
+        self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
         self._epoch, self._perm = None, None
 
     def __call__(self, k):
         epoch, pos = divmod(k, self.num_samples)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm = np.random.default_rng([*self.seed, epoch]).permutation(self.num_samples)
         return int(self._perm[pos])
+
+
+BLEND_BLOCK = 1 << 16  # samples per repeating blend pattern: shares are exact per block, within a sample inside one
+
+
+def apportion(weights, total):
+    """Integer counts summing to ``total`` in proportion to ``weights`` (largest remainders)."""
+    quotas = np.asarray(weights, np.float64) / np.sum(weights) * total
+    counts = np.floor(quotas).astype(np.int64)
+    counts[np.argsort(counts - quotas, kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
+class BlendedOrder:
+    """Sample number k -> (corpus, sample index in that corpus) for corpora blended with weights.
+
+    Samples come in blocks of BLEND_BLOCK: corpus d gets counts[d] slots of each block (its weight's
+    share, rounded by largest remainders), spread evenly (its j-th slot at time (j + 0.5) / counts[d];
+    ties go to the lower corpus number), so the share of every corpus among the first k samples tracks
+    its weight to about one sample. Corpus d reads its own samples in SeededOrder(size, (seed, d)),
+    a new permutation each time it is exhausted. The corpus sequence depends only on the weights, the
+    samples within a corpus on the seed.
+    """
+
+    def __init__(self, sizes, weights, seed):
+        self.counts = apportion(weights, BLEND_BLOCK)
+        if not self.counts.all():
+            raise ConfigError(f"--train_data_weights {list(weights)}: corpus {int(np.argmin(self.counts)) + 1} would get "
+                              f"no samples (weight below 1/{BLEND_BLOCK} of the total); raise its weight or drop it")
+        slot_times = np.concatenate([(np.arange(n) + 0.5) / n for n in self.counts])
+        slot_corpus = np.repeat(np.arange(len(self.counts)), self.counts)
+        slots = np.argsort(slot_times, kind="stable")  # stable: equal times keep corpus order
+        self.corpus_of = slot_corpus[slots]
+        self.rank_in_block = np.empty(BLEND_BLOCK, np.int64)  # how many earlier slots of the block went to the same corpus
+        for d in range(len(self.counts)):
+            where = self.corpus_of == d
+            self.rank_in_block[where] = np.arange(where.sum())
+        self.orders = [SeededOrder(size, (seed, d)) for d, size in enumerate(sizes)]
+
+    @property
+    def shares(self):
+        return self.counts / BLEND_BLOCK
+
+    def __call__(self, k):
+        block, slot = divmod(k, BLEND_BLOCK)
+        d = int(self.corpus_of[slot])
+        return d, self.orders[d](block * int(self.counts[d]) + int(self.rank_in_block[slot]))
+
+
+class BlendedSamples:
+    """Samples of several corpora (LMSamples), indexed by (corpus, sample) as BlendedOrder gives them."""
+
+    def __init__(self, corpora):
+        self.corpora = corpora
+
+    def __getitem__(self, corpus_and_sample):
+        d, i = corpus_and_sample
+        return self.corpora[d][i]
 
 
 def micro_batch(samples, order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):

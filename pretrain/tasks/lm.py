@@ -1,10 +1,15 @@
-"""Language modeling: next-token cross entropy (+ the Switch auxiliary losses) on packed windows."""
+"""Language modeling: next-token cross entropy (+ the Switch auxiliary losses) on packed windows,
+from one corpus or several blended with weights."""
+import os
+
+import numpy as np
 import torch.nn.functional as F
 
 from models import build_model
 from models.gpt import GPTPipe
 from pretrain.data.indexed import IndexedTokens, prefix_of
-from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
+from pretrain.data.lm_dataset import (BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens,
+                                      split_tokens)
 from pretrain.data.tokenizer import check_fits_model, tokenizer_for_data
 from pretrain.tasks import register_task
 
@@ -20,7 +25,7 @@ class LanguageModelingTask:
         self.pipeline_stages = plan.pipeline_stages
         self.seq_len = args.seq_len or model_config.max_seq_len
         # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
-        indexed = {path: IndexedTokens(path) for path in (args.train_data, args.val_data) if path and prefix_of(path)}
+        indexed = {path: IndexedTokens(path) for path in (*args.train_data, args.val_data) if path and prefix_of(path)}
         # Without --tokenizer, preprocessed data bring the tokenizer they were made with (else bytes).
         self.tokenizer = tokenizer_for_data(args.tokenizer, {data.idx_path: data.tokenizer_spec for data in indexed.values()})
         check_fits_model(self.tokenizer, model_config.vocab_size, args.model_config)
@@ -28,15 +33,30 @@ class LanguageModelingTask:
         def read(path):
             return indexed[path].tokens if path in indexed else read_text_tokens(path, self.tokenizer)
 
-        tokens = read(args.train_data)
+        corpora = [read(path) for path in args.train_data]
         if args.val_data:
-            train_tokens, val_tokens = tokens, read(args.val_data)
+            val_tokens, val_name = read(args.val_data), args.val_data
+        else:  # the tail of each corpus
+            corpora, tails = zip(*(split_tokens(tokens, args.val_fraction) for tokens in corpora))
+            val_tokens = tails[0] if len(tails) == 1 else np.concatenate(tails)
+            val_name = f"validation split of {', '.join(args.train_data)}"
+        train = [LMSamples(tokens, self.seq_len, path) for tokens, path in zip(corpora, args.train_data)]
+        if len(train) == 1:
+            self.train, self.train_order = train[0], SeededOrder(train[0].num_samples, args.seed)
         else:
-            train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
-        self.train = LMSamples(train_tokens, self.seq_len, args.train_data)
-        self.train_order = SeededOrder(self.train.num_samples, args.seed)
-        self.val = LMSamples(val_tokens, self.seq_len, args.val_data or f"validation split of {args.train_data}") \
-            if len(val_tokens) else None
+            sizes = [samples.num_samples for samples in train]
+            self.train = BlendedSamples(train)
+            self.train_order = BlendedOrder(sizes, args.train_data_weights or sizes, args.seed)
+            if os.environ.get("RANK", "0") == "0":  # before any process group: every rank would print it
+                self.log_blend(args, sizes, plan.train_batch_size)
+        self.val = LMSamples(val_tokens, self.seq_len, val_name) if len(val_tokens) else None
+
+    def log_blend(self, args, sizes, train_batch_size):
+        weights = args.train_data_weights or sizes
+        for path, size, weight, share in zip(args.train_data, sizes, weights, self.train_order.shares):
+            epochs = args.max_steps * train_batch_size * share / size
+            print(f"blend {path}: {size:,} samples, weight {weight:g}, share {share:.2%} of samples "
+                  f"({epochs:.2f} epochs of it in {args.max_steps} steps)", flush=True)
 
     def build_model(self):
         if self.pipeline_stages > 1:  # the DeepSpeed engine built on it is a PipelineEngine

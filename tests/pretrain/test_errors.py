@@ -97,6 +97,14 @@ CASES = {
     "non utf8 data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
                                  ["--train_data", write(t / "b.txt", b"ok\n\xff\xfe\n")], 1),
                       "line 2 is not UTF-8"),
+    "blend weights count mismatch": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
+                                                ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5"], 1),
+                                     "--train_data_weights has 1 weights for 2 --train_data corpora"),
+    "negative blend weight": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
+                                         ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5", "-0.2"], 1),
+                              "must all be positive and finite"),
+    "missing second blend corpus": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
+                                               ["--train_data", CORPUS, t / "none.txt"], 1), "none.txt does not exist"),
 }
 
 

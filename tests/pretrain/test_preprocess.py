@@ -140,9 +140,9 @@ def test_the_tokenizer_comes_from_the_index_and_a_different_one_is_refused(shake
 
 
 def lm_task(**args):
-    defaults = dict(tokenizer=None, seq_len=None, val_data=None, val_fraction=0.05, seed=1,
+    defaults = dict(tokenizer=None, seq_len=None, val_data=None, val_fraction=0.05, seed=1, train_data_weights=None,
                     model_config=str(REPO / "models" / "configs" / "tiny-gpt.json"))
-    args = SimpleNamespace(**{**defaults, **args})
+    args = SimpleNamespace(**{**defaults, **args, "train_data": [args["train_data"]]})
     return LanguageModelingTask(args, load_model_config(args.model_config), SimpleNamespace(pipeline_stages=1))
 
 
