@@ -27,7 +27,6 @@ Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) batches are formed fir
 to ranks, and the NLL sums are all-reduced, so the figures equal one rank's: a Switch layer's
 capacity depends on the tokens of its forward pass, so every batch must be the same at any rank count.
 """
-import json
 import math
 import os
 import sys
@@ -43,13 +42,12 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.checkpoint import load_model, resolve_tag  # noqa: E402
+from eval.cli import EXIT_BAD_INPUT, print_result  # noqa: E402
 from models import ConfigError  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 from pretrain.data.indexed import IndexedTokens  # noqa: E402
 from pretrain.data.lm_dataset import read_corpus  # noqa: E402
 from pretrain.distributed import finish  # noqa: E402
-
-EXIT_CONFIG = 2
 
 
 def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",
@@ -183,12 +181,9 @@ def main(run_dir, text=None, tokens=None, dataset=None, dataset_config=None, spl
     except (ConfigError, UnsafeCheckpoint) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem; one line is enough
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(EXIT_BAD_INPUT)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        line = json.dumps(result)
-        if output:
-            Path(output).write_text(line + "\n")
-        print(line, flush=True)
+        print_result(result, output)
     finish(0)  # barrier, flush, os._exit: gloo can abort at interpreter exit after a successful run
 
 
