@@ -90,12 +90,13 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     row_max_lens = max_lens.repeat_interleave(K)
     decoder = StepDecoder(model, src, src_pad_mask, K, incremental)
     tokens = src.new_full((B * K, 1), bos)
-    scores = torch.full((B, K), -torch.inf)
+    device = src.device
+    scores = torch.full((B, K), -torch.inf, device=device)
     scores[:, 0] = 0.0  # one live beam per sentence at the start, so the first step does not pick K copies
-    positional = torch.zeros(B * K, 0)
+    positional = torch.zeros(B * K, 0, device=device)
     finished = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
-    first_row = torch.arange(B)[:, None] * K
+    first_row = torch.arange(B, device=device)[:, None] * K
     for step in range(int(max_lens.max()) + 1):
         lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, row_max_lens, bos, eos, pad)
         V = lprobs.shape[1]
@@ -104,7 +105,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
         cand_rows, cand_tokens = first_row + cand_idx // V, cand_idx % V
         is_eos = cand_tokens == eos
 
-        ending = is_eos[:, :K] & ~done[:, None] & cand_scores[:, :K].isfinite()
+        ending = (is_eos[:, :K] & ~done[:, None].to(device) & cand_scores[:, :K].isfinite()).cpu()
         for b, j in ending.nonzero().tolist():
             if len(finished[b]) < K:
                 row = int(cand_rows[b, j])
@@ -115,7 +116,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
             break
 
         # The best K candidates that did not end go on (EOS candidates sort after all others).
-        order = is_eos.long() * (2 * K) + torch.arange(2 * K)
+        order = is_eos.long() * (2 * K) + torch.arange(2 * K, device=device)
         keep = order.topk(K, dim=1, largest=False).indices
         rows = cand_rows.gather(1, keep).view(-1)
         tokens = torch.cat([tokens[rows], cand_tokens.gather(1, keep).view(-1, 1)], dim=1)
@@ -131,7 +132,7 @@ def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
     decoder = StepDecoder(model, src, src_pad_mask, 1, incremental)
     tokens = src.new_full((B, 1), bos)
-    step_lprobs, ended = [], torch.zeros(B, dtype=torch.bool)
+    step_lprobs, ended = [], torch.zeros(B, dtype=torch.bool, device=src.device)
     for step in range(int(max_lens.max()) + 1):
         lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, max_lens, bos, eos, pad)
         chosen = torch.where(ended, pad, choose(lprobs))  # finished rows are padded
