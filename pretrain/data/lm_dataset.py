@@ -20,7 +20,7 @@ import torch
 from models.registry import ConfigError
 
 
-def _lines(path):
+def read_lines(path):
     """(line number, text, raw byte count) of each line of a file, streamed; non-UTF-8 bytes are refused with their line."""
     try:
         f = open(path, "rb")
@@ -40,7 +40,7 @@ def _lines(path):
 def _paragraphs(path):
     r"""Blank-line-separated documents, each with "\n\n" appended: the pieces of str.split("\n\n") on the whole file."""
     lines, nbytes = [], 0
-    for _, line, size in _lines(path):
+    for _, line, size in read_lines(path):
         nbytes += size
         if line == "\n" and lines:  # with the previous line's "\n" this is a "\n\n" separator
             yield "".join(lines) + "\n", nbytes
@@ -52,30 +52,39 @@ def _paragraphs(path):
 
 
 def _line_documents(path):
-    for _, line, size in _lines(path):
+    for _, line, size in read_lines(path):
         yield line.rstrip("\r\n"), size
 
 
 def _json_documents(path, field):
-    for number, line, size in _lines(path):
+    for number, line, size in read_lines(path):
         if not line.strip():
             yield "", size
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"data file {path} line {number} is not valid JSON ({e.msg}); each line must be one JSON object")
-        if not isinstance(record, dict) or field not in record:
-            has = f"it has {', '.join(map(repr, record))}" if isinstance(record, dict) else "it is not an object"
-            raise ConfigError(f"data file {path} line {number} has no field {field!r} ({has}); pass --field NAME")
-        yield _field_text(record[field], f"data file {path} line {number} field {field!r}"), size
+        record = json_record(path, number, line)
+        yield field_text(json_field(record, field, path, number, "--field"), f"data file {path} line {number} field {field!r}"), size
 
 
-def _field_text(value, where):
+def json_record(path, number, line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data file {path} line {number} is not valid JSON ({e.msg}); each line must be one JSON object")
+
+
+def json_field(record, field, path, number, flag):
+    """record[field], or one line naming file, line, the fields there are and the flag that picks one."""
+    if not isinstance(record, dict) or field not in record:
+        has = f"it has {', '.join(map(repr, record))}" if isinstance(record, dict) else "it is not an object"
+        raise ConfigError(f"data file {path} line {number} has no field {field!r} ({has}); pass {flag} NAME")
+    return record[field]
+
+
+def field_text(value, where, fix="pick a text field with --field"):
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "\n".join(value)  # e.g. a list of sentences
     if not isinstance(value, str):
-        raise ConfigError(f"{where} is {type(value).__name__}, not text; pick a text field with --field")
+        raise ConfigError(f"{where} is {type(value).__name__}, not text; {fix}")
     return value
 
 
@@ -126,7 +135,7 @@ def read_dataset_documents(name_or_dir, config=None, split="train", field="text"
         raise ConfigError(f"dataset {name_or_dir} has no field {field!r} (it has {', '.join(dataset.column_names)}); pass --field NAME")
     for batch in dataset.select_columns(field).iter(batch_size=1000):
         for value in batch[field]:
-            text = _field_text(value, f"dataset {name_or_dir} field {field!r}")
+            text = field_text(value, f"dataset {name_or_dir} field {field!r}")
             if text.strip():
                 yield text, len(text.encode("utf-8"))
 
