@@ -25,6 +25,7 @@ def build_parser():
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a sentencepiece .model file (default: the one preprocessed data were made with, else bytes)")
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: the model's max_seq_len)")
+    p.add_argument("--label_smoothing", type=float, default=0.1, help="--task translation: label smoothing of the cross entropy")
     p.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -45,8 +46,9 @@ def build_parser():
 
 
 def data_exists(path):
-    """A text file, or a preprocessed token file given as PREFIX or PREFIX.bin (python -m pretrain.preprocess)."""
-    return os.path.isfile(path) or os.path.isfile(f"{path}.bin")
+    """A text file, a preprocessed token file given as PREFIX or PREFIX.bin (python -m pretrain.preprocess), or
+    sentence pairs PREFIX.src/.tgt (python -m pretrain.preprocess_pairs)."""
+    return os.path.isfile(path) or os.path.isfile(f"{path}.bin") or os.path.isfile(f"{path}.src.bin")
 
 
 def parse_args(argv=None):

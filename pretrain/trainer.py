@@ -106,13 +106,18 @@ class Trainer:
         for micro in range(self.plan.grad_accum_steps):
             yield self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
 
+    def forward(self, batch):
+        # A task's inputs are one tensor (LM) or a tuple of the model's arguments (translation: src, mask, tgt_in).
+        inputs = self.task.inputs(batch)
+        return self.engine(*inputs) if isinstance(inputs, tuple) else self.engine(inputs)
+
     def train_step(self):
         """One optimizer step; returns the sums of the logged parts over its micro-batches."""
         if self.pipelined:
             return self.pipeline_train_step()
         lm_sum, aux_sum, moe_sum = 0.0, 0.0, None
         for batch in self.micro_batches():
-            outputs = self.engine(self.task.inputs(batch))
+            outputs = self.forward(batch)
             loss, parts = self.task.loss(outputs, batch)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
@@ -264,7 +269,7 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros(2)
         for batch in batches:
-            _, parts = self.task.loss(self.engine(self.task.inputs(batch)), batch)
+            _, parts = self.task.loss(self.forward(batch), batch)
             total += torch.stack([parts["lm_loss"].float().cpu(), torch.ones(())])
         self.engine.train()
         dist.all_reduce(total)
