@@ -94,8 +94,11 @@ def load_model_config(path, overrides=None):
     return config_from_dict(raw, where=f"model config {path}")
 
 
-def config_to_dict(config):
-    return {"family": type(config).family_name, **dataclasses.asdict(config)}
+def config_to_dict(config, launch_fields=True):
+    """The config as JSON-ready dict; without ``launch_fields`` it is a valid model config file again."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if launch_fields or not f.metadata.get("from_launch")}
+    return {"family": type(config).family_name, **values}
 
 
 def build_model(config):

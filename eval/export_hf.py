@@ -1,0 +1,144 @@
+"""Export a checkpoint: dense LMs to a Hugging Face transformers directory, Switch LMs to one safetensors file.
+
+    python -m eval.export_hf RUN_DIR --output DIR [--tag global_stepN]
+
+A dense GPT (any ZeRO stage, or pipeline stages) becomes the transformers architecture it is
+exactly, so ``AutoModelForCausalLM.from_pretrained(DIR)`` computes the same logits:
+
+    learned positions   GPT2LMHeadModel     exact GELU, Conv1D weights (the transpose of nn.Linear's)
+    rotary positions    GPTNeoXForCausalLM  sequential residual, rotary on the whole head, tied
+                                            embeddings; its fused QKV is laid out head by head
+
+DIR gets config.json, model.safetensors and the run's tokenizer: the sentencepiece model as
+tokenizer.model (load it with sentencepiece), or a note that the run used raw UTF-8 bytes
+(id = byte value, EOS = 256), in switchyard_tokenizer.json either way.
+
+A Switch LM has no transformers counterpart: its consolidated fp32 weights, every expert of every
+expert-parallel rank gathered, go to DIR/model.safetensors with the Switchyard model config in
+DIR/switchyard_config.json, so models.build_model + load_state_dict restores it.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from eval.checkpoint import load_model, resolve_tag  # noqa: E402
+from eval.cli import fail, print_result  # noqa: E402
+from models import ConfigError, config_to_dict  # noqa: E402
+from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
+
+
+def gpt2_state_dict(state, config):
+    """Switchyard GPT (learned positions) -> GPT2LMHeadModel names. Conv1D stores (in, out)."""
+    out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
+           "transformer.ln_f.weight": state["ln_f.weight"], "transformer.ln_f.bias": state["ln_f.bias"]}
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b in (("ln_attn", "ln_1"), ("ln_ffn", "ln_2")):
+            out[f"{theirs}{b}.weight"], out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.weight"], state[f"{ours}{a}.bias"]
+        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("ffn.fc", "mlp.c_fc"), ("ffn.proj", "mlp.c_proj")):
+            out[f"{theirs}{b}.weight"] = state[f"{ours}{a}.weight"].t()
+            out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.bias"]
+    return out
+
+
+def neox_state_dict(state, config):
+    """Switchyard GPT (rotary positions) -> GPTNeoXForCausalLM names. Switchyard's QKV rows are
+    [all q | all k | all v]; NeoX's are [q k v of head 0 | of head 1 | ...]."""
+    heads, head_dim, d_model = config.n_heads, config.d_model // config.n_heads, config.d_model
+
+    def per_head(t):
+        return t.reshape(3, heads, head_dim, *t.shape[1:]).transpose(0, 1).reshape(3 * d_model, *t.shape[1:])
+
+    out = {"gpt_neox.embed_in.weight": state["tok_emb.weight"],
+           "gpt_neox.final_layer_norm.weight": state["ln_f.weight"], "gpt_neox.final_layer_norm.bias": state["ln_f.bias"]}
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"gpt_neox.layers.{i}."
+        for a, b in (("ln_attn", "input_layernorm"), ("ln_ffn", "post_attention_layernorm"), ("attn.proj", "attention.dense"),
+                     ("ffn.fc", "mlp.dense_h_to_4h"), ("ffn.proj", "mlp.dense_4h_to_h")):
+            out[f"{theirs}{b}.weight"], out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.weight"], state[f"{ours}{a}.bias"]
+        out[f"{theirs}attention.query_key_value.weight"] = per_head(state[f"{ours}attn.qkv.weight"])
+        out[f"{theirs}attention.query_key_value.bias"] = per_head(state[f"{ours}attn.qkv.bias"])
+    return out
+
+
+def hf_config(config, eos_id):
+    """The transformers config.json of a dense GPT."""
+    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": True, "eos_token_id": eos_id,
+              "bos_token_id": eos_id, "torch_dtype": "float32"}
+    if config.positions == "learned":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": config.d_model,
+                "n_layer": config.n_layers, "n_head": config.n_heads, "n_inner": config.d_ff,
+                "n_positions": config.max_seq_len, "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": config.d_model,
+            "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+            "intermediate_size": config.d_ff, "max_position_embeddings": config.max_seq_len, "hidden_act": "gelu",
+            "use_parallel_residual": False, "layer_norm_eps": 1e-5, "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+            "hidden_dropout": 0.0, "attention_dropout": 0.0, **common}
+
+
+def write_tokenizer(tokenizer, directory):
+    spec = dict(tokenizer.spec)
+    if spec["type"] == "sentencepiece":
+        shutil.copyfile(spec["path"], os.path.join(directory, "tokenizer.model"))
+        spec["path"] = "tokenizer.model"
+    spec["eos_id"] = tokenizer.eos_id
+    with open(os.path.join(directory, "switchyard_tokenizer.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+
+
+def export(run_dir, output, tag=None):
+    """Write the export of checkpoint ``tag`` of RUN_DIR into ``output`` (through a temporary directory)."""
+    if os.path.exists(output):
+        raise ConfigError(f"{output} already exists; pass a new --output directory")
+    tag = resolve_tag(str(run_dir), tag)
+    model, config, tokenizer = load_model(str(run_dir), tag)
+    state = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
+    tmp = f"{output}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if hasattr(config, "num_experts"):
+        kind = "switchyard-switch"
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "switchyard_config.json"), "w") as f:
+            json.dump(config_to_dict(config, launch_fields=False), f, indent=1)
+    else:
+        kind = "gpt2" if config.positions == "learned" else "gpt_neox"
+        convert = gpt2_state_dict if kind == "gpt2" else neox_state_dict
+        # save_file refuses tensors sharing memory; the tied output embedding is implied by the config.
+        tensors = {name: t.contiguous().clone() for name, t in convert(state, config).items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(config, tokenizer.eos_id), f, indent=1)
+    write_tokenizer(tokenizer, tmp)
+    os.rename(tmp, output)
+    return {"output": str(output), "format": kind, "run_dir": str(run_dir), "tag": tag,
+            "parameters": sum(t.numel() for name, t in state.items())}
+
+
+def main(run_dir, output, tag=None):
+    """Export checkpoint TAG (default: latest) of RUN_DIR to the directory OUTPUT.
+
+    Args:
+        run_dir: a pretrain/main.py --save_dir.
+        output: the directory to create.
+        tag: global_stepN (default: the one ``latest`` names).
+    """
+    try:
+        result = export(str(run_dir), str(output), tag)
+    except (ConfigError, UnsafeCheckpoint) as e:
+        fail(str(e))
+    print_result(result)
+
+
+if __name__ == "__main__":
+    fire.Fire(main, name="eval.export_hf")

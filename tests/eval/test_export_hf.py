@@ -1,0 +1,70 @@
+"""python -m eval.export_hf: transformers computes Switchyard's logits; Switch weights come back whole."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eval.checkpoint import load_model
+from models import build_model, config_from_dict
+from tests.distributed import REPO
+
+
+def export(run, output):
+    proc = subprocess.run([sys.executable, "-m", "eval.export_hf", str(run), "--output", str(output)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
+
+
+@pytest.mark.parametrize("name, architecture", [("dense", "GPTNeoXForCausalLM"), ("zero3", "GPT2LMHeadModel"),
+                                                ("pipeline", "GPT2LMHeadModel")])
+def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp_path, name, architecture):
+    from transformers import AutoModelForCausalLM
+
+    run = trained(name)
+    proc, result = export(run, tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == architecture
+    model, config, tokenizer = load_model(run)
+    tokens = torch.randint(0, config.vocab_size, (3, config.max_seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(tokens)[0], hf(tokens).logits
+    print(f"{name} -> {architecture}: max |logit difference| {(ours - theirs).abs().max().item():.2e}")
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
+    spec = json.loads((tmp_path / "hf" / "switchyard_tokenizer.json").read_text())
+    assert spec["type"] == tokenizer.spec["type"] and spec["eos_id"] == tokenizer.eos_id
+
+
+def test_switch_exports_every_expert_as_fp32_safetensors(trained, tmp_path):
+    run = trained("switch")  # trained with 2 expert-parallel ranks, 2 experts each
+    proc, result = export(run, tmp_path / "switch")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result["format"] == "switchyard-switch"
+    state = load_file(tmp_path / "switch" / "model.safetensors")
+    config = config_from_dict(json.loads((tmp_path / "switch" / "switchyard_config.json").read_text()))
+    restored = build_model(config)
+    restored.load_state_dict(state, strict=True)
+    model, _, _ = load_model(run)
+    # All experts, each its own (initialized apart, trained on different tokens): none is a copy of another.
+    fc = [state[name] for name in sorted(state) if re.search(r"deepspeed_experts\.\d+\.fc\.weight$", name)]
+    assert len(fc) == config.num_experts * len(config.layers_with_experts())
+    assert all(not torch.equal(a, b) for i, a in enumerate(fc) for b in fc[i + 1:])
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(tokens)[0], model(tokens)[0])
+
+
+def test_an_existing_output_is_refused_and_nothing_is_left_half_written(trained, tmp_path):
+    run = trained("zero3")
+    (tmp_path / "taken").mkdir()
+    proc, _ = export(run, tmp_path / "taken")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'taken'} already exists; pass a new --output directory"]
+    proc, _ = export(tmp_path / "no_run", tmp_path / "out")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
