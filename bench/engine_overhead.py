@@ -4,6 +4,7 @@ accumulation and clipping), measured in the same run on one process.
 
     python -m bench.engine_overhead                 # tiny and 125M-shape GPT, ZeRO-0/1, fp32/bf16
     python -m bench.engine_overhead --smoke         # a few steps of the tiny model (CI runs this)
+    python -m bench.engine_overhead --profile       # + the top operators of each Switchyard step (torch.profiler)
 
 Prints a table, then the ratios (Switchyard tokens/s / plain tokens/s) last. The 125M shape runs at
 seq 128 and micro-batch 2 so a CPU finishes it; on a GPU pass --seq_len 2048 --micro_batch 8.
@@ -95,7 +96,20 @@ def measure(model_name, recipe, opts, workdir):
     for _ in range(opts.rounds):  # interleaved, best of each: both see the same machine load
         plain = max(plain, tokens / time_steps(plain_step, opts.steps, opts.warmup))
         ours = max(ours, tokens / time_steps(switchyard_step, opts.steps, opts.warmup))
+    if opts.profile:
+        print_profile(f"{model_name} {recipe}: Switchyard step", switchyard_step, opts.steps)
+        print_profile(f"{model_name} {recipe}: plain step", plain_step, opts.steps)
     return plain, ours
+
+
+def print_profile(title, step, steps):
+    """The operators that take the most time in `steps` steps, self time first (where the time really goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"\n--- {title}, {steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def main():
@@ -108,6 +122,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--micro_batch", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for each case")
     p.add_argument("--smoke", action="store_true", help="3 steps of the tiny model, ZeRO-0 fp32 only")
     opts = p.parse_args()
     if opts.smoke:
