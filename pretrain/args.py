@@ -26,6 +26,12 @@ def build_parser():
                    help="'bytes' or a sentencepiece .model file (default: the one preprocessed data were made with, else bytes)")
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: the model's max_seq_len)")
     p.add_argument("--label_smoothing", type=float, default=0.1, help="--task translation: label smoothing of the cross entropy")
+    p.add_argument("--teacher", default=None, help="--task distill: the teacher's run directory (its --save_dir)")
+    p.add_argument("--distill_task", default="lm", help="--task distill: the task whose data and loss the student trains on")
+    p.add_argument("--distill_alpha", type=float, default=0.25, help="--task distill: weight of the teacher's soft targets")
+    p.add_argument("--distill_temperature", type=float, default=1.0, help="--task distill: softmax temperature of the soft targets")
+    p.add_argument("--init_from_teacher", action=argparse.BooleanOptionalAction, default=True,
+                   help="--task distill: start the student from the teacher's non-expert weights")
     p.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")

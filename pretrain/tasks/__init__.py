@@ -9,4 +9,4 @@ def register_task(name):
     return wrap
 
 
-from pretrain.tasks import lm, translation  # noqa: E402,F401  (registration side effect)
+from pretrain.tasks import distill, lm, translation  # noqa: E402,F401  (registration side effect)
