@@ -7,7 +7,7 @@ accumulation and clipping), measured in the same run on one process.
     python -m bench.engine_overhead --profile       # + the top operators of each Switchyard step (torch.profiler)
 
 Prints a table, then the ratios (Switchyard tokens/s / plain tokens/s) last. The 125M shape runs at
-seq 128 and micro-batch 2 so a CPU finishes it; on a GPU pass --seq_len 2048 --micro_batch 8.
+seq 128 and micro-batch 2 so a CPU finishes it (the tiny one at its own max_seq_len, 64); on a GPU pass --seq_len 2048 --micro_batch 8.
 """
 import argparse
 import copy
@@ -76,9 +76,11 @@ def plain_loop(model, task, plan, lr, precision):
 def measure(model_name, recipe, opts, workdir):
     base, precision = RECIPES[recipe]
     ds = ds_config_file(base, precision, opts.micro_batch, opts.accumulation, workdir)
-    argv = ["--ds_config", str(ds), "--model_config", str(REPO / "models" / "configs" / MODELS[model_name]),
+    model_config = REPO / "models" / "configs" / MODELS[model_name]
+    seq_len = min(opts.seq_len, json.loads(model_config.read_text())["max_seq_len"])
+    argv = ["--ds_config", str(ds), "--model_config", str(model_config),
             "--train_data", str(REPO / "data" / "tinyshakespeare.txt"), "--max_steps", "1",
-            "--save_dir", str(Path(workdir) / "run"), "--seq_len", str(opts.seq_len)]
+            "--save_dir", str(Path(workdir) / "run"), "--seq_len", str(seq_len)]
     args, model_config, ds_config, plan, task = prepare(argv)
     engine, _ = build_engine(args, model_config, ds_config, plan, task)
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)

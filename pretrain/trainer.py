@@ -87,6 +87,11 @@ class Trainer:
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
+        if dist.get_world_size() == 1 and plan.zero_stage == 0 and not self.pipelined:
+            # Alone, DeepSpeed's gradient all-reduce flattens every gradient into buckets, all-reduces them
+            # with themselves and copies them back: a no-op that cost 12% of the tiny model's step (BENCHMARKS.md).
+            # ZeRO 1-3 keep it: their optimizers move the gradients into their partitions there.
+            engine.enable_backward_allreduce = False
         scaler = getattr(engine.optimizer, "loss_scaler", None)
         if plan.precision == "fp16" and scaler is not None:
             # DeepSpeed raises at the first overflow at the minimum scale; the stop is check_bad_step's,
