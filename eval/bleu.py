@@ -1,0 +1,170 @@
+"""BLEU with sacreBLEU: score a hypothesis file, or translate a source file with a checkpoint and score that.
+
+    python -m eval.bleu --hyp hyps.txt --ref ref.txt [--ref ref2.txt ...]
+    python -m eval.bleu RUN_DIR --src test.de --ref test.en [--beam 5 --lenpen 1.0 --max_len_a 1.2 --max_len_b 10
+                        --batch_size 64 --output hyps.txt]
+
+Scoring is sacreBLEU's corpus BLEU on detokenized text (its default 13a tokenization, --tokenize to
+change it, --lowercase), against one or more line-aligned references (repeat --ref). Printed last,
+as one JSON object: bleu, sacreBLEU's signature, the n-gram precisions, brevity penalty, lengths.
+
+Translating: RUN_DIR is a pretrain/main.py --task translation --save_dir (dense or Switch, any ZeRO
+stage; --tag picks a checkpoint other than ``latest``). Each source line is encoded with the run's
+tokenizer and EOS, translated by beam search with incremental decoding (models/generation.py;
+max length = max_len_a x source length + max_len_b tokens), decoded with sentencepiece and written
+one line per source line, in the input order, to --output (default RUN_DIR/hyps.TAG.txt), through a
+temporary name. An empty source line translates to an empty line; a line longer than the model's
+positions is cut to fit, with a warning naming it. A language-model checkpoint, empty or
+line-misaligned files are refused with one line (exit code 2).
+"""
+import functools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+from sacrebleu.metrics import BLEU  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag  # noqa: E402
+from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
+from models import ConfigError  # noqa: E402
+from models.generation import beam_search  # noqa: E402
+from models.transformer import TransformerConfig  # noqa: E402
+from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
+
+
+def read_references(paths, num_lines, what):
+    """Each --ref file's lines; every file must have ``num_lines`` lines (one per hypothesis or source line)."""
+    references = []
+    for path in paths:
+        lines = read_lines(path, "reference")
+        if len(lines) != num_lines:
+            fail(f"{what} has {num_lines} lines but reference file {path} has {len(lines)}; they must be line-aligned")
+        references.append(lines)
+    return references
+
+
+def score(hypotheses, references, tokenize="13a", lowercase=False):
+    bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
+    result = bleu.corpus_score(hypotheses, references)
+    return {"bleu": result.score, "signature": str(bleu.get_signature()), "precisions": result.precisions,
+            "brevity_penalty": result.bp, "hyp_len": result.sys_len, "ref_len": result.ref_len,
+            "sentences": len(hypotheses)}
+
+
+def encode_sources(lines, tokenizer, max_positions, src_path):
+    """Token ids + EOS per line (None for an empty line); lines over max_positions are cut, with a warning."""
+    encoded = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            encoded.append(None)
+            continue
+        ids = tokenizer.encode(line) + [tokenizer.eos_id]
+        if len(ids) > max_positions:
+            print(f"warning: {src_path} line {number} has {len(ids)} tokens; translating its first {max_positions - 1} "
+                  f"(the model has {max_positions} positions)", file=sys.stderr)
+            ids = ids[:max_positions - 1] + [tokenizer.eos_id]
+        encoded.append(ids)
+    return encoded
+
+
+@torch.no_grad()
+def translate(model, tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device):
+    """Detokenized best hypothesis per entry of ``encoded`` ("" for None), in order; sentences of similar
+    length share a batch."""
+    sp = tokenizer.sp
+    pad, bos, eos = sp.pad_id(), sp.bos_id(), tokenizer.eos_id
+    outputs = [""] * len(encoded)
+    order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc="translate", unit="batch", file=sys.stderr):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        src = torch.full((len(rows), width), pad, dtype=torch.long)
+        for b, i in enumerate(rows):
+            src[b, :len(encoded[i])] = torch.tensor(encoded[i])
+        src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(encoded[i]) for i in rows])[:, None]
+        hypotheses = beam_search(model, src.to(device), src_pad_mask.to(device), bos, eos, pad, beam=beam, lenpen=lenpen,
+                                 max_len_a=max_len_a, max_len_b=max_len_b)
+        for i, hyps in zip(rows, hypotheses):
+            outputs[i] = tokenizer.decode(hyps[0].tokens) if hyps else ""
+    return outputs
+
+
+def translation_model(run_dir, tag):
+    """(model, config, tokenizer) of a translation run; a language-model run is refused before loading weights."""
+    run_config = read_run_config(run_dir)
+    config = model_config(run_config, run_dir)
+    if not isinstance(config, TransformerConfig):
+        raise ConfigError(f"{run_dir} holds a {type(config).family_name!r} language model, not a translation model; "
+                          f"pass the --save_dir of a pretrain/main.py --task translation run")
+    model, config, tokenizer = load_model(run_dir, tag)
+    if not hasattr(tokenizer, "sp") or tokenizer.sp.pad_id() < 0 or tokenizer.sp.bos_id() < 0:
+        raise ConfigError(f"{run_dir} was trained with a tokenizer without pad and bos ids; it is not a translation run")
+    return model, config, tokenizer
+
+
+def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10,
+         batch_size=64, output=None, tokenize="13a", lowercase=False, result_output=None):
+    """Score --hyp against --ref, or translate --src with the checkpoint in RUN_DIR and score it; prints one JSON object.
+
+    Args:
+        run_dir: a pretrain/main.py --task translation --save_dir (translate mode).
+        hyp: hypotheses, one per line (score mode).
+        src: source text to translate, one sentence per line (translate mode).
+        ref: reference file(s), line-aligned; repeat --ref for several references per sentence.
+        tag: the checkpoint (global_stepN; default: the one ``latest`` names).
+        beam: beam size.
+        lenpen: length penalty: hypotheses are ranked by log-probability / length ** lenpen.
+        max_len_a: maximum output length = max_len_a x source tokens + max_len_b.
+        max_len_b: see max_len_a.
+        batch_size: sentences per beam search.
+        output: the translations (default RUN_DIR/hyps.TAG.txt).
+        tokenize: sacreBLEU's tokenizer (13a, intl, zh, char, none, ...).
+        lowercase: case-insensitive BLEU.
+        result_output: also write the JSON object to this file.
+    """
+    refs = [str(r) for r in ref]
+    if not refs:
+        fail("pass at least one --ref FILE")
+    if run_dir is None:
+        if hyp is None or src is not None:
+            fail("pass --hyp FILE to score a hypothesis file, or RUN_DIR --src FILE to translate and score")
+        hypotheses = read_lines(str(hyp), "hypothesis")
+        if not hypotheses:
+            fail(f"hypothesis file {hyp} is empty; it must hold one translation per line")
+        result = score(hypotheses, read_references(refs, len(hypotheses), f"hypothesis file {hyp}"), tokenize, lowercase)
+        print_result({**result, "hyp": str(hyp), "ref": refs}, result_output)
+        return
+    if src is None or hyp is not None:
+        fail("translate mode takes RUN_DIR --src FILE --ref FILE (--hyp is for scoring a file without a model)")
+    if beam < 1 or batch_size < 1 or max_len_a < 0 or max_len_b < 0:
+        fail(f"--beam and --batch_size must be >= 1 and --max_len_a/--max_len_b >= 0, got {beam}, {batch_size}, "
+             f"{max_len_a}, {max_len_b}")
+    run_dir, src = str(run_dir), str(src)
+    sources = read_lines(src, "source")
+    if not sources:
+        fail(f"source file {src} is empty; it must hold one sentence per line")
+    references = read_references(refs, len(sources), f"source file {src}")
+    try:
+        tag = resolve_tag(run_dir, tag)
+        model, config, tokenizer = translation_model(run_dir, tag)
+    except (ConfigError, UnsafeCheckpoint) as e:
+        fail(str(e))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoded = encode_sources(sources, tokenizer, config.max_seq_len, src)
+    hypotheses = translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)
+    output = str(output) if output is not None else os.path.join(run_dir, f"hyps.{tag}.txt")
+    write_atomically(output, "".join(h + "\n" for h in hypotheses))
+    result = score(hypotheses, references, tokenize, lowercase)
+    result.update(run_dir=run_dir, tag=tag, src=src, ref=refs, output=output, beam=beam, lenpen=lenpen,
+                  max_len_a=max_len_a, max_len_b=max_len_b, empty_source_lines=sum(ids is None for ids in encoded))
+    print_result(result, result_output)
+
+
+if __name__ == "__main__":
+    argv, refs = repeated_flag(sys.argv[1:], "ref")
+    fire.Fire(functools.partial(main, ref=refs), command=argv, name="eval.bleu")

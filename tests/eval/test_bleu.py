@@ -1,0 +1,127 @@
+"""eval.bleu: sacreBLEU scoring of files, and translation with a trained checkpoint (dense, 1 rank)
+on the toy language pair of tests/pretrain/test_translation.py; bad input is one line, exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+
+from tests.distributed import REPO, run_ranks
+from tests.pretrain.test_translation import pair_data, translation_args  # noqa: F401  (fixture)
+
+
+def bleu(*args):
+    return subprocess.run([sys.executable, "-m", "eval.bleu", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def last_json(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+HYPS = ["the cat sat on the mat .", "a dog runs in the park", "two men are talking ."]
+REFS = ["the cat sat on a mat .", "a dog is running in the park", "two men talk ."]
+REFS2 = ["a cat is sitting on the mat .", "the dog runs through the park", "two men are talking ."]
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_score_mode_is_sacrebleus_corpus_bleu(tmp_path):
+    hyp, ref, ref2 = write(tmp_path / "h", HYPS), write(tmp_path / "r", REFS), write(tmp_path / "r2", REFS2)
+    one = last_json(bleu("--hyp", hyp, "--ref", ref))
+    expected = sacrebleu.corpus_bleu(HYPS, [REFS])
+    assert one["bleu"] == expected.score and one["hyp_len"] == expected.sys_len and one["sentences"] == 3
+    assert one["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    two = last_json(bleu("--hyp", hyp, "--ref", ref, "--ref", ref2, "--result_output", tmp_path / "result.json"))
+    assert two["bleu"] == sacrebleu.corpus_bleu(HYPS, [REFS, REFS2]).score and "nrefs:2" in two["signature"]
+    assert json.loads((tmp_path / "result.json").read_text()) == two
+    assert last_json(bleu("--hyp", ref, "--ref", ref))["bleu"] == pytest.approx(100.0)
+    lower = last_json(bleu("--hyp", write(tmp_path / "upper", [h.upper() for h in HYPS]), "--ref", ref, "--lowercase", "true"))
+    assert lower["bleu"] == one["bleu"] and "case:lc" in lower["signature"]
+
+
+def test_score_mode_refuses_bad_files(tmp_path):
+    hyp, ref = write(tmp_path / "h", HYPS), write(tmp_path / "r", REFS)
+    one_line_error(bleu("--hyp", write(tmp_path / "short", REFS[:2]), "--ref", ref), "short has 2 lines", "r has 3")
+    one_line_error(bleu("--hyp", hyp, "--ref", ref, "--ref", write(tmp_path / "r2", REFS2[:1])), "r2 has 1")
+    one_line_error(bleu("--hyp", write(tmp_path / "empty", []), "--ref", ref), "empty is empty")
+    one_line_error(bleu("--hyp", tmp_path / "missing", "--ref", ref), "missing does not exist")
+    one_line_error(bleu("--hyp", hyp), "at least one --ref")
+
+
+@pytest.fixture(scope="module")
+def translation_run(tmp_path_factory, pair_data):  # noqa: F811
+    """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1)."""
+    directory = tmp_path_factory.mktemp("translation_run")
+    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150), 1, directory / "logs")
+    return directory / "run"
+
+
+def toy_test_files(tmp_path, pair_data):  # noqa: F811
+    """The toy validation pairs as text (sources, references), decoded from the preprocessed files."""
+    from pretrain.data.pairs import PairDataset
+    from pretrain.data.tokenizer import SentencePieceTokenizer
+
+    _, val, model = pair_data
+    tokenizer, pairs = SentencePieceTokenizer(str(model)), PairDataset(val)
+    sources = [tokenizer.decode(pairs.src(i)[:-1].tolist()) for i in range(40)]
+    targets = [tokenizer.decode(pairs.tgt(i)[:-1].tolist()) for i in range(40)]
+    return sources, targets
+
+
+def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_data):  # noqa: F811
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    src, ref = write(tmp_path / "src", sources), write(tmp_path / "ref", targets)
+    result = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 4, "--output", tmp_path / "hyps.txt"))
+    hyps = (tmp_path / "hyps.txt").read_text().splitlines()
+    assert len(hyps) == 40 and result["sentences"] == 40 and result["tag"] == "global_step150"
+    assert result["bleu"] > 15, result  # the toy pair (reverse, rename the words) is being learned: 26.0 measured here
+    assert last_json(bleu("--hyp", tmp_path / "hyps.txt", "--ref", ref))["bleu"] == result["bleu"]
+    assert not list(tmp_path.glob("*.tmp"))
+    # Beam 1 is greedy decoding; the default output goes into the run directory.
+    greedy = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 1))
+    assert greedy["output"] == str(translation_run / "hyps.global_step150.txt")
+
+
+def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):  # noqa: F811
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    overlong = " ".join(sources[:20])  # far over the tiny model's 64 positions
+    src = write(tmp_path / "src", [sources[0], "", overlong, "   ", sources[1]])
+    ref = write(tmp_path / "ref", [targets[0], "", targets[0], "", targets[1]])
+    proc = bleu(translation_run, "--src", src, "--ref", ref, "--output", tmp_path / "hyps.txt")
+    result = last_json(proc)
+    hyps = (tmp_path / "hyps.txt").read_text().split("\n")[:-1]
+    assert len(hyps) == 5 and hyps[1] == "" and hyps[3] == "" and hyps[0] and hyps[2] and hyps[4]
+    assert result["empty_source_lines"] == 2
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "src line 3 has" in warnings[0] and "64 positions" in warnings[0]
+
+
+def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):  # noqa: F811
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    src, ref = write(tmp_path / "src", sources), write(tmp_path / "ref", targets)
+    one_line_error(bleu(translation_run, "--src", src, "--ref", write(tmp_path / "short", targets[:5])),
+                   "source file", "40 lines", "short has 5")
+    one_line_error(bleu(translation_run, "--src", write(tmp_path / "empty", []), "--ref", ref), "empty is empty")
+    one_line_error(bleu(tmp_path / "nowhere", "--src", src, "--ref", ref), "does not exist")
+    lm_run = tmp_path / "lm_run"
+    lm_run.mkdir()
+    (lm_run / "run_config.json").write_text(json.dumps({
+        "model": {"family": "gpt", "vocab_size": 320, "max_seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4,
+                  "d_ff": 256}, "tokenizer": {"type": "bytes"}}))
+    (lm_run / "latest").write_text("global_step1")
+    (lm_run / "global_step1").mkdir()
+    one_line_error(bleu(lm_run, "--src", src, "--ref", ref), "'gpt' language model, not a translation model")
