@@ -4,7 +4,9 @@ import socket
 import sys
 
 import deepspeed
+import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 
 def world_size_from_env():
@@ -20,7 +22,13 @@ def init():
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank (a no-op on CPU)
     deepspeed.init_distributed()
+
+
+def device():
+    """This rank's device: collectives need tensors there (NCCL takes GPU tensors only)."""
+    return torch.device(get_accelerator().current_device_name())
 
 
 def free_port():

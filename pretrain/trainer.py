@@ -13,6 +13,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from pretrain import checkpoint
+from pretrain.distributed import device
 
 # bf16 dense peak of known GPUs, TFLOP/s, for MFU when --peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -31,10 +32,10 @@ def grad_norm(engine, expert_parallel_size):
     Shared weights' gradients are identical on every rank; each expert's lives on world/ep ranks.
     """
     from deepspeed.moe.utils import is_moe_param
-    shared, expert = torch.zeros(()), torch.zeros(())
+    shared, expert = torch.zeros((), device=engine.device), torch.zeros((), device=engine.device)
     for p in engine.module.parameters():
         if p.grad is not None:
-            sq = p.grad.detach().float().square().sum().cpu()
+            sq = p.grad.detach().float().square().sum()
             if is_moe_param(p):
                 expert += sq
             else:
@@ -43,6 +44,17 @@ def grad_norm(engine, expert_parallel_size):
         dist.all_reduce(expert)
         expert /= dist.get_world_size() // expert_parallel_size
     return float((shared + expert).sqrt())
+
+
+def to_device(batch, target):
+    """A task's batch (a tensor, or a dict, tuple or list of them) on ``target``: tasks build batches on the CPU."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(target, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, target) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, target) for value in batch)
+    return batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,7 +79,7 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def any_rank_received(self):
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -109,7 +121,8 @@ class Trainer:
 
     def micro_batches(self):
         for micro in range(self.plan.grad_accum_steps):
-            yield self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+            batch = self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+            yield to_device(batch, self.engine.device)
 
     def forward(self, batch):
         # A task's inputs are one tensor (LM) or a tuple of the model's arguments (translation: src, mask, tgt_in).
@@ -272,10 +285,11 @@ class Trainer:
             self.logger.log(self.step, {"val/loss": float(loss)})
             return
         self.engine.eval()
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=self.engine.device)
         for batch in batches:
+            batch = to_device(batch, self.engine.device)
             _, parts = self.task.loss(self.forward(batch), batch)
-            total += torch.stack([parts["lm_loss"].float().cpu(), torch.ones(())])
+            total += torch.stack([parts["lm_loss"].float(), torch.ones((), device=self.engine.device)])
         self.engine.train()
         dist.all_reduce(total)
         self.logger.log(self.step, {"val/loss": (total[0] / total[1]).item()})
