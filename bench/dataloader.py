@@ -122,6 +122,8 @@ def main():
           f"padding {budget.padding_fraction:.1%}, {budget.skipped} pairs over 256 tokens skipped")
     for name, batches_per_s in loader_rates.items():
         print(f"{name:12s} {batches_per_s:10.0f} batches/s")
+    print(f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)")
     print("\nratios (loader batches/s / micro-batches/s the training step consumes):")
     for name, batches_per_s in loader_rates.items():
         print(f"{name}: {batches_per_s / consumed_per_s:.1f}")

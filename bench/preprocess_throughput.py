@@ -89,6 +89,8 @@ def main():
                              for side in ([""] if name == "lm" else [".src", ".tgt"]))
                 print(f"{name:8s} {workers:7d} {nbytes / 1e6 / seconds:8.2f} {tokens / seconds:12,.0f}")
             ratios[name] = best[1] / best[opts.workers]
+    print(f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)")
     print(f"\nratios (MB/s with {opts.workers} workers / MB/s with 1 worker):")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}")

@@ -82,10 +82,10 @@ def cut_by_token_budget(order, src_lengths, tgt_lengths, max_tokens):
     return batches
 
 
-def pad(rows, pad_id):
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+def pad(rows, lengths, pad_id):
+    """(B, longest) int64 array of the rows, right-padded with pad_id."""
+    out = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.concatenate(rows)  # row-major: row by row, in order
     return out
 
 
@@ -126,11 +126,15 @@ class TokenBudgetBatches:
 
     def batch(self, k):
         indices = self.indices(k)
-        targets = [self.pairs.tgt(i) for i in indices]
+        src_lengths, tgt_lengths = self.pairs.src_lengths[indices], self.pairs.tgt_lengths[indices]
+        tgt_out = pad([self.pairs.tgt(i) for i in indices], tgt_lengths, self.pad_id)
+        tgt_in = np.roll(tgt_out, 1, axis=1)  # shifted right behind BOS; the EOS drops off each row's end
+        tgt_in[:, 0] = self.bos_id
+        tgt_in[np.arange(tgt_in.shape[1]) >= tgt_lengths[:, None]] = self.pad_id
         return {
-            "src": pad([self.pairs.src(i) for i in indices], self.pad_id),
-            "src_lengths": torch.from_numpy(self.pairs.src_lengths[indices].astype(np.int64)),
-            "tgt_in": pad([np.concatenate(([self.bos_id], t[:-1])) for t in targets], self.pad_id),
-            "tgt_out": pad(targets, self.pad_id),
-            "tgt_lengths": torch.from_numpy(self.pairs.tgt_lengths[indices].astype(np.int64)),
+            "src": torch.from_numpy(pad([self.pairs.src(i) for i in indices], src_lengths, self.pad_id)),
+            "src_lengths": torch.from_numpy(src_lengths.astype(np.int64)),
+            "tgt_in": torch.from_numpy(tgt_in),
+            "tgt_out": torch.from_numpy(tgt_out),
+            "tgt_lengths": torch.from_numpy(tgt_lengths.astype(np.int64)),
         }

@@ -56,7 +56,8 @@ def test_batch_is_padded_sentences_with_shifted_decoder_input(tmp_path):
     n_src, n_tgt = int(b["src_lengths"][0]), int(b["tgt_lengths"][0])
     assert b["src"][0, :n_src].tolist() == pairs.src(i).tolist() and (b["src"][0, n_src:] == 0).all()
     assert b["tgt_out"][0, :n_tgt].tolist() == pairs.tgt(i).tolist() and b["tgt_out"][0, n_tgt - 1] == EOS
-    assert b["tgt_in"][0, :n_tgt].tolist() == [2] + pairs.tgt(i)[:-1].tolist()
+    assert b["tgt_in"][0, :n_tgt].tolist() == [2] + pairs.tgt(i)[:-1].tolist() and (b["tgt_in"][0, n_tgt:] == 0).all()
+    assert ((b["tgt_out"] == 0) == (b["tgt_in"] == 0)).all()  # the same padding positions on both target tensors
     assert all(t.dtype.is_signed and not t.dtype.is_floating_point for t in b.values())
 
 
