@@ -88,7 +88,7 @@ def translate(model, tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, bat
             src[b, :len(encoded[i])] = torch.tensor(encoded[i])
         src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(encoded[i]) for i in rows])[:, None]
         hypotheses = beam_search(model, src.to(device), src_pad_mask.to(device), bos, eos, pad, beam=beam, lenpen=lenpen,
-                                 max_len_a=max_len_a, max_len_b=max_len_b)
+                                 max_len_a=max_len_a, max_len_b=max_len_b, vocab_size=tokenizer.vocab_size)
         for i, hyps in zip(rows, hypotheses):
             outputs[i] = tokenizer.decode(hyps[0].tokens) if hyps else ""
     return outputs

@@ -11,7 +11,8 @@ a sentence; an EOS among its best ``beam`` candidates finishes a hypothesis, sco
 log-probability / length ** lenpen (length counts the EOS); the best ``beam`` candidates that did
 not end continue; a sentence is done when it holds ``beam`` finished hypotheses. EOS is forbidden
 before ``min_len`` tokens and forced once a sentence has max_len = min(a + b x source length,
-positions left) tokens. Results are, per sentence, its best ``nbest`` Hypothesis objects.
+positions left) tokens; ``vocab_size`` keeps out ids the tokenizer does not have. Results are,
+per sentence, its best ``nbest`` Hypothesis objects.
 """
 from dataclasses import dataclass
 from typing import List
@@ -66,9 +67,12 @@ def max_lengths(model, src_pad_mask, max_len_a, max_len_b):
     return wanted.clamp(min=1, max=model.config.max_seq_len - 1)
 
 
-def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad):
-    """No padding or start token ever; no EOS before min_len; only EOS (with its own log-prob) at max_len."""
+def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad, vocab_size=None):
+    """No padding or start token ever, nor ids from vocab_size on (a model's vocabulary may be larger than its
+    tokenizer's); no EOS before min_len; only EOS (with its own log-prob) at max_len."""
     lprobs[:, pad] = -torch.inf
+    if vocab_size is not None:
+        lprobs[:, vocab_size:] = -torch.inf
     if bos != eos:
         lprobs[:, bos] = -torch.inf
     if step < min_len:
@@ -83,7 +87,7 @@ def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad):
 
 @torch.no_grad()
 def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200,
-                nbest=1, incremental=True):
+                nbest=1, vocab_size=None, incremental=True):
     """src (B, S), src_pad_mask (B, S) True at padding -> for each sentence its best ``nbest`` Hypothesis."""
     B, K = src.shape[0], beam
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
@@ -98,7 +102,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     done = torch.zeros(B, dtype=torch.bool)
     first_row = torch.arange(B, device=device)[:, None] * K
     for step in range(int(max_lens.max()) + 1):
-        lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, row_max_lens, bos, eos, pad)
+        lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, row_max_lens, bos, eos, pad, vocab_size)
         V = lprobs.shape[1]
         cand_scores, cand_idx = (scores.view(-1, 1) + lprobs).view(B, K * V).topk(2 * K, dim=1)
         cand_lprobs = lprobs.view(B, K * V).gather(1, cand_idx)
@@ -126,7 +130,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]
 
 
-def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, incremental):
+def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental):
     """Greedy or sampled decoding: one hypothesis per sentence, next token = choose(log-probs)."""
     B = src.shape[0]
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
@@ -134,7 +138,7 @@ def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_
     tokens = src.new_full((B, 1), bos)
     step_lprobs, ended = [], torch.zeros(B, dtype=torch.bool, device=src.device)
     for step in range(int(max_lens.max()) + 1):
-        lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, max_lens, bos, eos, pad)
+        lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, max_lens, bos, eos, pad, vocab_size)
         chosen = torch.where(ended, pad, choose(lprobs))  # finished rows are padded
         step_lprobs.append(torch.where(ended, 0.0, lprobs.gather(1, chosen[:, None]).squeeze(1)))
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
@@ -152,15 +156,16 @@ def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_
 
 
 @torch.no_grad()
-def greedy(model, src, src_pad_mask, bos, eos, pad, min_len=1, max_len_a=0.0, max_len_b=200, incremental=True):
+def greedy(model, src, src_pad_mask, bos, eos, pad, min_len=1, max_len_a=0.0, max_len_b=200, vocab_size=None,
+           incremental=True):
     """The most likely token at each step; per sentence a list of one Hypothesis."""
     return _one_path(model, src, src_pad_mask, bos, eos, pad, lambda lprobs: lprobs.argmax(dim=-1),
-                     min_len, max_len_a, max_len_b, incremental)
+                     min_len, max_len_a, max_len_b, vocab_size, incremental)
 
 
 @torch.no_grad()
 def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, generator=None, min_len=1,
-           max_len_a=0.0, max_len_b=200, incremental=True):
+           max_len_a=0.0, max_len_b=200, vocab_size=None, incremental=True):
     """Tokens drawn from softmax(log-probs / temperature), from the top_k most likely only when top_k > 0.
     Scores are the model's own log-probabilities of the drawn tokens (before temperature and top-k)."""
     if temperature <= 0:
@@ -173,4 +178,5 @@ def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, ge
             logits = logits.masked_fill(logits < kth, -torch.inf)
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
-    return _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, incremental)
+    return _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size,
+                     incremental)

@@ -125,3 +125,14 @@ def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):
     (lm_run / "latest").write_text("global_step1")
     (lm_run / "global_step1").mkdir()
     one_line_error(bleu(lm_run, "--src", src, "--ref", ref), "'gpt' language model, not a translation model")
+
+
+def test_switch_checkpoint_with_experts_on_two_ranks_translates(tmp_path, pair_data):  # noqa: F811
+    """A Switch encoder-decoder trained at expert-parallel size 2 comes back whole (every expert of the
+    encoder's and the decoder's MoE layers) and translates."""
+    run_ranks(translation_args(tmp_path, pair_data, "moe_ep2_zero2.json", "tiny-switch-transformer.json", 3), 2,
+              tmp_path / "logs")
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    src, ref = write(tmp_path / "src", sources[:5]), write(tmp_path / "ref", targets[:5])
+    result = last_json(bleu(tmp_path / "run", "--src", src, "--ref", ref, "--output", tmp_path / "hyps.txt"))
+    assert result["sentences"] == 5 and len((tmp_path / "hyps.txt").read_text().splitlines()) == 5

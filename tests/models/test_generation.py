@@ -153,3 +153,15 @@ def test_sampling_follows_the_generator_and_top_k_one_is_greedy():
     assert [h[0].tokens for h in draws[0]] != [h[0].tokens for h in draws[2]]
     top1 = sample(model, src, mask, BOS, EOS, PAD, top_k=1, generator=torch.Generator().manual_seed(5), max_len_b=8)
     assert [h[0].tokens for h in top1] == [h[0].tokens for h in greedy(model, src, mask, BOS, EOS, PAD, max_len_b=8)]
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_generated():
+    model = tiny_model()
+    src, mask = padded_batch()
+    with torch.no_grad():
+        model.tgt_emb.weight[20:] *= 10  # make the ids a smaller tokenizer lacks the likeliest
+    for hyps in beam_search(model, src, mask, BOS, EOS, PAD, beam=3, max_len_b=8, nbest=3, vocab_size=20):
+        assert all(t < 20 for h in hyps for t in h.tokens)
+    for hyps in greedy(model, src, mask, BOS, EOS, PAD, max_len_b=8, vocab_size=20):
+        assert all(t < 20 for t in hyps[0].tokens)
+    assert any(t >= 20 for hyps in greedy(model, src, mask, BOS, EOS, PAD, max_len_b=8) for t in hyps[0].tokens)
