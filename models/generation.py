@@ -10,7 +10,7 @@ Beam search follows fairseq's SequenceGenerator: each step takes the best 2 x be
 a sentence; an EOS among its best ``beam`` candidates finishes a hypothesis, scored by its summed
 log-probability / length ** lenpen (length counts the EOS); the best ``beam`` candidates that did
 not end continue; a sentence is done when it holds ``beam`` finished hypotheses. EOS is forbidden
-before ``min_len`` tokens and forced once a sentence has max_len = min(a + b x source length,
+before ``min_len`` tokens and forced once a sentence has max_len = min(a x source length + b,
 positions left) tokens; ``vocab_size`` keeps out ids the tokenizer does not have. Results are,
 per sentence, its best ``nbest`` Hypothesis objects.
 """
