@@ -128,10 +128,11 @@ def test_multi30k_validation_pairs_batch_by_token_budget(tmp_path):
 
 
 @needs_shared
-def test_dialogsum_test_set_keeps_three_references(tmp_path):
+def test_dialogsum_test_set_keeps_three_references_from_the_command_line(tmp_path):
     path = SHARED / "dialogsum" / "dialogsum.test.jsonl"
-    preprocess_pairs(jsonl=path, source_field="dialogue", target_field=["summary1", "summary2", "summary3"],
-                     output_prefix=str(tmp_path / "test"), workers=2)
+    code, errors, proc = run_cli("--jsonl", path, "--source_field", "dialogue", "--target_field", "summary1,summary2,summary3",
+                                 "--output_prefix", tmp_path / "test", "--workers", 2)  # through fire: NAME1,NAME2,NAME3
+    assert code == 0 and not errors, proc.stderr[-2000:]
     records = [json.loads(line) for line in path.read_text().splitlines()]
     refs = [json.loads(line) for line in (tmp_path / "test.refs.jsonl").read_text().splitlines()]
     pairs = PairDataset(tmp_path / "test")
