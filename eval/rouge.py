@@ -2,6 +2,14 @@
 
     python -m eval.rouge --hyp hyps.txt --ref refs.txt [--ref refs2.txt ...]
     python -m eval.rouge --hyp hyps.txt --ref dialogsum.test.jsonl --ref_fields summary1,summary2,summary3
+    python -m eval.rouge RUN_DIR --src dialogsum.test.jsonl --src_field dialogue \
+        --ref dialogsum.test.jsonl --ref_fields summary1,summary2,summary3 [--beam 4 --max_len_b 80 --hyp_output FILE]
+
+With RUN_DIR (a pretrain/main.py --task translation run trained on document/summary pairs) the
+summaries are first generated from --src (text, one document per line, or a JSON Lines file and
+its --src_field) by beam search with incremental decoding, as eval.bleu translates (max length =
+max_len_a x source tokens + max_len_b; documents longer than the model's positions are cut with a
+warning), and written one per line to --hyp_output (default RUN_DIR/summaries.TAG.txt).
 
 Hypotheses: one summary per line. References: text files with one summary per line (several
 --ref files are several references per summary), or a JSON Lines file whose --ref_fields hold the
@@ -19,6 +27,7 @@ bootstrap's mid estimate, which is the mean over summaries), and for each a [low
 """
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,9 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as w
 
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from rouge_score import rouge_scorer, scoring  # noqa: E402
 
-from eval.cli import fail, print_result, read_lines, repeated_flag  # noqa: E402
+from eval.checkpoint import resolve_tag  # noqa: E402
+from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
+from models import ConfigError  # noqa: E402
+from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -90,11 +103,61 @@ def score(hypotheses, references, stem=True, bootstrap=1000, confidence=0.95, se
     return result
 
 
-def main(hyp=None, ref=(), ref_fields=None, stem=True, bootstrap=1000, confidence=0.95, seed=0, output=None):
-    """Score a hypothesis file against references; prints one JSON object last.
+def read_sources(path, field=None):
+    """The documents to summarize: the lines of a text file, or ``field`` of each JSON Lines record."""
+    lines = read_lines(path, "source")
+    if field is None:
+        return lines
+    documents = []
+    for line, text in enumerate(lines, 1):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path} line {line} is not JSON ({e.msg}); --src_field needs a JSON Lines file")
+        if not isinstance(record.get(field), str):
+            fail(f"{path} line {line} has no text field {field!r}; pass the right --src_field")
+        documents.append(record[field])
+    return documents
+
+
+def summarize(run_dir, src, src_field, tag, beam, lenpen, max_len_a, max_len_b, batch_size, hyp_output):
+    """Generate a summary of every --src document with RUN_DIR's checkpoint; returns (summaries, tag, output path)."""
+    from eval.bleu import encode_sources, translate, translation_model  # a summarizer is a translation model
+
+    documents = read_sources(src, src_field)
+    if not documents:
+        fail(f"source file {src} is empty; it must hold one document per line")
+    try:
+        tag = resolve_tag(run_dir, tag)
+        model, config, tokenizer = translation_model(run_dir, tag)
+    except (ConfigError, UnsafeCheckpoint) as e:
+        fail(str(e))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoded = encode_sources(documents, tokenizer, config.max_seq_len, src)
+    summaries = [" ".join(s.split()) for s in  # one line per summary
+                 translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)]
+    output = str(hyp_output) if hyp_output is not None else os.path.join(run_dir, f"summaries.{tag}.txt")
+    write_atomically(output, "".join(s + "\n" for s in summaries))
+    return summaries, tag, output
+
+
+def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=None, tag=None, beam=4, lenpen=1.0,
+         max_len_a=0.0, max_len_b=100, batch_size=16, hyp_output=None, stem=True, bootstrap=1000, confidence=0.95, seed=0,
+         output=None):
+    """Score a hypothesis file against references, or summarize --src with RUN_DIR first; prints one JSON object last.
 
     Args:
-        hyp: the summaries, one per line.
+        run_dir: a pretrain/main.py --task translation --save_dir trained on summarization pairs (generate mode).
+        hyp: the summaries, one per line (score mode).
+        src: documents to summarize: one per line, or JSON Lines with --src_field (generate mode).
+        src_field: the JSON Lines field holding each document.
+        tag: the checkpoint (global_stepN; default: the one ``latest`` names).
+        beam: beam size.
+        lenpen: length penalty: hypotheses are ranked by log-probability / length ** lenpen.
+        max_len_a: maximum summary length = max_len_a x document tokens + max_len_b.
+        max_len_b: see max_len_a.
+        batch_size: documents per beam search.
+        hyp_output: where generated summaries go (default RUN_DIR/summaries.TAG.txt).
         ref: reference file(s); repeat --ref for several references per summary.
         ref_fields: comma-separated JSON Lines fields holding the references (with one --ref JSON Lines file).
         stem: Porter stemming (default on).
@@ -103,21 +166,32 @@ def main(hyp=None, ref=(), ref_fields=None, stem=True, bootstrap=1000, confidenc
         seed: the resampling seed (the intervals are reproducible).
         output: also write the JSON object to this file.
     """
-    if hyp is None or not ref:
-        fail("pass --hyp FILE and at least one --ref FILE")
+    if not ref or (run_dir is None) == (hyp is None) or (run_dir is not None) != (src is not None):
+        fail("pass --hyp FILE --ref FILE to score summaries, or RUN_DIR --src FILE --ref FILE to generate and score them")
     if bootstrap < 1 or not 0 < confidence < 1:
         fail(f"--bootstrap must be >= 1 and --confidence in (0, 1), got {bootstrap} and {confidence}")
     fields = [f for f in (ref_fields if isinstance(ref_fields, (list, tuple)) else str(ref_fields).split(","))] \
         if ref_fields else None
-    hypotheses = read_lines(str(hyp), "hypothesis")
-    if not hypotheses:
-        fail(f"hypothesis file {hyp} is empty; it must hold one summary per line")
+    if beam < 1 or batch_size < 1 or max_len_a < 0 or max_len_b < 0:
+        fail(f"--beam and --batch_size must be >= 1 and --max_len_a/--max_len_b >= 0, got {beam}, {batch_size}, "
+             f"{max_len_a}, {max_len_b}")
     references = read_references([str(r) for r in ref], fields)
+    generated = {}
+    if run_dir is not None:
+        hypotheses, tag, hyp = summarize(str(run_dir), str(src), src_field, tag, beam, lenpen, max_len_a, max_len_b,
+                                         batch_size, hyp_output)
+        generated = dict(run_dir=str(run_dir), tag=tag, src=str(src), beam=beam, lenpen=lenpen, max_len_a=max_len_a,
+                         max_len_b=max_len_b)
+    else:
+        hypotheses = read_lines(str(hyp), "hypothesis")
+        if not hypotheses:
+            fail(f"hypothesis file {hyp} is empty; it must hold one summary per line")
     if len(references) != len(hypotheses):
-        fail(f"hypothesis file {hyp} has {len(hypotheses)} lines but the references ({', '.join(map(str, ref))}) have "
+        fail(f"{'source' if run_dir else 'hypothesis'} file {src if run_dir else hyp} has {len(hypotheses)} "
+             f"{'documents' if run_dir else 'lines'} but the references ({', '.join(map(str, ref))}) have "
              f"{len(references)}; they must be line-aligned")
     result = score(hypotheses, references, stem, bootstrap, confidence, seed)
-    result.update(hyp=str(hyp), ref=[str(r) for r in ref])
+    result.update(hyp=str(hyp), ref=[str(r) for r in ref], **generated)
     print_result(result, output)
 
 

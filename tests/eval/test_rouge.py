@@ -7,6 +7,8 @@ import pytest
 
 from eval.rouge import score
 from tests.distributed import REPO
+from tests.eval.test_bleu import toy_test_files, translation_run  # noqa: F401  (fixture)
+from tests.pretrain.test_translation import pair_data  # noqa: F401  (fixture)
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
 
@@ -99,7 +101,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
         (("--hyp", hyp, "--ref", jsonl, "--ref_fields", "summary"), f"{jsonl} line 2 has no field 'summary'"),
         (("--hyp", tmp_path / "missing.txt", "--ref", short), "hypothesis file"),
         (("--hyp", hyp, "--ref", hyp, "--ref", short), f"reference files {hyp} (2 lines) and {short} (1 lines) differ"),
-        (("--hyp", hyp), "pass --hyp FILE and at least one --ref FILE"),
+        (("--hyp", hyp), "pass --hyp FILE --ref FILE to score summaries, or RUN_DIR --src FILE --ref FILE"),
     ]
     for args, expected in cases:
         proc, _ = rouge(*args, "--output", out)
@@ -107,3 +109,32 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, proc.stderr)
         assert not out.exists()
+
+
+def test_generate_mode_summarizes_json_lines_documents_like_eval_bleu_translates(tmp_path, translation_run, pair_data):  # noqa: F811
+    """The toy translation run stands in for a summarizer: documents from a JSON Lines field, beam search,
+    one summary per line, scored against the reference field; the same outputs as eval.bleu's."""
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    data = write(tmp_path / "pairs.jsonl", [json.dumps({"document": s, "summary": t}) for s, t in zip(sources, targets)])
+    proc, result = rouge(translation_run, "--src", data, "--src_field", "document", "--ref", data, "--ref_fields", "summary",
+                         "--beam", 4, "--max_len_a", 1.2, "--max_len_b", 10, "--hyp_output", tmp_path / "summaries.txt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = (tmp_path / "summaries.txt").read_text().splitlines()
+    assert len(summaries) == len(sources) == result["summaries"] and result["tag"] == "global_step150"
+    translated = subprocess.run([sys.executable, "-m", "eval.bleu", str(translation_run), "--src", str(write(tmp_path / "src", sources)),
+                                 "--ref", str(write(tmp_path / "ref", targets)), "--beam", "4", "--output", str(tmp_path / "hyps.txt")],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert translated.returncode == 0, translated.stderr[-3000:]
+    assert summaries == (tmp_path / "hyps.txt").read_text().splitlines()
+    _, rescored = rouge("--hyp", tmp_path / "summaries.txt", "--ref", data, "--ref_fields", "summary")
+    assert all(rescored[key] == result[key] for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+    assert result["rouge1"] > 30, result  # the toy pair is being learned
+
+
+def test_generate_mode_refuses_a_language_model_and_a_missing_source_field(tmp_path, trained):
+    data = write(tmp_path / "pairs.jsonl", [json.dumps({"text": "a b", "summary": "a"})])
+    proc, _ = rouge(trained("zero3"), "--src", data, "--src_field", "text", "--ref", data, "--ref_fields", "summary")
+    assert proc.returncode == 2 and "not a translation model" in proc.stderr.strip().splitlines()[-1]
+    proc, _ = rouge(trained("zero3"), "--src", data, "--src_field", "document", "--ref", data, "--ref_fields", "summary")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {data} line 1 has no text field 'document'; pass the right --src_field"]
