@@ -64,14 +64,27 @@ def second_corpus(path):
     return path
 
 
-def test_two_rank_training_on_two_blended_corpora(tmp_path):
-    other = second_corpus(tmp_path / "river.txt")
-    args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 6)
+def blended_args(tmp_path, max_steps, *extra, save_dir=None):
+    args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", max_steps, *extra, save_dir=save_dir)
     after_corpus = args.index(CORPUS) + 1
-    args[after_corpus:after_corpus] = [other, "--train_data_weights", 0.75, 0.25]
-    results = run_ranks(args, 2, tmp_path / "logs")
+    args[after_corpus:after_corpus] = [second_corpus(tmp_path / "river.txt"), "--train_data_weights", 0.75, 0.25]
+    return args
+
+
+def test_two_rank_training_on_two_blended_corpora(tmp_path):
+    results = run_ranks(blended_args(tmp_path, 6), 2, tmp_path / "logs")
     blend_lines = [line for line in results[0].output.splitlines() if line.startswith("blend ")]
     assert len(blend_lines) == 2 and "share 75.00%" in blend_lines[0] and "share 25.00%" in blend_lines[1]
     assert not any(line.startswith("blend ") for line in results[1].output.splitlines())
     losses = read_metrics(tmp_path / "run")
     assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(v) for v in losses.values())
+
+
+def test_blended_run_resumes_bit_exact(tmp_path):
+    """Stopped after step 3 and resumed, a blended run sees the batches of an uninterrupted one: same losses, bit for bit."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run_ranks(blended_args(tmp_path, 6, save_dir=full), 2, tmp_path / "logs_full")
+    run_ranks(blended_args(tmp_path, 3, save_dir=stopped), 2, tmp_path / "logs_first")
+    run_ranks(blended_args(tmp_path, 6, "--resume", save_dir=stopped), 2, tmp_path / "logs_resumed")
+    uninterrupted, resumed = read_metrics(full), read_metrics(stopped)
+    assert [resumed[step] for step in (4, 5, 6)] == [uninterrupted[step] for step in (4, 5, 6)]
