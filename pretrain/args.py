@@ -19,7 +19,8 @@ def build_parser():
     p.add_argument("--train_data", required=True, nargs="+",
                    help="UTF-8 text files or preprocessed PREFIXes; several are blended (see --train_data_weights)")
     p.add_argument("--train_data_weights", type=float, nargs="+", default=None,
-                   help="one positive weight per --train_data corpus: its share of training samples (default: proportional to size)")
+                   help="one positive weight per --train_data corpus: its share of training samples "
+                        "(default: proportional to size)")
     p.add_argument("--val_data", default=None, help="validation text file (default: the tail of each --train_data corpus)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="tail fraction held out when --val_data is not given")
     p.add_argument("--tokenizer", default=None,

@@ -194,8 +194,9 @@ def preprocess_pairs(source=None, target=None, jsonl=None, source_field=None, ta
     src_tok, tgt_tok = load_tokenizer(src_name), load_tokenizer(tgt_name)
     slots = threading.Semaphore(2 * workers)
     start = time.perf_counter()
-    with IndexedWriter(f"{output_prefix}.src", src_tok.vocab_size, src_tok.spec, {**description, "side": "source"}) as src_out, \
-            IndexedWriter(f"{output_prefix}.tgt", tgt_tok.vocab_size, tgt_tok.spec, {**description, "side": "target"}) as tgt_out, \
+    src_source, tgt_source = {**description, "side": "source"}, {**description, "side": "target"}
+    with IndexedWriter(f"{output_prefix}.src", src_tok.vocab_size, src_tok.spec, src_source) as src_out, \
+            IndexedWriter(f"{output_prefix}.tgt", tgt_tok.vocab_size, tgt_tok.spec, tgt_source) as tgt_out, \
             (atomic_lines(f"{output_prefix}.refs.jsonl") if jsonl is not None else contextlib.nullcontext()) as refs_out, \
             multiprocessing.Pool(workers, _load_worker_tokenizers, (src_name, tgt_name)) as pool, \
             tqdm(total=sum(map(os.path.getsize, inputs)), unit="B", unit_scale=True,

@@ -62,7 +62,8 @@ def _json_documents(path, field):
             yield "", size
             continue
         record = json_record(path, number, line)
-        yield field_text(json_field(record, field, path, number, "--field"), f"data file {path} line {number} field {field!r}"), size
+        text = json_field(record, field, path, number, "--field")
+        yield field_text(text, f"data file {path} line {number} field {field!r}"), size
 
 
 def json_record(path, number, line):
