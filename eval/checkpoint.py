@@ -23,7 +23,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from models import ConfigError, build_model, config_from_dict
 from models.gpt import gpt_state_dict_from_pipeline
-from pretrain.checkpoint import complete_tags, safe_load
+from pretrain.checkpoint import complete_tags, damage, safe_load
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 RUN_CONFIG = "run_config.json"
@@ -147,6 +147,11 @@ def load_model(run_dir, tag=None):
     config = model_config(run_config, run_dir)
     tokenizer = run_tokenizer(run_dir, run_config["tokenizer"])
     tag = resolve_tag(run_dir, tag)
+    problem = damage(run_dir, tag)  # every file against the manifest pretrain/checkpoint.py wrote with it
+    if problem is not None:
+        intact = [t for t in complete_tags(run_dir) if t != tag and damage(run_dir, t) is None]
+        raise ConfigError(f"checkpoint {os.path.join(run_dir, tag)} is damaged ({problem}); "
+                          + (f"pass --tag {intact[0]} (the newest intact one)" if intact else "no intact checkpoint is left"))
     model = build_model(config)
     model.load_state_dict(checkpoint_state_dict(run_dir, tag, config), strict=True)
     return model.eval(), config, tokenizer

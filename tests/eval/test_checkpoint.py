@@ -69,6 +69,19 @@ def test_explicit_tag_and_refusals(trained, tmp_path):
         load_model(bare)
 
 
+def test_a_damaged_checkpoint_is_refused_naming_an_intact_one(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained("zero3"), run)
+    shutil.copytree(run / "global_step3", run / "global_step4")
+    (run / "latest").write_text("global_step4")
+    shard = next((run / "global_step4").glob("*model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ConfigError, match=rf"global_step4 is damaged \({shard.name} has 100 bytes, expected \d+\); "
+                                          rf"pass --tag global_step3 \(the newest intact one\)"):
+        load_model(run)
+    assert load_model(run, tag="global_step3")[0] is not None
+
+
 def test_sentencepiece_tokenizer_found_with_a_moved_run(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS.read_text()[:50_000])
