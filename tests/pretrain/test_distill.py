@@ -10,6 +10,7 @@ from models import ConfigError
 from pretrain.main import prepare
 from pretrain.tasks.distill import soft_target_loss
 from tests.distributed import run_ranks, read_metrics, train_args
+from tests.pretrain.test_translation import pair_data, translation_args  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,18 @@ def test_refusals(tmp_path, teacher, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # 2 pipeline stages need 2 ranks
     with pytest.raises(ConfigError, match="does not run in pipeline stages"):
         prepare(distill_args(tmp_path, teacher, 1, ds="pipeline2_zero1.json"))
+
+
+def test_a_switch_translation_teacher_distils_into_a_dense_transformer(tmp_path, pair_data):  # noqa: F811
+    """--distill_task translation: the student's hard loss is the label-smoothed one on token-budget batches,
+    the soft targets come from the Switch encoder-decoder teacher at the target positions that are not padding."""
+    teacher_dir = tmp_path / "teacher"
+    run_ranks(translation_args(teacher_dir, pair_data, "zero1.json", "tiny-switch-transformer.json", 20), 1,
+              tmp_path / "teacher_logs")
+    args = [str(a) for a in translation_args(tmp_path, pair_data, "zero1.json", "tiny-transformer.json", 12)]
+    args[args.index("translation")] = "distill"
+    results = run_ranks(args + ["--distill_task", "translation", "--teacher", str(teacher_dir / "run")], 2, tmp_path / "logs")
+    assert "student initialized from teacher" in results[0].output
+    total, hard = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "run", "train/lm_loss")
+    assert all(math.isfinite(total[s]) and total[s] != hard[s] for s in total)
+    assert hard[12] < hard[1]
