@@ -9,9 +9,13 @@ exactly, so ``AutoModelForCausalLM.from_pretrained(DIR)`` computes the same logi
     rotary positions    GPTNeoXForCausalLM  sequential residual, rotary on the whole head, tied
                                             embeddings; its fused QKV is laid out head by head
 
-DIR gets config.json, model.safetensors and the run's tokenizer: the sentencepiece model as
-tokenizer.model (load it with sentencepiece), or a note that the run used raw UTF-8 bytes
-(id = byte value, EOS = 256), in switchyard_tokenizer.json either way.
+DIR gets config.json, model.safetensors and the run's tokenizer as a transformers fast tokenizer
+(tokenizer.json, so ``AutoTokenizer.from_pretrained(DIR)`` encodes as the run did): a sentencepiece
+BPE or unigram model rebuilt from its pieces and merges (whitespace as the "▁" metaspace, split
+before each space, as sentencepiece does; not for models with user-defined symbols, which
+transformers would split differently: those get a warning and tokenizer.model only), or the byte
+tokenizer (id = byte value, EOS = 256) as a byte-level BPE without merges. The sentencepiece file goes along as tokenizer.model, and
+switchyard_tokenizer.json records the spec and the EOS id.
 
 A Switch LM has no transformers counterpart: its consolidated fp32 weights, every expert of every
 expert-parallel rank gathered, go to DIR/model.safetensors with the Switchyard model config in
@@ -86,7 +90,52 @@ def hf_config(config, eos_id):
             "hidden_dropout": 0.0, "attention_dropout": 0.0, **common}
 
 
+def hf_tokenizer(tokenizer):
+    """The run's tokenizer as a transformers PreTrainedTokenizerFast that encodes and decodes the same ids."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, bytes_to_unicode
+
+    if tokenizer.spec["type"] == "bytes":
+        byte_chars = bytes_to_unicode()  # GPT-2's printable stand-in for each byte
+        vocab = {byte_chars[b]: b for b in range(256)} | {"<eos>": tokenizer.eos_id}
+        fast = Tokenizer(BPE(vocab, []))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        fast.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=fast, eos_token="<eos>")
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(tokenizer.model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[proto.trainer_spec.model_type]
+    if model_type not in ("bpe", "unigram"):
+        raise ConfigError(f"a sentencepiece {model_type} model has no transformers fast tokenizer here; export a run "
+                          f"trained with a bpe or unigram tokenizer")
+    extracted = SentencePieceExtractor(tokenizer.model_path).extract(BPE if model_type == "bpe" else Unigram)
+    if model_type == "bpe":
+        fast = Tokenizer(BPE(extracted["vocab"], extracted["merges"], unk_token="<unk>", fuse_unk=True))
+    else:
+        fast = Tokenizer(Unigram(extracted["vocab"], unk_id=extracted["unk_id"]))
+    if any(piece.type == proto.SentencePiece.USER_DEFINED for piece in proto.pieces):
+        # transformers matches added tokens before or after normalization, never as sentencepiece does
+        # (around the dummy prefix and the spaces), so the ids would differ next to them.
+        raise ConfigError("a sentencepiece model with user-defined symbols has no exact transformers fast tokenizer")
+    # sentencepiece's dummy prefix and spaces as "▁", then a split before each "▁": the same pieces.
+    fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    fast.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    fast.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    sp = tokenizer.sp
+    specials = {"pad_token": sp.pad_id(), "unk_token": sp.unk_id(), "bos_token": sp.bos_id(), "eos_token": tokenizer.eos_id}
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **{name: sp.id_to_piece(i) for name, i in specials.items() if i >= 0})
+
+
 def write_tokenizer(tokenizer, directory):
+    try:
+        hf_tokenizer(tokenizer).save_pretrained(directory)
+    except ConfigError as e:
+        print(f"warning: {e}; exporting tokenizer.model only (load it with sentencepiece)", file=sys.stderr)
     spec = dict(tokenizer.spec)
     if spec["type"] == "sentencepiece":
         shutil.copyfile(spec["path"], os.path.join(directory, "tokenizer.model"))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from eval.checkpoint import load_model
-from models import build_model, config_from_dict
+from models import ConfigError, build_model, config_from_dict
 from tests.distributed import REPO
 
 
@@ -22,7 +22,7 @@ def export(run, output):
 @pytest.mark.parametrize("name, architecture", [("dense", "GPTNeoXForCausalLM"), ("zero3", "GPT2LMHeadModel"),
                                                 ("pipeline", "GPT2LMHeadModel")])
 def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp_path, name, architecture):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = trained(name)
     proc, result = export(run, tmp_path / "hf")
@@ -38,6 +38,8 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
     spec = json.loads((tmp_path / "hf" / "switchyard_tokenizer.json").read_text())
     assert spec["type"] == tokenizer.spec["type"] and spec["eos_id"] == tokenizer.eos_id
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text, add_special_tokens=False) == tokenizer.encode(text)
 
 
 def test_switch_exports_every_expert_as_fp32_safetensors(trained, tmp_path):
@@ -68,3 +70,47 @@ def test_an_existing_output_is_refused_and_nothing_is_left_half_written(trained,
     proc, _ = export(tmp_path / "no_run", tmp_path / "out")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_tokenizers_become_fast_tokenizers_that_encode_the_same(tmp_path, model_type):
+    from transformers import AutoTokenizer
+
+    from eval.export_hf import hf_tokenizer
+    from pretrain.data.tokenizer import SentencePieceTokenizer
+    from pretrain.tokenizer import train as train_tokenizer
+    from tests.distributed import CORPUS
+
+    train_tokenizer(str(CORPUS), vocab_size=400, model_type=model_type, output=str(tmp_path / "sp"), num_threads=1)
+    ours = SentencePieceTokenizer(str(tmp_path / "sp.model"))
+    hf_tokenizer(ours).save_pretrained(tmp_path / "hf")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    documents = [d for d in CORPUS.read_text().split("\n\n") if d.strip()][:2000] + [
+        "Wörds  with  spaces\nand ünïcödé", "  leading spaces", "trailing  ", "\n\tnewline first"]
+    assert [theirs.encode(d, add_special_tokens=False) for d in documents] == [ours.encode(d) for d in documents]
+    assert all(theirs.decode(ours.encode(d)) == ours.decode(ours.encode(d)) for d in documents[:200])
+    assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.sp.pad_id()
+
+
+def test_the_byte_tokenizer_becomes_a_byte_level_fast_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from eval.export_hf import hf_tokenizer
+    from pretrain.data.tokenizer import ByteTokenizer
+
+    hf_tokenizer(ByteTokenizer()).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Héllo wörld\n\n  日本語 tabs\tand ✓"
+    assert theirs.encode(text, add_special_tokens=False) == ByteTokenizer().encode(text) == list(text.encode("utf-8"))
+    assert theirs.decode(list(text.encode("utf-8"))) == text and theirs.eos_token_id == ByteTokenizer.eos_id
+
+
+def test_user_defined_symbols_get_no_inexact_fast_tokenizer(tmp_path):
+    from eval.export_hf import hf_tokenizer
+    from pretrain.data.tokenizer import SentencePieceTokenizer
+    from pretrain.tokenizer import train as train_tokenizer
+    from tests.distributed import CORPUS
+
+    train_tokenizer(str(CORPUS), vocab_size=400, user_defined_symbols="<2en>", output=str(tmp_path / "sp"), num_threads=1)
+    with pytest.raises(ConfigError, match="user-defined symbols has no exact transformers fast tokenizer"):
+        hf_tokenizer(SentencePieceTokenizer(str(tmp_path / "sp.model")))
