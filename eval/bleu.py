@@ -2,7 +2,7 @@
 
     python -m eval.bleu --hyp hyps.txt --ref ref.txt [--ref ref2.txt ...]
     python -m eval.bleu RUN_DIR --src test.de --ref test.en [--beam 5 --lenpen 1.0 --max_len_a 1.2 --max_len_b 10
-                        --batch_size 64 --output hyps.txt]
+                        --batch_size 64 --hyp_output hyps.txt]
 
 Scoring is sacreBLEU's corpus BLEU on detokenized text (its default 13a tokenization, --tokenize to
 change it, --lowercase), against one or more line-aligned references (repeat --ref). Printed last,
@@ -12,7 +12,7 @@ Translating: RUN_DIR is a pretrain/main.py --task translation --save_dir (dense 
 stage; --tag picks a checkpoint other than ``latest``). Each source line is encoded with the run's
 tokenizer and EOS, translated by beam search with incremental decoding (models/generation.py;
 max length = max_len_a x source length + max_len_b tokens), decoded with sentencepiece and written
-one line per source line, in the input order, to --output (default RUN_DIR/hyps.TAG.txt), through a
+one line per source line, in the input order, to --hyp_output (default RUN_DIR/hyps.TAG.txt), through a
 temporary name. An empty source line translates to an empty line; a line longer than the model's
 positions is cut to fit, with a warning naming it. A language-model checkpoint, empty or
 line-misaligned files are refused with one line (exit code 2).
@@ -107,8 +107,22 @@ def translation_model(run_dir, tag):
     return model, config, tokenizer
 
 
+def generate(run_dir, tag, sources, src_path, beam, lenpen, max_len_a, max_len_b, batch_size):
+    """(outputs, tag, encoded sources): each line of ``sources`` through checkpoint ``tag`` of RUN_DIR by beam search.
+    Shared with eval.rouge, whose summarizers are models of this task."""
+    try:
+        tag = resolve_tag(run_dir, tag)
+        model, config, tokenizer = translation_model(run_dir, tag)
+    except (ConfigError, UnsafeCheckpoint) as e:
+        fail(str(e))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoded = encode_sources(sources, tokenizer, config.max_seq_len, src_path)
+    outputs = translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)
+    return outputs, tag, encoded
+
+
 def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10,
-         batch_size=64, output=None, tokenize="13a", lowercase=False, result_output=None):
+         batch_size=64, hyp_output=None, tokenize="13a", lowercase=False, output=None):
     """Score --hyp against --ref, or translate --src with the checkpoint in RUN_DIR and score it; prints one JSON object.
 
     Args:
@@ -122,10 +136,10 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0,
         max_len_a: maximum output length = max_len_a x source tokens + max_len_b.
         max_len_b: see max_len_a.
         batch_size: sentences per beam search.
-        output: the translations (default RUN_DIR/hyps.TAG.txt).
+        hyp_output: the translations (default RUN_DIR/hyps.TAG.txt).
         tokenize: sacreBLEU's tokenizer (13a, intl, zh, char, none, ...).
         lowercase: case-insensitive BLEU.
-        result_output: also write the JSON object to this file.
+        output: also write the JSON object to this file.
     """
     refs = [str(r) for r in ref]
     if not refs:
@@ -137,7 +151,7 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0,
         if not hypotheses:
             fail(f"hypothesis file {hyp} is empty; it must hold one translation per line")
         result = score(hypotheses, read_references(refs, len(hypotheses), f"hypothesis file {hyp}"), tokenize, lowercase)
-        print_result({**result, "hyp": str(hyp), "ref": refs}, result_output)
+        print_result({**result, "hyp": str(hyp), "ref": refs}, output)
         return
     if src is None or hyp is not None:
         fail("translate mode takes RUN_DIR --src FILE --ref FILE (--hyp is for scoring a file without a model)")
@@ -149,20 +163,13 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0,
     if not sources:
         fail(f"source file {src} is empty; it must hold one sentence per line")
     references = read_references(refs, len(sources), f"source file {src}")
-    try:
-        tag = resolve_tag(run_dir, tag)
-        model, config, tokenizer = translation_model(run_dir, tag)
-    except (ConfigError, UnsafeCheckpoint) as e:
-        fail(str(e))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoded = encode_sources(sources, tokenizer, config.max_seq_len, src)
-    hypotheses = translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)
-    output = str(output) if output is not None else os.path.join(run_dir, f"hyps.{tag}.txt")
-    write_atomically(output, "".join(h + "\n" for h in hypotheses))
+    hypotheses, tag, encoded = generate(run_dir, tag, sources, src, beam, lenpen, max_len_a, max_len_b, batch_size)
+    hyp_output = str(hyp_output) if hyp_output is not None else os.path.join(run_dir, f"hyps.{tag}.txt")
+    write_atomically(hyp_output, "".join(h + "\n" for h in hypotheses))
     result = score(hypotheses, references, tokenize, lowercase)
-    result.update(run_dir=run_dir, tag=tag, src=src, ref=refs, output=output, beam=beam, lenpen=lenpen,
+    result.update(run_dir=run_dir, tag=tag, src=src, ref=refs, hyp_output=hyp_output, beam=beam, lenpen=lenpen,
                   max_len_a=max_len_a, max_len_b=max_len_b, empty_source_lines=sum(ids is None for ids in encoded))
-    print_result(result, result_output)
+    print_result(result, output)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as w
 
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from rouge_score import rouge_scorer, scoring  # noqa: E402
 
-from eval.checkpoint import resolve_tag  # noqa: E402
 from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
-from models import ConfigError  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -122,20 +118,13 @@ def read_sources(path, field=None):
 
 def summarize(run_dir, src, src_field, tag, beam, lenpen, max_len_a, max_len_b, batch_size, hyp_output):
     """Generate a summary of every --src document with RUN_DIR's checkpoint; returns (summaries, tag, output path)."""
-    from eval.bleu import encode_sources, translate, translation_model  # a summarizer is a translation model
+    from eval.bleu import generate  # a summarizer is a model of the translation task
 
     documents = read_sources(src, src_field)
     if not documents:
         fail(f"source file {src} is empty; it must hold one document per line")
-    try:
-        tag = resolve_tag(run_dir, tag)
-        model, config, tokenizer = translation_model(run_dir, tag)
-    except (ConfigError, UnsafeCheckpoint) as e:
-        fail(str(e))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoded = encode_sources(documents, tokenizer, config.max_seq_len, src)
-    summaries = [" ".join(s.split()) for s in  # one line per summary
-                 translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)]
+    outputs, tag, _ = generate(run_dir, tag, documents, src, beam, lenpen, max_len_a, max_len_b, batch_size)
+    summaries = [" ".join(s.split()) for s in outputs]  # one line per summary
     output = str(hyp_output) if hyp_output is not None else os.path.join(run_dir, f"summaries.{tag}.txt")
     write_atomically(output, "".join(s + "\n" for s in summaries))
     return summaries, tag, output

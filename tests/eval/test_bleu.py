@@ -45,7 +45,7 @@ def test_score_mode_is_sacrebleus_corpus_bleu(tmp_path):
     expected = sacrebleu.corpus_bleu(HYPS, [REFS])
     assert one["bleu"] == expected.score and one["hyp_len"] == expected.sys_len and one["sentences"] == 3
     assert one["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
-    two = last_json(bleu("--hyp", hyp, "--ref", ref, "--ref", ref2, "--result_output", tmp_path / "result.json"))
+    two = last_json(bleu("--hyp", hyp, "--ref", ref, "--ref", ref2, "--output", tmp_path / "result.json"))
     assert two["bleu"] == sacrebleu.corpus_bleu(HYPS, [REFS, REFS2]).score and "nrefs:2" in two["signature"]
     assert json.loads((tmp_path / "result.json").read_text()) == two
     assert last_json(bleu("--hyp", ref, "--ref", ref))["bleu"] == pytest.approx(100.0)
@@ -85,7 +85,7 @@ def toy_test_files(tmp_path, pair_data):  # noqa: F811
 def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_data):  # noqa: F811
     sources, targets = toy_test_files(tmp_path, pair_data)
     src, ref = write(tmp_path / "src", sources), write(tmp_path / "ref", targets)
-    result = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 4, "--output", tmp_path / "hyps.txt"))
+    result = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 4, "--hyp_output", tmp_path / "hyps.txt"))
     hyps = (tmp_path / "hyps.txt").read_text().splitlines()
     assert len(hyps) == 40 and result["sentences"] == 40 and result["tag"] == "global_step150"
     assert result["bleu"] > 15, result  # the toy pair (reverse, rename the words) is being learned: 26.0 measured here
@@ -93,7 +93,7 @@ def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_da
     assert not list(tmp_path.glob("*.tmp"))
     # Beam 1 is greedy decoding; the default output goes into the run directory.
     greedy = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 1))
-    assert greedy["output"] == str(translation_run / "hyps.global_step150.txt")
+    assert greedy["hyp_output"] == str(translation_run / "hyps.global_step150.txt")
 
 
 def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):  # noqa: F811
@@ -101,7 +101,7 @@ def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data): 
     overlong = " ".join(sources[:20])  # far over the tiny model's 64 positions
     src = write(tmp_path / "src", [sources[0], "", overlong, "   ", sources[1]])
     ref = write(tmp_path / "ref", [targets[0], "", targets[0], "", targets[1]])
-    proc = bleu(translation_run, "--src", src, "--ref", ref, "--output", tmp_path / "hyps.txt")
+    proc = bleu(translation_run, "--src", src, "--ref", ref, "--hyp_output", tmp_path / "hyps.txt")
     result = last_json(proc)
     hyps = (tmp_path / "hyps.txt").read_text().split("\n")[:-1]
     assert len(hyps) == 5 and hyps[1] == "" and hyps[3] == "" and hyps[0] and hyps[2] and hyps[4]
@@ -134,5 +134,5 @@ def test_switch_checkpoint_with_experts_on_two_ranks_translates(tmp_path, pair_d
               tmp_path / "logs")
     sources, targets = toy_test_files(tmp_path, pair_data)
     src, ref = write(tmp_path / "src", sources[:5]), write(tmp_path / "ref", targets[:5])
-    result = last_json(bleu(tmp_path / "run", "--src", src, "--ref", ref, "--output", tmp_path / "hyps.txt"))
+    result = last_json(bleu(tmp_path / "run", "--src", src, "--ref", ref, "--hyp_output", tmp_path / "hyps.txt"))
     assert result["sentences"] == 5 and len((tmp_path / "hyps.txt").read_text().splitlines()) == 5

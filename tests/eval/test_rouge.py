@@ -122,7 +122,7 @@ def test_generate_mode_summarizes_json_lines_documents_like_eval_bleu_translates
     summaries = (tmp_path / "summaries.txt").read_text().splitlines()
     assert len(summaries) == len(sources) == result["summaries"] and result["tag"] == "global_step150"
     translated = subprocess.run([sys.executable, "-m", "eval.bleu", str(translation_run), "--src", str(write(tmp_path / "src", sources)),
-                                 "--ref", str(write(tmp_path / "ref", targets)), "--beam", "4", "--output", str(tmp_path / "hyps.txt")],
+                                 "--ref", str(write(tmp_path / "ref", targets)), "--beam", "4", "--hyp_output", str(tmp_path / "hyps.txt")],
                                 cwd=REPO, capture_output=True, text=True, timeout=300)
     assert translated.returncode == 0, translated.stderr[-3000:]
     assert summaries == (tmp_path / "hyps.txt").read_text().splitlines()
