@@ -1,10 +1,13 @@
 """Session set-up shared by every test that starts DeepSpeed."""
 import os
+import random
 import sys
 
 import pytest
 
-from tests.distributed import REPO
+from pretrain.preprocess_pairs import preprocess_pairs
+from pretrain.tokenizer import train as train_tokenizer
+from tests.distributed import REPO, run_ranks, translation_args
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,3 +26,42 @@ def deepspeed_ops_built():
     if get_accelerator().device_name() == "cpu":
         for name in ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder"):
             get_accelerator().create_op_builder(name).load(verbose=False)
+
+
+# A toy language pair for the translation, BLEU, ROUGE and distillation tests, made once a session.
+WORDS = [f"w{i}" for i in range(24)]
+
+
+def write_synthetic_pairs(directory, n, seed):
+    """A toy language pair: the target is the source's words reversed, each word renamed (wN -> vN)."""
+    rng = random.Random(seed)
+    sources = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(n)]
+    targets = [" ".join(w.replace("w", "v") for w in reversed(s.split())) for s in sources]
+    paths = []
+    for ext, lines in (("src", sources), ("tgt", targets)):
+        path = directory / f"pairs{seed}.{ext}"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory):
+    """(train PREFIX, val PREFIX, tokenizer .model) of the toy language pair."""
+    directory = tmp_path_factory.mktemp("pairs")
+    train_src, train_tgt = write_synthetic_pairs(directory, 2000, seed=1)
+    val_src, val_tgt = write_synthetic_pairs(directory, 100, seed=2)
+    train_tokenizer(train_src, train_tgt, per_line=True, vocab_size=32, output=str(directory / "toy"), num_threads=1)
+    model = directory / "toy.model"
+    for prefix, (src, tgt) in (("train", (train_src, train_tgt)), ("val", (val_src, val_tgt))):
+        preprocess_pairs(source=str(src), target=str(tgt), tokenizer=str(model), output_prefix=str(directory / prefix),
+                         workers=1)
+    return directory / "train", directory / "val", model
+
+
+@pytest.fixture(scope="session")
+def translation_run(tmp_path_factory, pair_data):
+    """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1)."""
+    directory = tmp_path_factory.mktemp("translation_run")
+    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150), 1, directory / "logs")
+    return directory / "run"

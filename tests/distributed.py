@@ -96,6 +96,13 @@ def train_args(tmp_path, ds_config, model_config, max_steps, *extra, save_dir=No
             "--train_data", CORPUS, "--max_steps", max_steps, "--save_dir", save_dir or tmp_path / "run", *extra]
 
 
+def translation_args(tmp_path, pair_data, ds_config, model_config, steps, *extra):
+    train, val, _ = pair_data
+    return ["--task", "translation", "--ds_config", REPO / "ds_configs" / ds_config,
+            "--model_config", REPO / "models" / "configs" / model_config, "--train_data", train, "--val_data", val,
+            "--max_steps", steps, "--save_dir", tmp_path / "run", "--eval_interval", steps, *extra]
+
+
 def read_metrics(save_dir, key="train/loss"):
     """step -> value of ``key`` from DIR/metrics.jsonl (the last record of a step wins, as after a resume)."""
     values = {}

@@ -1,5 +1,5 @@
 """eval.bleu: sacreBLEU scoring of files, and translation with a trained checkpoint (dense, 1 rank)
-on the toy language pair of tests/pretrain/test_translation.py; bad input is one line, exit 2."""
+on the toy language pair of tests/conftest.py; bad input is one line, exit 2."""
 import json
 import subprocess
 import sys
@@ -7,8 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from tests.distributed import REPO, run_ranks
-from tests.pretrain.test_translation import pair_data, translation_args  # noqa: F401  (fixture)
+from tests.distributed import REPO, run_ranks, translation_args
 
 
 def bleu(*args):
@@ -62,15 +61,7 @@ def test_score_mode_refuses_bad_files(tmp_path):
     one_line_error(bleu("--hyp", hyp), "at least one --ref")
 
 
-@pytest.fixture(scope="module")
-def translation_run(tmp_path_factory, pair_data):  # noqa: F811
-    """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1)."""
-    directory = tmp_path_factory.mktemp("translation_run")
-    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150), 1, directory / "logs")
-    return directory / "run"
-
-
-def toy_test_files(tmp_path, pair_data):  # noqa: F811
+def toy_test_files(tmp_path, pair_data):
     """The toy validation pairs as text (sources, references), decoded from the preprocessed files."""
     from pretrain.data.pairs import PairDataset
     from pretrain.data.tokenizer import SentencePieceTokenizer
@@ -82,7 +73,7 @@ def toy_test_files(tmp_path, pair_data):  # noqa: F811
     return sources, targets
 
 
-def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_data):  # noqa: F811
+def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_data):
     sources, targets = toy_test_files(tmp_path, pair_data)
     src, ref = write(tmp_path / "src", sources), write(tmp_path / "ref", targets)
     result = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 4, "--hyp_output", tmp_path / "hyps.txt"))
@@ -96,7 +87,7 @@ def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_da
     assert greedy["hyp_output"] == str(translation_run / "hyps.global_step150.txt")
 
 
-def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):  # noqa: F811
+def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):
     sources, targets = toy_test_files(tmp_path, pair_data)
     overlong = " ".join(sources[:20])  # far over the tiny model's 64 positions
     src = write(tmp_path / "src", [sources[0], "", overlong, "   ", sources[1]])
@@ -110,7 +101,7 @@ def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data): 
     assert len(warnings) == 1 and "src line 3 has" in warnings[0] and "64 positions" in warnings[0]
 
 
-def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):  # noqa: F811
+def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):
     sources, targets = toy_test_files(tmp_path, pair_data)
     src, ref = write(tmp_path / "src", sources), write(tmp_path / "ref", targets)
     one_line_error(bleu(translation_run, "--src", src, "--ref", write(tmp_path / "short", targets[:5])),
@@ -127,7 +118,7 @@ def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):
     one_line_error(bleu(lm_run, "--src", src, "--ref", ref), "'gpt' language model, not a translation model")
 
 
-def test_switch_checkpoint_with_experts_on_two_ranks_translates(tmp_path, pair_data):  # noqa: F811
+def test_switch_checkpoint_with_experts_on_two_ranks_translates(tmp_path, pair_data):
     """A Switch encoder-decoder trained at expert-parallel size 2 comes back whole (every expert of the
     encoder's and the decoder's MoE layers) and translates."""
     run_ranks(translation_args(tmp_path, pair_data, "moe_ep2_zero2.json", "tiny-switch-transformer.json", 3), 2,

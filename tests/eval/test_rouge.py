@@ -7,8 +7,7 @@ import pytest
 
 from eval.rouge import score
 from tests.distributed import REPO
-from tests.eval.test_bleu import toy_test_files, translation_run  # noqa: F401  (fixture)
-from tests.pretrain.test_translation import pair_data  # noqa: F401  (fixture)
+from tests.eval.test_bleu import toy_test_files
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
 
@@ -111,7 +110,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
         assert not out.exists()
 
 
-def test_generate_mode_summarizes_json_lines_documents_like_eval_bleu_translates(tmp_path, translation_run, pair_data):  # noqa: F811
+def test_generate_mode_summarizes_json_lines_documents_like_eval_bleu_translates(tmp_path, translation_run, pair_data):
     """The toy translation run stands in for a summarizer: documents from a JSON Lines field, beam search,
     one summary per line, scored against the reference field; the same outputs as eval.bleu's."""
     sources, targets = toy_test_files(tmp_path, pair_data)

@@ -9,8 +9,7 @@ from eval.checkpoint import load_model
 from models import ConfigError
 from pretrain.main import prepare
 from pretrain.tasks.distill import soft_target_loss
-from tests.distributed import run_ranks, read_metrics, train_args
-from tests.pretrain.test_translation import pair_data, translation_args  # noqa: F401  (fixture)
+from tests.distributed import run_ranks, read_metrics, train_args, translation_args
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_refusals(tmp_path, teacher, monkeypatch):
         prepare(distill_args(tmp_path, teacher, 1, ds="pipeline2_zero1.json"))
 
 
-def test_a_switch_translation_teacher_distils_into_a_dense_transformer(tmp_path, pair_data):  # noqa: F811
+def test_a_switch_translation_teacher_distils_into_a_dense_transformer(tmp_path, pair_data):
     """--distill_task translation: the student's hard loss is the label-smoothed one on token-budget batches,
     the soft targets come from the Switch encoder-decoder teacher at the target positions that are not padding."""
     teacher_dir = tmp_path / "teacher"

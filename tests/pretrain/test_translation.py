@@ -1,53 +1,13 @@
 """Translation task: label-smoothed cross entropy, batches from token-budget pair data, and real 2-rank
 training of the tiny dense and Switch encoder-decoders under ZeRO 0-3 and bf16 (the loss decreases)."""
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from pretrain.preprocess_pairs import preprocess_pairs
-from pretrain.tokenizer import train as train_tokenizer
 from pretrain.tasks.translation import IGNORE, label_smoothed_cross_entropy
-from tests.distributed import MAIN, REPO, rank_env, read_metrics, run_ranks
-
-WORDS = [f"w{i}" for i in range(24)]
-
-
-def write_synthetic_pairs(directory, n, seed):
-    """A toy language pair: the target is the source's words reversed, each word renamed (wN -> vN)."""
-    rng = random.Random(seed)
-    sources = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(n)]
-    targets = [" ".join(w.replace("w", "v") for w in reversed(s.split())) for s in sources]
-    paths = []
-    for ext, lines in (("src", sources), ("tgt", targets)):
-        path = directory / f"pairs{seed}.{ext}"
-        path.write_text("\n".join(lines) + "\n")
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def pair_data(tmp_path_factory):
-    """(train PREFIX, val PREFIX, tokenizer .model) of the toy language pair."""
-    directory = tmp_path_factory.mktemp("pairs")
-    train_src, train_tgt = write_synthetic_pairs(directory, 2000, seed=1)
-    val_src, val_tgt = write_synthetic_pairs(directory, 100, seed=2)
-    train_tokenizer(train_src, train_tgt, per_line=True, vocab_size=32, output=str(directory / "toy"), num_threads=1)
-    model = directory / "toy.model"
-    for prefix, (src, tgt) in (("train", (train_src, train_tgt)), ("val", (val_src, val_tgt))):
-        preprocess_pairs(source=str(src), target=str(tgt), tokenizer=str(model), output_prefix=str(directory / prefix),
-                         workers=1)
-    return directory / "train", directory / "val", model
-
-
-def translation_args(tmp_path, pair_data, ds_config, model_config, steps, *extra):
-    train, val, _ = pair_data
-    return ["--task", "translation", "--ds_config", REPO / "ds_configs" / ds_config,
-            "--model_config", REPO / "models" / "configs" / model_config, "--train_data", train, "--val_data", val,
-            "--max_steps", steps, "--save_dir", tmp_path / "run", "--eval_interval", steps, *extra]
-
+from tests.distributed import MAIN, REPO, rank_env, read_metrics, run_ranks, translation_args
 
 def test_label_smoothing_matches_the_formula():
     torch.manual_seed(0)
