@@ -53,6 +53,22 @@ def init_linear_(weight, init_scale, generator=None):
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
 
 
+def init_weights_(model, init_scale):
+    """Every Linear and Embedding of ``model`` by init_linear_, biases zero. Modules marked ``own_init``
+    (Switch experts) are initialized by their layer, outside the global RNG stream, so the rest of the
+    model is the same whatever the expert-parallel size."""
+    own = {id(m) for owner in model.modules() if getattr(owner, "own_init", False) for m in owner.modules()}
+    for module in model.modules():
+        if id(module) in own:
+            continue
+        if isinstance(module, nn.Linear):
+            init_linear_(module.weight, init_scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init_linear_(module.weight, init_scale)
+
+
 def rotary_tables(seq_len, head_dim, device):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -134,18 +150,7 @@ class GPT(nn.Module):
         return Block(config)
 
     def init_weights(self):
-        # Modules marked ``own_init`` (Switch experts) are initialized by their layer, outside the
-        # global RNG stream, so the rest of the model is the same whatever the expert-parallel size.
-        own = {id(m) for owner in self.modules() if getattr(owner, "own_init", False) for m in owner.modules()}
-        for module in self.modules():
-            if id(module) in own:
-                continue
-            if isinstance(module, nn.Linear):
-                init_linear_(module.weight, self.config.init_scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                init_linear_(module.weight, self.config.init_scale)
+        init_weights_(self, self.config.init_scale)
 
     def forward(self, tokens):
         """tokens (B, T) -> (logits (B, T, V), aux_loss scalar, per-MoE-layer stats list)."""

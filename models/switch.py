@@ -20,6 +20,20 @@ from models.gpt import GPT, Block, GPTConfig, init_linear_
 from models.registry import register_model
 
 
+def switch_settings_problem(config):
+    """What is wrong with a Switch config's routing settings (shared by the LM and encoder-decoder configs), or None."""
+    if config.capacity_factor <= 0 or config.eval_capacity_factor <= 0:
+        return "capacity_factor and eval_capacity_factor must be positive"
+    if config.min_capacity < 0 or config.aux_loss_coef < 0 or config.z_loss_coef < 0:
+        return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
+    if config.expert_dropout is not None and not 0.0 <= config.expert_dropout < 1.0:
+        return f"expert_dropout must be in [0, 1), got {config.expert_dropout}"
+    if config.num_experts % config.expert_parallel_size:
+        return (f"num_experts ({config.num_experts}) is not divisible by the expert-parallel size "
+                f"({config.expert_parallel_size}); change one of them")
+    return None
+
+
 @dataclass
 class SwitchConfig(GPTConfig):
     init_scale: float = 0.1
@@ -46,16 +60,7 @@ class SwitchConfig(GPTConfig):
             return f"moe_layers {bad} out of range for n_layers={self.n_layers}"
         if not self.layers_with_experts():
             return "moe_layers is empty: use the 'gpt' family for a dense model"
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            return "capacity_factor and eval_capacity_factor must be positive"
-        if self.min_capacity < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
-        if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
-            return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
-        if self.num_experts % self.expert_parallel_size:
-            return (f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size "
-                    f"({self.expert_parallel_size}); change one of them")
-        return None
+        return switch_settings_problem(self)
 
     def layers_with_experts(self):
         return list(range(1, self.n_layers, 2)) if self.moe_layers is None else list(self.moe_layers)

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.gpt import FeedForward, init_linear_
+from models.gpt import FeedForward, init_weights_
 from models.registry import register_model
-from models.switch import SwitchFFN
+from models.switch import SwitchFFN, switch_settings_problem
 
 
 @dataclass
@@ -174,17 +174,7 @@ class Transformer(nn.Module):
         return None
 
     def init_weights(self):
-        # Modules marked ``own_init`` (Switch experts) are initialized by their layer (see models/switch.py).
-        own = {id(m) for owner in self.modules() if getattr(owner, "own_init", False) for m in owner.modules()}
-        for module in self.modules():
-            if id(module) in own:
-                continue
-            if isinstance(module, nn.Linear):
-                init_linear_(module.weight, self.config.init_scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                init_linear_(module.weight, self.config.init_scale)
+        init_weights_(self, self.config.init_scale)
 
     def embed(self, emb, pos_emb, tokens, start=0):
         # Embeddings drawn with std 1/sqrt(d_model) and scaled by sqrt(d_model), as the paper scales them.
@@ -279,16 +269,7 @@ class SwitchTransformerConfig(TransformerConfig):
             return f"moe_layers {self.moe_layers} out of range for the shallower stack ({depth} layers)"
         if not self.layers_with_experts():
             return "no layer has experts (moe_layers is empty, or one layer per stack): use the 'transformer' family"
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            return "capacity_factor and eval_capacity_factor must be positive"
-        if self.min_capacity < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
-        if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
-            return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
-        if self.num_experts % self.expert_parallel_size:
-            return (f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size "
-                    f"({self.expert_parallel_size}); change one of them")
-        return None
+        return switch_settings_problem(self)
 
     def layers_with_experts(self):
         """Global layer indices (encoder 0..E-1, then decoder E..E+D-1) with a Switch FFN, in module order."""
