@@ -1,11 +1,14 @@
 """How much of a Switch teacher's gain a distilled dense student keeps, on held-out data.
 
     python -m eval.distill --teacher runs/switch --student runs/student --baseline runs/dense --text heldout.txt
+    python -m eval.distill --teacher runs/switch-mt --student runs/student-mt --baseline runs/dense-mt --pairs data/m30k.valid
 
-The three runs are LM run directories: the teacher (pretrain/main.py), the student (pretrain/main.py
---task distill --teacher ...) and the baseline (the student's model trained as long without the
-teacher). Each is scored by eval.perplexity on the same data (--text, --tokens or --dataset, as
-there), and the result is the Switch paper's Table 6 figure:
+The three runs are the teacher (pretrain/main.py), the student (pretrain/main.py --task distill
+--teacher ...) and the baseline (the student's model trained as long without the teacher). Language
+models are scored by eval.perplexity on the same data (--text, --tokens or --dataset, as there);
+translation models by their mean cross entropy (no label smoothing) per target token over every pair
+of --pairs (a python -m pretrain.preprocess_pairs PREFIX made with their tokenizer; pairs longer than
+the model's positions are left out and counted). The result is the Switch paper's Table 6 figure:
 
     kept = (baseline loss - student loss) / (baseline loss - teacher loss) x 100  [%]
 
@@ -13,12 +16,15 @@ of the teacher's improvement over the baseline in held-out loss, with each model
 perplexity and parameters (total, and active per token) and the student's compression (its
 parameters / the teacher's). Printed as one JSON object last.
 """
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
 import fire  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from eval.checkpoint import load_model  # noqa: E402
 from eval.cli import fail, print_result  # noqa: E402
@@ -35,12 +41,38 @@ def kept_percent(baseline_loss, student_loss, teacher_loss):
     return 100 * (baseline_loss - student_loss) / gain
 
 
-def report(teacher, student, baseline, **data):
+@torch.no_grad()
+def pair_loss(run_dir, prefix, max_tokens=4096):
+    """Mean cross entropy per target token of translation run RUN_DIR over every pair of PREFIX that fits."""
+    from eval.bleu import translation_model
+    from pretrain.data.pairs import PairDataset, TokenBudgetBatches
+    from pretrain.tasks.translation import positions_past
+
+    model, config, tokenizer = translation_model(run_dir, None)
+    pairs = PairDataset(prefix)
+    if pairs.src_tokenizer_spec != tokenizer.spec:
+        raise ConfigError(f"{prefix} was made with another tokenizer than {run_dir}'s; preprocess it with "
+                          f"{tokenizer.model_path}")
+    batches = TokenBudgetBatches(pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tokenizer.sp.pad_id(),
+                                 tokenizer.sp.bos_id(), seed=0)
+    nll, tokens = 0.0, 0
+    for k in range(len(batches)):  # one epoch on one rank: every pair that fits, once
+        batch = batches.batch(k)
+        src_mask = positions_past(batch["src_lengths"], batch["src"].shape[1])
+        logits = model(batch["src"], src_mask, batch["tgt_in"])[0].float()
+        real = ~positions_past(batch["tgt_lengths"], batch["tgt_out"].shape[1])
+        nll += F.cross_entropy(logits[real], batch["tgt_out"][real], reduction="sum").item()
+        tokens += int(real.sum())
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens, "data": str(prefix),
+            "skipped_pairs": batches.skipped}
+
+
+def report(teacher, student, baseline, pairs=None, **data):
     rows = {}
     for role, run in (("teacher", teacher), ("student", student), ("baseline", baseline)):
         model, _, _ = load_model(str(run))
         total, active = model.param_counts()
-        figures = evaluate(str(run), **data)
+        figures = pair_loss(str(run), str(pairs)) if pairs is not None else evaluate(str(run), **data)
         rows[role] = {"run_dir": str(run), "loss": figures["loss"], "perplexity": figures["perplexity"],
                       "parameters": total, "active_parameters": active}
     return {**rows, "tokens": figures["tokens"], "data": figures["data"],
@@ -48,7 +80,7 @@ def report(teacher, student, baseline, **data):
             "compression_percent": 100 * (1 - rows["student"]["parameters"] / rows["teacher"]["parameters"])}
 
 
-def main(teacher, student, baseline, text=None, tokens=None, dataset=None, split="validation", field="text",
+def main(teacher, student, baseline, text=None, tokens=None, dataset=None, pairs=None, split="validation", field="text",
          per_line=False, context=None, stride=None, batch_size=8, output=None):
     """Score the three runs on the same held-out data; prints one JSON object last.
 
@@ -56,14 +88,15 @@ def main(teacher, student, baseline, text=None, tokens=None, dataset=None, split
         teacher: the teacher's run directory.
         student: the distilled student's run directory.
         baseline: the run of the student's model trained without the teacher.
-        text, tokens, dataset, split, field, per_line, context, stride, batch_size: as in eval.perplexity.
+        text, tokens, dataset, split, field, per_line, context, stride, batch_size: as in eval.perplexity (LMs).
+        pairs: a preprocessed PREFIX of held-out sentence pairs (translation models).
         output: also write the JSON object to this file.
     """
     data = dict(text=None if text is None else str(text), tokens=None if tokens is None else str(tokens),
                 dataset=dataset, split=split, field=field, per_line=per_line, context=context, stride=stride,
                 batch_size=batch_size)
     try:
-        result = report(teacher, student, baseline, **data)
+        result = report(teacher, student, baseline, None if pairs is None else str(pairs), **data)
     except (ConfigError, UnsafeCheckpoint) as e:
         fail(str(e))
     print_result(result, output)

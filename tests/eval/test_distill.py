@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from eval.distill import kept_percent
 from eval.perplexity import evaluate
@@ -50,3 +51,31 @@ def test_a_teacher_worse_than_the_baseline_is_one_line(trained, heldout):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: the teacher (held-out loss") and "no better than the baseline" in lines[-1]
+
+
+def test_translation_runs_are_scored_by_cross_entropy_over_every_held_out_pair(translation_run, pair_data, tmp_path):
+    """--pairs: each model's loss is the mean NLL over every target token of the held-out pairs; checked here
+    against scoring the pairs one at a time, without padding."""
+    import torch.nn.functional as F
+
+    from eval.bleu import translation_model
+    from eval.distill import pair_loss
+    from pretrain.data.pairs import PairDataset
+
+    _, val, _ = pair_data
+    figures = pair_loss(str(translation_run), str(val), max_tokens=256)
+    model, _, tokenizer = translation_model(str(translation_run), None)
+    pairs, nll, tokens = PairDataset(val), 0.0, 0
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            src, tgt = (torch.from_numpy(x.astype("int64"))[None] for x in (pairs.src(i), pairs.tgt(i)))
+            tgt_in = torch.cat([torch.tensor([[tokenizer.sp.bos_id()]]), tgt[:, :-1]], dim=1)
+            logits = model(src, torch.zeros_like(src, dtype=torch.bool), tgt_in)[0]
+            nll += F.cross_entropy(logits[0].float(), tgt[0], reduction="sum").item()
+            tokens += tgt.shape[1]
+    assert figures["skipped_pairs"] == 0 and figures["tokens"] == tokens
+    assert figures["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+
+    proc, result = distill_report("--teacher", translation_run, "--student", translation_run, "--baseline", translation_run,
+                                  "--pairs", val)
+    assert proc.returncode == 2 and "no better than the baseline" in proc.stderr  # one run in all three roles: no gain
