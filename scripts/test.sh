@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-python -m pytest -q -ra "$@" tests
+python -m pytest -q -ra --durations=15 "$@" tests  # the slowest tests, to keep the suite short
