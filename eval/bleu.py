@@ -107,6 +107,12 @@ def translation_model(run_dir, tag):
     return model, config, tokenizer
 
 
+def check_search_settings(beam, batch_size, max_len_a, max_len_b):
+    if beam < 1 or batch_size < 1 or max_len_a < 0 or max_len_b < 0:
+        fail(f"--beam and --batch_size must be >= 1 and --max_len_a/--max_len_b >= 0, got {beam}, {batch_size}, "
+             f"{max_len_a}, {max_len_b}")
+
+
 def generate(run_dir, tag, sources, src_path, beam, lenpen, max_len_a, max_len_b, batch_size):
     """(outputs, tag, encoded sources): each line of ``sources`` through checkpoint ``tag`` of RUN_DIR by beam search.
     Shared with eval.rouge, whose summarizers are models of this task."""
@@ -155,9 +161,7 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, beam=5, lenpen=1.0,
         return
     if src is None or hyp is not None:
         fail("translate mode takes RUN_DIR --src FILE --ref FILE (--hyp is for scoring a file without a model)")
-    if beam < 1 or batch_size < 1 or max_len_a < 0 or max_len_b < 0:
-        fail(f"--beam and --batch_size must be >= 1 and --max_len_a/--max_len_b >= 0, got {beam}, {batch_size}, "
-             f"{max_len_a}, {max_len_b}")
+    check_search_settings(beam, batch_size, max_len_a, max_len_b)
     run_dir, src = str(run_dir), str(src)
     sources = read_lines(src, "source")
     if not sources:

@@ -26,10 +26,10 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from eval.checkpoint import load_model  # noqa: E402
+from eval.checkpoint import model_config, read_run_config  # noqa: E402
 from eval.cli import fail, print_result  # noqa: E402
 from eval.perplexity import evaluate  # noqa: E402
-from models import ConfigError  # noqa: E402
+from models import ConfigError, build_model  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 
@@ -67,11 +67,17 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
             "skipped_pairs": batches.skipped}
 
 
+def parameter_counts(run_dir):
+    """(total, active per token) of the run's model, from its config alone: the weights are read once, to score."""
+    config = model_config(read_run_config(run_dir), run_dir)
+    with torch.device("meta"):  # shapes only, no memory
+        return build_model(config).param_counts()
+
+
 def report(teacher, student, baseline, pairs=None, **data):
     rows = {}
     for role, run in (("teacher", teacher), ("student", student), ("baseline", baseline)):
-        model, _, _ = load_model(str(run))
-        total, active = model.param_counts()
+        total, active = parameter_counts(str(run))
         figures = pair_loss(str(run), str(pairs)) if pairs is not None else evaluate(str(run), **data)
         rows[role] = {"run_dir": str(run), "loss": figures["loss"], "perplexity": figures["perplexity"],
                       "parameters": total, "active_parameters": active}

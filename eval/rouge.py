@@ -38,6 +38,7 @@ import fire  # noqa: E402
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer, scoring  # noqa: E402
 
+from eval.bleu import check_search_settings, generate  # a summarizer is a translation-task model  # noqa: E402
 from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -118,8 +119,6 @@ def read_sources(path, field=None):
 
 def summarize(run_dir, src, src_field, tag, beam, lenpen, max_len_a, max_len_b, batch_size, hyp_output):
     """Generate a summary of every --src document with RUN_DIR's checkpoint; returns (summaries, tag, output path)."""
-    from eval.bleu import generate  # a summarizer is a model of the translation task
-
     documents = read_sources(src, src_field)
     if not documents:
         fail(f"source file {src} is empty; it must hold one document per line")
@@ -159,11 +158,8 @@ def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=No
         fail("pass --hyp FILE --ref FILE to score summaries, or RUN_DIR --src FILE --ref FILE to generate and score them")
     if bootstrap < 1 or not 0 < confidence < 1:
         fail(f"--bootstrap must be >= 1 and --confidence in (0, 1), got {bootstrap} and {confidence}")
-    fields = [f for f in (ref_fields if isinstance(ref_fields, (list, tuple)) else str(ref_fields).split(","))] \
-        if ref_fields else None
-    if beam < 1 or batch_size < 1 or max_len_a < 0 or max_len_b < 0:
-        fail(f"--beam and --batch_size must be >= 1 and --max_len_a/--max_len_b >= 0, got {beam}, {batch_size}, "
-             f"{max_len_a}, {max_len_b}")
+    fields = (list(ref_fields) if isinstance(ref_fields, (list, tuple)) else str(ref_fields).split(",")) if ref_fields else None
+    check_search_settings(beam, batch_size, max_len_a, max_len_b)
     references = read_references([str(r) for r in ref], fields)
     generated = {}
     if run_dir is not None:
