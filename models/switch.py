@@ -120,17 +120,38 @@ class SwitchFFN(nn.Module):
                 init_linear_(module.weight, self.config.init_scale, generator=gen)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x):
+    def forward(self, x, used_token=None):
+        """x (B, T, C); used_token (B, T) True/1 at real tokens, 0 at padding (None: every token is real).
+        -> (output, aux loss, routing stats). Padding gets a zero output and takes no expert capacity:
+        DeepSpeed's top1gating zeroes its routing before it fills the capacity, so it counts neither in
+        exp_counts nor in the slots. The capacity itself is still DeepSpeed's, from all B x T tokens."""
         B, T, C = x.shape
-        out, l_aux, exp_counts = self.moe(x)
-        aux = self.config.aux_loss_coef * l_aux.float()
-        if self.config.z_loss_coef > 0:
+        used = None if used_token is None else used_token.reshape(-1).long()  # long: top1gating's one-hot dtype
+        out, l_aux, exp_counts = self.moe(x, used)
+        num_real = B * T if used is None else used.sum().clamp(min=1)
+        if used is not None or self.config.z_loss_coef > 0:
             # Same float32 logits as DeepSpeed's gate computes (TopKGate.forward).
             logits = F.linear(x.reshape(-1, C).float(), self.moe.deepspeed_moe.gate.wg.weight.float())
-            aux = aux + self.config.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        if used is not None:
+            # DeepSpeed's l_aux is num_experts x sum(mean gate probability x routed count / B*T) with both means
+            # over all B x T tokens: padding adds its gate probabilities to the first factor (a gradient that
+            # balances the router on padding) and scales the second by the real fraction, so the loss's
+            # strength would depend on how padded a batch is. Switch eq. 4 over the real tokens instead:
+            mean_gates = real_token_mean(torch.softmax(logits, dim=-1), used)
+            l_aux = self.config.num_experts * (mean_gates * exp_counts.float() / num_real).sum()
+        aux = self.config.aux_loss_coef * l_aux.float()
+        if self.config.z_loss_coef > 0:
+            aux = aux + self.config.z_loss_coef * real_token_mean(torch.logsumexp(logits, dim=-1).square(), used)
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-        stats = routing_stats(exp_counts, B * T, self.config.num_experts, factor, self.config.min_capacity)
+        stats = routing_stats(exp_counts, B * T, num_real, self.config.num_experts, factor, self.config.min_capacity)
         return out, aux, stats
+
+
+def real_token_mean(values, used):
+    """Mean over the tokens (dim 0) of ``values`` at the tokens where ``used`` is 1; None: every token."""
+    if used is None:
+        return values.mean(dim=0)
+    return used.to(values.dtype) @ values / used.sum().clamp(min=1)
 
 
 def expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity):
@@ -138,12 +159,13 @@ def expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity):
     return max(-(-num_tokens * capacity_factor // num_experts), min_capacity)
 
 
-def routing_stats(exp_counts, num_tokens, num_experts, capacity_factor, min_capacity):
-    """Fraction of this rank's tokens routed to each expert, and the fraction dropped over capacity."""
+def routing_stats(exp_counts, num_tokens, num_real_tokens, num_experts, capacity_factor, min_capacity):
+    """Fraction of this rank's real tokens routed to each expert, and the fraction of them dropped over
+    capacity. ``exp_counts`` counts real tokens only; the capacity comes from all ``num_tokens``."""
     counts = exp_counts.detach().float()
     capacity = expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
-    dropped = (counts - capacity).clamp(min=0).sum() / num_tokens
-    return {"expert_fraction": counts / num_tokens, "dropped_fraction": dropped}
+    dropped = (counts - capacity).clamp(min=0).sum() / num_real_tokens
+    return {"expert_fraction": counts / num_real_tokens, "dropped_fraction": dropped}
 
 
 @register_model("switch", SwitchConfig)

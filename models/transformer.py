@@ -102,12 +102,14 @@ class Attention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-def add_ffn(x, ffn_out):
-    """Residual add of a dense FFN's output or a Switch FFN's (output, aux_loss, stats)."""
-    if isinstance(ffn_out, tuple):  # tokens over capacity get 0 from a Switch FFN and so pass through unchanged
-        out, aux_loss, stats = ffn_out
+def add_ffn(x, ffn, h, used_token):
+    """Residual add of ``ffn(h)``: (x + output, aux_loss, stats), aux_loss and stats None for a dense FFN.
+    A Switch FFN routes only the tokens where ``used_token`` is True (None: all), so padding takes no
+    expert capacity; padding and tokens over capacity get 0 from it and so pass through unchanged."""
+    if isinstance(ffn, SwitchFFN):
+        out, aux_loss, stats = ffn(h, used_token)
         return x + out, aux_loss, stats
-    return x + ffn_out, None, None
+    return x + ffn(h), None, None
 
 
 class EncoderLayer(nn.Module):
@@ -118,10 +120,11 @@ class EncoderLayer(nn.Module):
         self.ln_ffn = nn.LayerNorm(config.d_model)
         self.ffn = ffn if ffn is not None else FeedForward(config.d_model, config.d_ff, config.dropout)
 
-    def forward(self, x, attend_mask):
+    def forward(self, x, attend_mask, used_token):
+        """used_token (B, S): True at the real source tokens."""
         h = self.ln_attn(x)
         x = x + self.attn(h, *self.attn.keys_values(h), attend_mask=attend_mask)
-        return add_ffn(x, self.ffn(self.ln_ffn(x)))
+        return add_ffn(x, self.ffn, self.ln_ffn(x), used_token)
 
 
 class DecoderLayer(nn.Module):
@@ -134,9 +137,10 @@ class DecoderLayer(nn.Module):
         self.ln_ffn = nn.LayerNorm(config.d_model)
         self.ffn = ffn if ffn is not None else FeedForward(config.d_model, config.d_ff, config.dropout)
 
-    def forward(self, x, cross_kv, src_attend_mask, cache=None):
+    def forward(self, x, cross_kv, src_attend_mask, cache=None, used_token=None):
         """cross_kv: this layer's encoder keys/values. ``cache`` (incremental decoding, x is the newest
-        position only) holds the self-attention keys/values of earlier positions and gains this one's."""
+        position only) holds the self-attention keys/values of earlier positions and gains this one's.
+        used_token (B, T): True at the real target positions (None: all)."""
         h = self.ln_self(x)
         k, v = self.self_attn.keys_values(h)
         if cache is not None:
@@ -146,7 +150,7 @@ class DecoderLayer(nn.Module):
         # With a cache the one query is the newest position and may see every key: no mask.
         x = x + self.self_attn(h, k, v, is_causal=cache is None)
         x = x + self.cross_attn(self.ln_cross(x), *cross_kv, attend_mask=src_attend_mask)
-        return add_ffn(x, self.ffn(self.ln_ffn(x)))
+        return add_ffn(x, self.ffn, self.ln_ffn(x), used_token)
 
 
 @register_model("transformer", TransformerConfig)
@@ -193,7 +197,7 @@ class Transformer(nn.Module):
         attend_mask = self.attend_mask(src_pad_mask)
         aux_loss, stats = x.new_zeros((), dtype=torch.float32), []
         for layer in self.encoder:
-            x, layer_aux, layer_stats = layer(x, attend_mask)
+            x, layer_aux, layer_stats = layer(x, attend_mask, ~src_pad_mask)
             if layer_aux is not None:
                 aux_loss, stats = aux_loss + layer_aux, stats + [layer_stats]
         return self.ln_enc(x), aux_loss, stats
@@ -202,23 +206,30 @@ class Transformer(nn.Module):
         """Every decoder layer's encoder keys/values: computed once per sentence when decoding incrementally."""
         return [layer.cross_attn.keys_values(memory) for layer in self.decoder]
 
-    def decode(self, tgt_in, cross_kv, src_pad_mask, caches=None, start=0):
+    def decode(self, tgt_in, cross_kv, src_pad_mask, caches=None, start=0, tgt_pad_mask=None):
         """tgt_in (B, T) -> (logits (B, T, V), aux_loss, stats). With ``caches`` (one dict per layer), tgt_in
-        holds only the positions from ``start`` on and the caches hold the earlier ones."""
+        holds only the positions from ``start`` on and the caches hold the earlier ones. ``tgt_pad_mask``
+        (B, T), True at target padding (None: none), keeps padding out of the Switch layers' routing; the
+        causal mask already keeps it from the real positions' attention."""
         x = self.embed(self.tgt_emb, getattr(self, "tgt_pos", None), tgt_in, start)
         attend_mask = self.attend_mask(src_pad_mask)
+        used_token = None if tgt_pad_mask is None else ~tgt_pad_mask
         aux_loss, stats = x.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.decoder):
-            x, layer_aux, layer_stats = layer(x, cross_kv[i], attend_mask, None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            x, layer_aux, layer_stats = layer(x, cross_kv[i], attend_mask, cache, used_token)
             if layer_aux is not None:
                 aux_loss, stats = aux_loss + layer_aux, stats + [layer_stats]
         logits = F.linear(self.ln_dec(x), self.tgt_emb.weight)  # tied decoder input/output embedding
         return logits, aux_loss, stats
 
-    def forward(self, src, src_pad_mask, tgt_in):
-        """(logits (B, T, V), aux_loss scalar, per-MoE-layer stats list), the LMs' output shape."""
+    def forward(self, src, src_pad_mask, tgt_in, tgt_pad_mask=None):
+        """(logits (B, T, V), aux_loss scalar, per-MoE-layer stats list), the LMs' output shape.
+        Padding (src_pad_mask, tgt_pad_mask: True there; tgt_pad_mask None: no target padding) takes no
+        Switch expert capacity and counts in neither the aux loss nor the stats."""
         memory, enc_aux, enc_stats = self.encode(src, src_pad_mask)
-        logits, dec_aux, dec_stats = self.decode(tgt_in, self.cross_keys_values(memory), src_pad_mask)
+        logits, dec_aux, dec_stats = self.decode(tgt_in, self.cross_keys_values(memory), src_pad_mask,
+                                                 tgt_pad_mask=tgt_pad_mask)
         return logits, enc_aux + dec_aux, enc_stats + dec_stats
 
     def param_counts(self):

@@ -122,9 +122,11 @@ class TranslationTask:
 
     @staticmethod
     def inputs(batch):
-        """The model's arguments: (src, src_pad_mask, tgt_in)."""
-        src = batch["src"]
-        return src, positions_past(batch["src_lengths"], src.shape[1]), batch["tgt_in"]
+        """The model's arguments: (src, src_pad_mask, tgt_in, tgt_pad_mask); the masks keep padding out of
+        Switch expert capacity."""
+        src, tgt_in = batch["src"], batch["tgt_in"]
+        return (src, positions_past(batch["src_lengths"], src.shape[1]), tgt_in,
+                positions_past(batch["tgt_lengths"], tgt_in.shape[1]))
 
     @staticmethod
     def targets(batch):

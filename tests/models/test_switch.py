@@ -136,3 +136,46 @@ def test_expert_dropout_acts_inside_experts_only():
     assert not torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
     model.blocks[1].ffn.eval()
     assert torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
+
+
+PADDING = torch.tensor([5.0, 0, 0, 0]).expand(1, 6, 4)  # padding positions whose router prefers expert 0
+
+
+def test_padding_takes_no_expert_capacity():
+    # 6 real tokens (4 prefer expert 0) + 6 padding (expert 0): capacity ceil(12 / 2 x 1.0) = 6 slots each.
+    layer = routed_layer()
+    x = torch.cat([TOKENS, PADDING], dim=1)
+    used = torch.tensor([[True] * 6 + [False] * 6])
+    out, _, stats = layer(x, used)
+    assert all(not torch.all(out[0, i] == 0) for i in range(6))  # every real token has its expert's output
+    assert torch.all(out[0, 6:] == 0)  # padding is not routed
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))  # of the real tokens
+    assert float(stats["dropped_fraction"]) == 0.0
+    # Unmasked, the padding competes for expert 0's 6 slots: 10 tokens, 4 dropped, real ones among them.
+    out, _, stats = layer(x)
+    assert any(torch.all(out[0, i] == 0) for i in range(4))
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([10 / 12, 2 / 12]))
+    assert math.isclose(float(stats["dropped_fraction"]), 4 / 12, rel_tol=1e-6)
+
+
+def test_dropped_fraction_is_of_the_real_tokens():
+    # 6 real + 2 padding, capacity factor 0.5: ceil(8 / 2 x 0.5) = 2 slots; expert 0 keeps 2 of its 4 real tokens.
+    layer = routed_layer(capacity_factor=0.5)
+    layer.train()
+    out, _, stats = layer(torch.cat([TOKENS, PADDING[:, :2]], dim=1), torch.tensor([[1] * 6 + [0] * 2]))
+    assert sum(bool(torch.all(out[0, i] == 0)) for i in range(4)) == 2
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))
+    assert math.isclose(float(stats["dropped_fraction"]), 2 / 6, rel_tol=1e-6)
+
+
+def test_aux_and_z_loss_are_those_of_the_real_tokens_alone():
+    layer = routed_layer(z_loss_coef=0.001)
+    _, real_only, _ = layer(TOKENS)
+    _, padded, _ = layer(torch.cat([TOKENS, PADDING], dim=1), torch.tensor([[True] * 6 + [False] * 6]))
+    torch.testing.assert_close(padded, real_only, rtol=1e-6, atol=0)
+    # and they reach the router from the real tokens only
+    padded.backward()
+    grad = layer.moe.deepspeed_moe.gate.wg.weight.grad.clone()
+    layer.zero_grad()
+    real_only.backward()
+    torch.testing.assert_close(grad, layer.moe.deepspeed_moe.gate.wg.weight.grad, rtol=1e-5, atol=1e-7)

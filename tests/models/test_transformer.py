@@ -168,3 +168,41 @@ def test_bad_switch_configs_are_refused():
         tiny("switch-transformer", encoder_layers=1, decoder_layers=1)
     with pytest.raises(ConfigError, match="set at launch"):
         tiny("switch-transformer", expert_parallel_size=2)
+
+
+def padded_pair(src, src_lengths, tgt, tgt_lengths, width):
+    """The pair right-padded with PAD to ``width`` on both sides, and its (src_pad_mask, tgt_pad_mask)."""
+    src = torch.cat([src, torch.full((src.shape[0], width - src.shape[1]), PAD)], dim=1)
+    tgt = torch.cat([tgt, torch.full((tgt.shape[0], width - tgt.shape[1]), PAD)], dim=1)
+    positions = torch.arange(width)[None, :]
+    return src, positions >= src_lengths[:, None], tgt, positions >= tgt_lengths[:, None]
+
+
+def test_switch_padding_takes_no_capacity_and_no_stats():
+    # Every token chooses expert 0 (zero router weights tie, argmax takes the first), whose capacity
+    # (min_capacity 13) holds the 13 real tokens on each side but not them and much padding.
+    model = tiny("switch-transformer", num_experts=2, eval_capacity_factor=1.0, min_capacity=13)
+    for ffn in model.switch_layers():
+        torch.nn.init.zeros_(ffn.moe.deepspeed_moe.gate.wg.weight)
+    src, _, tgt = batch(B=2, S=7, T=7)
+    src_lengths, tgt_lengths = torch.tensor([7, 6]), torch.tensor([7, 6])
+    logits, aux, stats = model(*padded_pair(src, src_lengths, tgt, tgt_lengths, 7))
+    padded_logits, padded_aux, padded_stats = model(*padded_pair(src, src_lengths, tgt, tgt_lengths, 24))
+    real = ~padded_pair(src, src_lengths, tgt, tgt_lengths, 7)[3]
+    torch.testing.assert_close(padded_logits[:, :7][real], logits[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded_aux, aux)
+    for layer_stats in padded_stats:  # fractions of the 13 real tokens: all at expert 0, none dropped
+        torch.testing.assert_close(layer_stats["expert_fraction"], torch.tensor([1.0, 0.0]))
+        assert float(layer_stats["dropped_fraction"]) == 0.0
+    # Without the target mask the decoder's padding takes expert 0's slots: real target tokens are dropped.
+    unmasked_logits, _, unmasked_stats = model(*padded_pair(src, src_lengths, tgt, tgt_lengths, 24)[:3])
+    assert float(unmasked_stats[-1]["dropped_fraction"]) > 0
+    assert not torch.allclose(unmasked_logits[:, :7][real], logits[real], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_transformer_takes_and_ignores_the_target_pad_mask():
+    model = tiny()
+    src, src_pad_mask, tgt = batch()
+    tgt_pad_mask = torch.zeros_like(tgt, dtype=torch.bool)
+    tgt_pad_mask[0, 4:] = True
+    torch.testing.assert_close(model(src, src_pad_mask, tgt, tgt_pad_mask)[0], model(src, src_pad_mask, tgt)[0])
