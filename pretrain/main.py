@@ -3,6 +3,7 @@
 Arguments and both configs are checked before torch.distributed starts or any model is
 allocated; a problem is one line on stderr and exit code 2.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,15 +45,126 @@ def prepare(argv):
     return args, model_config, ds_config, plan, task
 
 
+def full_shape(param):
+    """A parameter's shape, also when ZeRO-3 has partitioned it (then ``param`` holds an empty tensor and
+    DeepSpeed keeps the shape in ``ds_shape``)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def optimizer_param_groups(model):
     """Weight decay on matrices only (not biases, LayerNorms); MoE params in their own groups for ZeRO."""
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for n, p in model.named_parameters() if len(full_shape(p)) >= 2]
+    no_decay = [p for n, p in model.named_parameters() if len(full_shape(p)) < 2]
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     if any(is_moe_param(p) for p in model.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
+
+
+@contextlib.contextmanager
+def whole_fp32_on_cpu(params):
+    """Inside: ``params`` (ZeRO-3 partitioned or not) whole, as fp32 CPU tensors, as a plain build holds
+    them before DeepSpeed casts and moves them; on exit what was written goes back into them (cast) and
+    rank 0's values are re-partitioned to every rank."""
+    import deepspeed
+    import torch
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gathered = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to("cpu", torch.float32)
+        try:
+            yield
+        finally:
+            for p, data in zip(params, gathered):
+                data.copy_(p.data)
+                p.data = data
+
+
+@contextlib.contextmanager
+def init_weights_module_by_module(model_cls):
+    """While it is on: ``model_cls.init_weights``, which the model calls at the end of its ``__init__``,
+    sees each module's own parameters whole (``whole_fp32_on_cpu``) while its walk of ``self.modules()``
+    is at that module, one module at a time.
+
+    Under ``deepspeed.zero.Init`` every submodule has been partitioned by then (its parameters are empty
+    tensors); this is what DeepSpeed does for ``Module.apply`` (``override_module_apply``), for the
+    ``model.modules()`` walk our models' ``init_weights_`` makes. The draws are a plain build's: the same
+    global RNG, the same order, fp32 on the CPU."""
+    original = model_cls.init_weights
+    own = "init_weights" in model_cls.__dict__
+
+    def init_weights(self):
+        walk = self.modules
+
+        def modules_whole():
+            for module in walk():
+                with whole_fp32_on_cpu(list(module.parameters(recurse=False))):
+                    yield module
+
+        self.modules = modules_whole  # an instance attribute: shadows nn.Module.modules for this call only
+        try:
+            original(self)
+        finally:
+            del self.modules
+
+    model_cls.init_weights = init_weights
+    try:
+        yield
+    finally:
+        if own:
+            model_cls.init_weights = original
+        else:
+            del model_cls.init_weights
+
+
+def zero3_init(ds_config):
+    """``deepspeed.zero.Init`` that builds the model a plain build would, partitioned as each module is made.
+
+    Each module is made as without it: fp32 on the CPU, so its constructor's default initialisation
+    draws from the global CPU RNG exactly as a plain build does (DeepSpeed's default tensor overrides
+    would create the tensors on the accelerator, drawing from its RNG, and in bf16/fp16, drawing
+    differently). Then, before DeepSpeed partitions the module, its parameters are cast to the training
+    dtype (what the engine does to a whole model; it does not cast a zero.Init model) and its buffers
+    moved to the device (the engine does not move a zero.Init model either).
+    memory_efficient_linear is off: DeepSpeed would otherwise replace torch.nn.functional.linear for
+    the rest of the process, which a plain build does not."""
+    import copy
+
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    class PlainBuildInit(deepspeed.zero.Init):
+        def _post_init_method(self, module):
+            for param in module.parameters(recurse=False):
+                if not is_zero_param(param) and param.is_floating_point():
+                    param.data = param.data.to(self.dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(self.local_device)
+            super()._post_init_method(module)
+
+    config = copy.deepcopy(ds_config)
+    config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
+    return PlainBuildInit(config_dict_or_path=config, tensor_overrides=[])
+
+
+def build_model(args, model_config, ds_config, plan, task):
+    """The task's model from seed ``args.seed`` (the same on every rank: replicated weights start equal).
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init``: each module is partitioned as soon as it is
+    made, so no rank holds the whole model at any time, only one module whole at a time plus its 1/N of
+    the rest. The weights are bit-identical to a plain build's (tests/pretrain/test_main_zero.py).
+    The distill task's teacher is not built here: it is loaded whole on every rank before (it is frozen
+    and runs outside the engine, so ZeRO-3 could not gather it for its forward)."""
+    import torch
+    from models import MODEL_FAMILIES
+
+    torch.manual_seed(args.seed)
+    if plan.zero_stage != 3:
+        return task.build_model()
+    with zero3_init(ds_config), init_weights_module_by_module(MODEL_FAMILIES[model_config.family_name][1]):
+        return task.build_model()
 
 
 def build_engine(args, model_config, ds_config, plan, task):
@@ -60,14 +172,25 @@ def build_engine(args, model_config, ds_config, plan, task):
     import deepspeed
     import torch
     import torch.distributed as dist
+    from models import build_model as build_from_config
 
-    torch.manual_seed(args.seed)  # same on every rank: replicated weights start equal
-    model = task.build_model()
-    total, active = model.param_counts()
-    flops = model.flops_per_token(task.seq_len)
+    if plan.zero_stage == 3:  # counted on a copy without memory: zero.Init's partitioned parameters have numel 0
+        with torch.device("meta"):
+            counted = build_from_config(model_config)
+    model = build_model(args, model_config, ds_config, plan, task)
+    if plan.zero_stage != 3:
+        counted = model
+    elif sum(p.numel() for p in counted.parameters()) != sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()):
+        raise RuntimeError(f"task {args.task} builds another model than its config {args.model_config} describes: "
+                           "count it from the model it builds")
+    total, active = counted.param_counts()
+    flops = counted.flops_per_token(task.seq_len)
+    held = sum(p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel() for p in model.parameters())
     if dist.get_rank() == 0:
         print(f"model {model_config.family_name}: {total:,} parameters, {active:,} active per token, "
               f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)
+        print(f"built: rank 0 holds {held:,} parameter values ({held / total:.1%} of the model)"
+              f"{' (ZeRO-3: partitioned while built, deepspeed.zero.Init)' if plan.zero_stage == 3 else ''}", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config)
     torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
     return engine, flops

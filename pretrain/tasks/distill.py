@@ -68,13 +68,18 @@ class DistillationTask:
         self.teacher_name = args.teacher
 
     def build_model(self):
+        import deepspeed
+
         student = self.base.build_model()
         if self.init_from_teacher:
-            teacher = self.teacher.state_dict()
-            student_state = student.state_dict()
-            shared = {name: teacher[name].float() for name, t in student_state.items()
-                      if name in teacher and teacher[name].shape == t.shape}
-            student.load_state_dict(shared, strict=False)
+            # Under ZeRO-3 the student is built partitioned (pretrain/main.py, deepspeed.zero.Init): it is
+            # gathered whole for the copy (a no-op otherwise). The teacher is whole on every rank anyway.
+            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=0):
+                teacher = self.teacher.state_dict()
+                student_state = student.state_dict()
+                shared = {name: teacher[name].float() for name, t in student_state.items()
+                          if name in teacher and teacher[name].shape == t.shape}
+                student.load_state_dict(shared, strict=False)
             if rank_from_env() == 0:
                 print(f"student initialized from teacher {self.teacher_name}: {len(shared)} of {len(student_state)} "
                       f"tensors (the rest, where the teacher has experts, start at random)", flush=True)

@@ -9,9 +9,17 @@ worst relative gap over 6 steps is 9.1e-8 for every stage, offload included, mos
 RTOL = 1e-5 is ~100x that and still far below a real bug (a wrong batch, a missing all-reduce or a
 lost shard moves the loss by >1e-3 in the first steps).
 """
-import pytest
+import json
+from pathlib import Path
 
-from tests.distributed import read_metrics, run_ranks, train_args
+import pytest
+import torch
+
+from eval.checkpoint import load_model
+from pretrain.main import prepare
+from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, train_args, translation_args, wait_ranks
+
+HERE = Path(__file__).resolve().parent
 
 STEPS = 6
 RTOL = 1e-5
@@ -30,3 +38,82 @@ def test_two_ranks_match_one_rank(tmp_path, ds_config):
     print(ds_config, "relative gaps per step", gaps)
     assert max(gaps) < RTOL, f"relative gaps per step {gaps}"
     assert losses[1][STEPS] < losses[1][1]  # it trains
+
+
+# ------------------------------------------------------------------------------------------
+# ZeRO-3 builds the model partitioned (pretrain/main.py: deepspeed.zero.Init), with a plain build's weights.
+
+def built_weights(tmp_path, args, world=2):
+    """{"state": the engine's weights gathered whole, "held": per rank, what it held right after the build}."""
+    out = tmp_path / "built.pt"
+    results = wait_ranks(start_ranks([out, *args], world, tmp_path / "built-logs", script=HERE / "built_weights.py"),
+                         tmp_path / "built-logs")
+    assert [r.returncode for r in results] == [0] * world, results[0].output[-4000:]
+    return torch.load(out, weights_only=True), results[0].output
+
+
+def zero_config(tmp_path, name, **changes):
+    config = json.loads((REPO / "ds_configs" / name).read_text())
+    config.update(changes)
+    path = tmp_path / f"ds-{len(list(tmp_path.glob('ds-*')))}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("model, precision", [("tiny-gpt.json", "fp32"), ("tiny-gpt.json", "bf16"),
+                                              ("tiny-transformer.json", "fp32")])
+def test_zero3_builds_the_plain_weights_partitioned(tmp_path, pair_data, model, precision):
+    """Each of 2 ranks holds about half of the model right after it is built (without zero.Init: all of
+    it), and the weights are bit-identical to a plain build from the same seed (cast as the engine casts)."""
+    ds = zero_config(tmp_path, "zero3.json", **({"bf16": {"enabled": True}} if precision == "bf16" else {}))
+    if model == "tiny-transformer.json":
+        args = [str(a) for a in translation_args(tmp_path, pair_data, "zero3.json", model, 1)]
+    else:
+        args = [str(a) for a in train_args(tmp_path, "zero3.json", model, 1)]
+    args[args.index("--ds_config") + 1] = str(ds)
+    built, output = built_weights(tmp_path, args)
+    assert "(ZeRO-3: partitioned while built, deepspeed.zero.Init)" in output
+    for held in built["held"]:
+        assert held["partitioned"] == held["tensors"] > 10  # stage3_param_persistence_threshold 0: every tensor
+        # 1/2 of each tensor, rounded up (DeepSpeed pads each to a multiple of the world size)
+        assert held["full"] / 2 <= held["values"] <= held["full"] / 2 + held["tensors"], held
+
+    args_, _, _, _, task = prepare(args)
+    torch.manual_seed(args_.seed)
+    plain = dict(task.build_model().named_parameters())
+    state = built["state"]
+    assert state.keys() == plain.keys() and sum(t.numel() for t in state.values()) == built["held"][0]["full"]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(t.dtype == dtype for t in state.values())
+    assert [name for name in state if not torch.equal(state[name], plain[name].detach().to(dtype))] == []
+
+
+def test_zero0_builds_whole(tmp_path):
+    built, output = built_weights(tmp_path, [str(a) for a in train_args(tmp_path, "zero0.json", "tiny-gpt.json", 1)])
+    assert all(held["values"] == held["full"] and held["partitioned"] == 0 for held in built["held"])
+    assert "rank 0 holds" in output and "100.0% of the model" in output
+
+
+def test_zero3_distillation_student_starts_from_the_teacher(tmp_path):
+    """The student, built partitioned, is gathered for the copy of the teacher's weights (pretrain/tasks/distill.py)."""
+    teacher = tmp_path / "teacher"
+    run_ranks(train_args(tmp_path, "zero0.json", "tiny-gpt.json", 2, save_dir=teacher), 1, tmp_path / "teacher-logs")
+    args = [str(a) for a in train_args(tmp_path, "zero3.json", "tiny-gpt.json", 1, "--task", "distill", "--teacher", teacher)]
+    built, output = built_weights(tmp_path, args)
+    assert "student initialized from teacher" in output and "(ZeRO-3: partitioned while built" in output
+    expected = load_model(teacher)[0].state_dict()
+    state = built["state"]
+    assert state.keys() <= expected.keys()
+    assert [name for name in state if not torch.equal(state[name], expected[name])] == []
+
+
+def test_zero3_trains_as_zero0(tmp_path):
+    """The same 2-rank run under ZeRO-0 and ZeRO-3 (built partitioned): the same losses within RTOL."""
+    losses = {}
+    for ds_config in ("zero0.json", "zero3.json"):
+        save_dir = tmp_path / ds_config
+        run_ranks(train_args(tmp_path, ds_config, "tiny-gpt.json", STEPS, save_dir=save_dir), 2, tmp_path / f"logs-{ds_config}")
+        losses[ds_config] = read_metrics(save_dir)
+    gaps = [abs(losses["zero0.json"][s] - losses["zero3.json"][s]) / abs(losses["zero0.json"][s]) for s in range(1, STEPS + 1)]
+    print("zero0 vs zero3 relative gaps per step", gaps)
+    assert max(gaps) < RTOL, f"relative gaps per step {gaps}"

@@ -1,0 +1,48 @@
+"""Test-only rank: pretrain/main.py's build_engine, then the engine's weights gathered whole, and what each
+rank held right after the model was built (before deepspeed.initialize), into one file.
+
+    python tests/pretrain/built_weights.py OUT.pt MAIN_PY_ARGS...   (started as ranks by tests/distributed.py)
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import pretrain.main  # noqa: E402
+from pretrain import distributed  # noqa: E402
+
+
+def main():
+    out, argv = Path(sys.argv[1]), sys.argv[2:]
+    prepared = pretrain.main.prepare(argv)
+    distributed.init()
+    held = {}
+    build_model = pretrain.main.build_model
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        held["values"] = sum(p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
+                             for p in model.parameters())
+        held["full"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        held["partitioned"] = sum(hasattr(p, "ds_id") for p in model.parameters())
+        held["tensors"] = len(list(model.parameters()))
+        return model
+
+    pretrain.main.build_model = recording_build_model
+    engine, _ = pretrain.main.build_engine(*prepared)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):  # a no-op below ZeRO-3
+        state = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, held)
+    if dist.get_rank() == 0:
+        torch.save({"state": state, "held": ranks}, out)
+    distributed.finish(0)
+
+
+if __name__ == "__main__":
+    main()
