@@ -20,25 +20,16 @@ from models.gpt import GPT, Block, GPTConfig, init_linear_
 from models.registry import register_model
 
 
-def switch_settings_problem(config):
-    """What is wrong with a Switch config's routing settings (shared by the LM and encoder-decoder configs), or None."""
-    if config.capacity_factor <= 0 or config.eval_capacity_factor <= 0:
-        return "capacity_factor and eval_capacity_factor must be positive"
-    if config.min_capacity < 0 or config.aux_loss_coef < 0 or config.z_loss_coef < 0:
-        return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
-    if config.expert_dropout is not None and not 0.0 <= config.expert_dropout < 1.0:
-        return f"expert_dropout must be in [0, 1), got {config.expert_dropout}"
-    if config.num_experts % config.expert_parallel_size:
-        return (f"num_experts ({config.num_experts}) is not divisible by the expert-parallel size "
-                f"({config.expert_parallel_size}); change one of them")
-    return None
-
-
 @dataclass
-class SwitchConfig(GPTConfig):
+class SwitchSettings:
+    """The Switch fields of a config, shared by the LM's (SwitchConfig) and the encoder-decoder's
+    (models/transformer.py); SwitchFFN reads them. A config inherits it before its dense base class,
+    ``class C(SwitchSettings, DenseConfig)``, so that its init_scale replaces the dense default while
+    the field order stays the dense fields, then these."""
     init_scale: float = 0.1
     num_experts: int = 4
-    # Layers whose FFN is a Switch layer; None means every other layer (1, 3, 5, ...) as in the paper.
+    # Layers whose FFN is a Switch layer (the encoder-decoder: indices within each stack, applied to both);
+    # None means every other layer (1, 3, 5, ...) as in the paper.
     moe_layers: Optional[List[int]] = None
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
@@ -49,18 +40,34 @@ class SwitchConfig(GPTConfig):
     # Set at launch from the DeepSpeed config's "moe": {"expert_parallel_size": N}, never in a model file.
     expert_parallel_size: int = field(default=1, metadata={"from_launch": True})
 
-    def problem(self):
-        base = super().problem()
-        if base:
-            return base
+    def switch_problem(self):
+        """What is wrong with the expert and routing settings, or None."""
         if self.num_experts < 1:
             return f"num_experts must be >= 1, got {self.num_experts}"
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            return "capacity_factor and eval_capacity_factor must be positive"
+        if self.min_capacity < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
+        if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
+            return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
+        if self.num_experts % self.expert_parallel_size:
+            return (f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size "
+                    f"({self.expert_parallel_size}); change one of them")
+        return None
+
+
+@dataclass
+class SwitchConfig(SwitchSettings, GPTConfig):
+    def problem(self):
+        base = super().problem() or self.switch_problem()
+        if base:
+            return base
         bad = [i for i in self.layers_with_experts() if not 0 <= i < self.n_layers]
         if bad:
             return f"moe_layers {bad} out of range for n_layers={self.n_layers}"
         if not self.layers_with_experts():
             return "moe_layers is empty: use the 'gpt' family for a dense model"
-        return switch_settings_problem(self)
+        return None
 
     def layers_with_experts(self):
         return list(range(1, self.n_layers, 2)) if self.moe_layers is None else list(self.moe_layers)

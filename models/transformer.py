@@ -10,8 +10,8 @@ is set. The decoder's input embedding is always tied with its output projection;
 English-German model). Masks follow fairseq: ``src_pad_mask`` is True at padding positions.
 """
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from models.gpt import FeedForward, init_weights_
 from models.registry import register_model
-from models.switch import SwitchFFN, switch_settings_problem
+from models.switch import SwitchFFN, SwitchSettings
 
 
 @dataclass
@@ -251,36 +251,21 @@ class Transformer(nn.Module):
 
 # ------------------------------------------------------------------------------------------
 # Switch encoder-decoder: the FFN of chosen layers, in the encoder and in the decoder, is a
-# Switch layer (models/switch.py: deepspeed.moe.layer.MoE, k=1). Its fields are named as
-# SwitchConfig's, which SwitchFFN reads.
+# Switch layer (models/switch.py: deepspeed.moe.layer.MoE, k=1), configured by the same Switch
+# fields as the Switch LM (SwitchSettings).
 
 @dataclass
-class SwitchTransformerConfig(TransformerConfig):
-    init_scale: float = 0.1
-    num_experts: int = 4
-    # Indices within each stack whose FFN is a Switch layer, applied to the encoder and the decoder alike;
-    # None means every other layer (1, 3, 5, ...) as in the paper.
-    moe_layers: Optional[List[int]] = None
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    expert_dropout: Optional[float] = None
-    expert_parallel_size: int = field(default=1, metadata={"from_launch": True})
-
+class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
     def problem(self):
-        base = super().problem()
+        base = super().problem() or self.switch_problem()
         if base:
             return base
-        if self.num_experts < 1:
-            return f"num_experts must be >= 1, got {self.num_experts}"
         depth = min(self.encoder_layers, self.decoder_layers)
         if self.moe_layers is not None and not all(0 <= i < depth for i in self.moe_layers):
             return f"moe_layers {self.moe_layers} out of range for the shallower stack ({depth} layers)"
         if not self.layers_with_experts():
             return "no layer has experts (moe_layers is empty, or one layer per stack): use the 'transformer' family"
-        return switch_settings_problem(self)
+        return None
 
     def layers_with_experts(self):
         """Global layer indices (encoder 0..E-1, then decoder E..E+D-1) with a Switch FFN, in module order."""

@@ -1,11 +1,14 @@
 """Switch layer: routing, capacity and dropped tokens against a hand-computed case; the paper's
 details (distinct expert init, aux loss reaching the router, fp32 router, z-loss)."""
+import dataclasses
+import json
 import math
 
+import pytest
 import torch
 
-from models import config_from_dict
-from models.switch import SwitchFFN, SwitchLM, expert_capacity
+from models import ConfigError, config_from_dict, config_to_dict
+from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
 
 
 def switch_config(**over):
@@ -179,3 +182,17 @@ def test_aux_and_z_loss_are_those_of_the_real_tokens_alone():
     layer.zero_grad()
     real_only.backward()
     torch.testing.assert_close(grad, layer.moe.deepspeed_moe.gate.wg.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["switch", "switch-transformer"])
+def test_switch_fields_are_declared_once_and_saved_configs_load(family):
+    config = config_from_dict({"family": family, "capacity_factor": 1.5})
+    assert isinstance(config, SwitchSettings) and config.init_scale == 0.1  # the Switch default, not the dense 1.0
+    switch_fields = [f.name for f in dataclasses.fields(SwitchSettings)]
+    # the Switch fields follow the dense ones; init_scale keeps its place among the dense fields
+    assert [f.name for f in dataclasses.fields(config)][-len(switch_fields) + 1:] == switch_fields[1:]
+    saved = json.loads(json.dumps(config_to_dict(config)))  # as a run records it, with the launch fields
+    with pytest.raises(ConfigError, match="'expert_parallel_size' is set at launch"):
+        config_from_dict(saved)
+    del saved["expert_parallel_size"]  # what eval/checkpoint.py's loader drops
+    assert config_from_dict(saved) == config
