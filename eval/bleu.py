@@ -10,7 +10,7 @@ as one JSON object: bleu, sacreBLEU's signature, the n-gram precisions, brevity 
 
 Translating: RUN_DIR is a pretrain/main.py --task translation --save_dir (dense or Switch, any ZeRO
 stage; --tag picks a checkpoint other than ``latest``). Each source line is encoded with the run's
-tokenizer and EOS, translated by beam search with incremental decoding (models/generation.py;
+(source) tokenizer and EOS, translated by beam search with incremental decoding (models/generation.py;
 max length = max_len_a x source length + max_len_b tokens), decoded with sentencepiece and written
 one line per source line, in the input order, to --hyp_output (default RUN_DIR/hyps.TAG.txt), through a
 temporary name. An empty source line translates to an empty line; a line longer than the model's
@@ -29,12 +29,13 @@ import torch  # noqa: E402
 from sacrebleu.metrics import BLEU  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag  # noqa: E402
+from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer  # noqa: E402
 from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
 from models import ConfigError  # noqa: E402
-from models.generation import beam_search  # noqa: E402
+from models.generation import translate_ids  # noqa: E402
 from models.transformer import TransformerConfig  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
+from pretrain.tasks.translation import encode_sources  # noqa: E402
 
 
 def read_references(paths, num_lines, what):
@@ -56,55 +57,32 @@ def score(hypotheses, references, tokenize="13a", lowercase=False):
             "sentences": len(hypotheses)}
 
 
-def encode_sources(lines, tokenizer, max_positions, src_path):
-    """Token ids + EOS per line (None for an empty line); lines over max_positions are cut, with a warning."""
-    encoded = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            encoded.append(None)
-            continue
-        ids = tokenizer.encode(line) + [tokenizer.eos_id]
-        if len(ids) > max_positions:
-            print(f"warning: {src_path} line {number} has {len(ids)} tokens; translating its first {max_positions - 1} "
-                  f"(the model has {max_positions} positions)", file=sys.stderr)
-            ids = ids[:max_positions - 1] + [tokenizer.eos_id]
-        encoded.append(ids)
-    return encoded
-
-
 @torch.no_grad()
-def translate(model, tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device):
-    """Detokenized best hypothesis per entry of ``encoded`` ("" for None), in order; sentences of similar
-    length share a batch."""
-    sp = tokenizer.sp
-    pad, bos, eos = sp.pad_id(), sp.bos_id(), tokenizer.eos_id
-    outputs = [""] * len(encoded)
-    order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc="translate", unit="batch", file=sys.stderr):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        src = torch.full((len(rows), width), pad, dtype=torch.long)
-        for b, i in enumerate(rows):
-            src[b, :len(encoded[i])] = torch.tensor(encoded[i])
-        src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(encoded[i]) for i in rows])[:, None]
-        hypotheses = beam_search(model, src.to(device), src_pad_mask.to(device), bos, eos, pad, beam=beam, lenpen=lenpen,
-                                 max_len_a=max_len_a, max_len_b=max_len_b, vocab_size=tokenizer.vocab_size)
-        for i, hyps in zip(rows, hypotheses):
-            outputs[i] = tokenizer.decode(hyps[0].tokens) if hyps else ""
-    return outputs
+def translate(model, src_tokenizer, tgt_tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device):
+    """Detokenized best hypothesis per entry of ``encoded`` ("" for None), in order; sentences of similar length
+    share a batch."""
+    sp = tgt_tokenizer.sp
+    progress = functools.partial(tqdm, desc="translate", unit="batch", file=sys.stderr)
+    best = translate_ids(model, encoded, src_tokenizer.sp.pad_id(), sp.bos_id(), tgt_tokenizer.eos_id, beam=beam,
+                         lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b, batch_size=batch_size,
+                         vocab_size=tgt_tokenizer.vocab_size, device=device, progress=progress)
+    return [tgt_tokenizer.decode(tokens) for tokens in best]
 
 
 def translation_model(run_dir, tag):
-    """(model, config, tokenizer) of a translation run; a language-model run is refused before loading weights."""
+    """(model, config, source tokenizer, target tokenizer) of a translation run; a language-model run is refused
+    before loading weights."""
     run_config = read_run_config(run_dir)
     config = model_config(run_config, run_dir)
     if not isinstance(config, TransformerConfig):
         raise ConfigError(f"{run_dir} holds a {type(config).family_name!r} language model, not a translation model; "
                           f"pass the --save_dir of a pretrain/main.py --task translation run")
-    model, config, tokenizer = load_model(run_dir, tag)
-    if not hasattr(tokenizer, "sp") or tokenizer.sp.pad_id() < 0 or tokenizer.sp.bos_id() < 0:
-        raise ConfigError(f"{run_dir} was trained with a tokenizer without pad and bos ids; it is not a translation run")
-    return model, config, tokenizer
+    model, config, tgt_tokenizer = load_model(run_dir, tag)
+    src_tokenizer = run_source_tokenizer(run_dir)
+    for tokenizer in (src_tokenizer, tgt_tokenizer):
+        if not hasattr(tokenizer, "sp") or tokenizer.sp.pad_id() < 0 or tokenizer.sp.bos_id() < 0:
+            raise ConfigError(f"{run_dir} was trained with a tokenizer without pad and bos ids; it is not a translation run")
+    return model, config, src_tokenizer, tgt_tokenizer
 
 
 def check_search_settings(beam, batch_size, max_len_a, max_len_b):
@@ -118,12 +96,13 @@ def generate(run_dir, tag, sources, src_path, beam, lenpen, max_len_a, max_len_b
     Shared with eval.rouge, whose summarizers are models of this task."""
     try:
         tag = resolve_tag(run_dir, tag)
-        model, config, tokenizer = translation_model(run_dir, tag)
+        model, config, src_tokenizer, tgt_tokenizer = translation_model(run_dir, tag)
     except (ConfigError, UnsafeCheckpoint) as e:
         fail(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoded = encode_sources(sources, tokenizer, config.max_seq_len, src_path)
-    outputs = translate(model.to(device), tokenizer, encoded, beam, lenpen, max_len_a, max_len_b, batch_size, device)
+    encoded = encode_sources(sources, src_tokenizer, config.max_seq_len, src_path)
+    outputs = translate(model.to(device), src_tokenizer, tgt_tokenizer, encoded, beam, lenpen, max_len_a, max_len_b,
+                        batch_size, device)
     return outputs, tag, encoded
 
 

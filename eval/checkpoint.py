@@ -1,7 +1,7 @@
 """A trained checkpoint as a plain model for evaluation: ``load_model(run_dir, tag=None)``.
 
 A run directory (pretrain/main.py --save_dir) holds run_config.json (model config, DeepSpeed
-config, tokenizer spec), ``latest`` and DeepSpeed's tag directories. Whatever layout a run was
+config, tokenizer spec, and a translation run's source tokenizer when the sides had one each), ``latest`` and DeepSpeed's tag directories. Whatever layout a run was
 trained in, the model comes back as the module models.build_model makes, whole on one process:
 
     ZeRO 0-2            mp_rank_00_model_states.pt["module"]
@@ -72,6 +72,12 @@ def run_tokenizer(run_dir, spec):
             return tokenizer
     raise ConfigError(f"{run_dir} was trained with tokenizer {spec['path']}, which no longer exists (nor in or beside "
                       f"the run directory); copy {name} into {run_dir}")
+
+
+def run_source_tokenizer(run_dir):
+    """A translation run's source-side tokenizer: its own when the sides had one each, else the run's only one."""
+    run_config = read_run_config(run_dir)
+    return run_tokenizer(run_dir, run_config.get("src_tokenizer", run_config["tokenizer"]))
 
 
 def model_config(run_config, run_dir):

@@ -13,6 +13,11 @@ not end continue; a sentence is done when it holds ``beam`` finished hypotheses.
 before ``min_len`` tokens and forced once a sentence has max_len = min(a x source length + b,
 positions left) tokens; ``vocab_size`` keeps out ids the tokenizer does not have. Results are,
 per sentence, its best ``nbest`` Hypothesis objects.
+
+``sync`` keeps ranks in step when they generate together (validation BLEU during training): under
+expert parallelism every forward holds an all-to-all and under ZeRO-3 every module's forward
+gathers its parameters, so each rank must run as many encoder and decoder steps as every other,
+even once its own sentences are done. ``translate_ids`` drives batches of sentences the same way.
 """
 from dataclasses import dataclass
 from typing import List
@@ -67,6 +72,17 @@ def max_lengths(model, src_pad_mask, max_len_a, max_len_b):
     return wanted.clamp(min=1, max=model.config.max_seq_len - 1)
 
 
+def steps_bound(max_lens, sync):
+    """Decoding steps at most: this batch's longest allowed output + its EOS, the longest over all ranks with ``sync``."""
+    steps = int(max_lens.max()) + 1
+    return steps if sync is None else sync.most(steps)
+
+
+def all_done(done_here, sync):
+    """Stop decoding: when this rank's sentences are done, or with ``sync`` when every rank's are."""
+    return done_here if sync is None else sync.all(done_here)
+
+
 def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad, vocab_size=None):
     """No padding or start token ever, nor ids from vocab_size on (a model's vocabulary may be larger than its
     tokenizer's); no EOS before min_len; only EOS (with its own log-prob) at max_len."""
@@ -87,7 +103,7 @@ def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad, vocab_size=Non
 
 @torch.no_grad()
 def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200,
-                nbest=1, vocab_size=None, incremental=True):
+                nbest=1, vocab_size=None, incremental=True, sync=None):
     """src (B, S), src_pad_mask (B, S) True at padding -> for each sentence its best ``nbest`` Hypothesis."""
     B, K = src.shape[0], beam
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
@@ -101,7 +117,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     finished = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     first_row = torch.arange(B, device=device)[:, None] * K
-    for step in range(int(max_lens.max()) + 1):
+    for step in range(steps_bound(max_lens, sync)):
         lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, row_max_lens, bos, eos, pad, vocab_size)
         V = lprobs.shape[1]
         cand_scores, cand_idx = (scores.view(-1, 1) + lprobs).view(B, K * V).topk(2 * K, dim=1)
@@ -116,7 +132,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
                 finished[b].append(Hypothesis(tokens[row, 1:].tolist(), cand_scores[b, j].item() / (step + 1) ** lenpen,
                                               positional[row].tolist() + [cand_lprobs[b, j].item()]))
         done |= torch.tensor([len(f) >= K for f in finished])
-        if done.all():
+        if all_done(bool(done.all()), sync):
             break
 
         # The best K candidates that did not end go on (EOS candidates sort after all others).
@@ -130,20 +146,21 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]
 
 
-def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental):
+def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental,
+              sync):
     """Greedy or sampled decoding: one hypothesis per sentence, next token = choose(log-probs)."""
     B = src.shape[0]
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
     decoder = StepDecoder(model, src, src_pad_mask, 1, incremental)
     tokens = src.new_full((B, 1), bos)
     step_lprobs, ended = [], torch.zeros(B, dtype=torch.bool, device=src.device)
-    for step in range(int(max_lens.max()) + 1):
+    for step in range(steps_bound(max_lens, sync)):
         lprobs = constrain(decoder.next_log_probs(tokens), step, min_len, max_lens, bos, eos, pad, vocab_size)
         chosen = torch.where(ended, pad, choose(lprobs))  # finished rows are padded
         step_lprobs.append(torch.where(ended, 0.0, lprobs.gather(1, chosen[:, None]).squeeze(1)))
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
         ended |= chosen == eos
-        if ended.all():
+        if all_done(bool(ended.all()), sync):
             break
     step_lprobs = torch.stack(step_lprobs, dim=1)
     hypotheses = []
@@ -157,15 +174,15 @@ def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_
 
 @torch.no_grad()
 def greedy(model, src, src_pad_mask, bos, eos, pad, min_len=1, max_len_a=0.0, max_len_b=200, vocab_size=None,
-           incremental=True):
+           incremental=True, sync=None):
     """The most likely token at each step; per sentence a list of one Hypothesis."""
     return _one_path(model, src, src_pad_mask, bos, eos, pad, lambda lprobs: lprobs.argmax(dim=-1),
-                     min_len, max_len_a, max_len_b, vocab_size, incremental)
+                     min_len, max_len_a, max_len_b, vocab_size, incremental, sync)
 
 
 @torch.no_grad()
 def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, generator=None, min_len=1,
-           max_len_a=0.0, max_len_b=200, vocab_size=None, incremental=True):
+           max_len_a=0.0, max_len_b=200, vocab_size=None, incremental=True, sync=None):
     """Tokens drawn from softmax(log-probs / temperature), from the top_k most likely only when top_k > 0.
     Scores are the model's own log-probabilities of the drawn tokens (before temperature and top-k)."""
     if temperature <= 0:
@@ -179,4 +196,29 @@ def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, ge
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
     return _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size,
-                     incremental)
+                     incremental, sync)
+
+
+@torch.no_grad()
+def translate_ids(model, encoded, pad, bos, eos, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, batch_size=64,
+                  vocab_size=None, device="cpu", sync=None, progress=iter):
+    """The best hypothesis' tokens for each entry of ``encoded`` (token ids, EOS included; None for an empty
+    line, which gets []), in order. Sentences of similar length share a batch; ``progress`` wraps the batches
+    (a tqdm). With ``sync``, ranks that hold fewer batches decode a one-token sentence until every rank is done."""
+    outputs = [[] for _ in encoded]
+    order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    num_batches = len(batches) if sync is None else sync.most(len(batches))
+    for b in progress(range(num_batches)):
+        rows = batches[b] if b < len(batches) else None
+        sentences = [encoded[i] for i in rows] if rows else [[eos]]
+        width = max(len(ids) for ids in sentences)
+        src = torch.full((len(sentences), width), pad, dtype=torch.long)
+        for row, ids in enumerate(sentences):
+            src[row, :len(ids)] = torch.tensor(ids)
+        src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(ids) for ids in sentences])[:, None]
+        hypotheses = beam_search(model, src.to(device), src_pad_mask.to(device), bos, eos, pad, beam=beam, lenpen=lenpen,
+                                 max_len_a=max_len_a, max_len_b=max_len_b, vocab_size=vocab_size, sync=sync)
+        for i, hyps in zip(rows or [], hypotheses):
+            outputs[i] = hyps[0].tokens if hyps else []
+    return outputs

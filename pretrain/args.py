@@ -27,6 +27,10 @@ def build_parser():
                    help="'bytes' or a sentencepiece .model file (default: the one preprocessed data were made with, else bytes)")
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: the model's max_seq_len)")
     p.add_argument("--label_smoothing", type=float, default=0.1, help="--task translation: label smoothing of the cross entropy")
+    p.add_argument("--bleu_src", default=None,
+                   help="--task translation: dev source text, one sentence per line, translated at each validation for val/bleu")
+    p.add_argument("--bleu_ref", nargs="+", default=None, help="--task translation: --bleu_src's reference translation file(s)")
+    p.add_argument("--bleu_beam", type=int, default=4, help="--task translation: beam size of the val/bleu translations")
     p.add_argument("--teacher", default=None, help="--task distill: the teacher's run directory (its --save_dir)")
     p.add_argument("--distill_task", default="lm", help="--task distill: the task whose data and loss the student trains on")
     p.add_argument("--distill_alpha", type=float, default=0.25, help="--task distill: weight of the teacher's soft targets")
@@ -77,6 +81,10 @@ def parse_args(argv=None):
          f"corpora; give one weight per corpus, in the same order"),
         (args.train_data_weights is None or all(0 < w < float("inf") for w in args.train_data_weights),
          f"--train_data_weights {args.train_data_weights} must all be positive and finite; drop a corpus instead of weighting it 0"),
+        *[(os.path.isfile(path), f"--bleu_src/--bleu_ref {path} does not exist; pass text files, one sentence per line")
+          for path in [args.bleu_src or "", *(args.bleu_ref or [])] if path],
+        ((args.bleu_src is None) == (args.bleu_ref is None), "--bleu_src and --bleu_ref go together: pass both or neither"),
+        (args.bleu_beam >= 1, f"--bleu_beam must be >= 1, got {args.bleu_beam}"),
         (args.val_data is None or data_exists(args.val_data),
          f"--val_data {args.val_data} does not exist; pass a text file or a preprocessed PREFIX"),
     ]

@@ -31,6 +31,22 @@ def device():
     return torch.device(get_accelerator().current_device_name())
 
 
+class RankSync:
+    """What all ranks agree on while they generate in step (models.generation's ``sync``): one all-reduce per call."""
+
+    @staticmethod
+    def most(n):
+        value = torch.tensor([n], device=device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+
+    @staticmethod
+    def all(flag):
+        value = torch.tensor([int(flag)], device=device())
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

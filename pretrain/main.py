@@ -211,8 +211,11 @@ def run(args, model_config, ds_config, plan, task, signals):
                            run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}))
     if rank0:
         with open(os.path.join(args.save_dir, "run_config.json"), "w") as f:
+            tokenizers = {"tokenizer": task.tokenizer.spec}  # the one outputs are decoded with
+            if getattr(task, "src_tokenizer", task.tokenizer) is not task.tokenizer:  # translation, one per side
+                tokenizers["src_tokenizer"] = task.src_tokenizer.spec
             json.dump({"args": without_secrets(vars(args)), "model": config_to_dict(model_config), "deepspeed": ds_config,
-                       "tokenizer": task.tokenizer.spec}, f, indent=1)
+                       **tokenizers}, f, indent=1)
     trainer = Trainer(engine, task, plan, args, logger, flops, signals)
     if args.resume:
         trainer.resume()

@@ -125,7 +125,7 @@ class Trainer:
             yield to_device(batch, self.engine.device)
 
     def forward(self, batch):
-        # A task's inputs are one tensor (LM) or a tuple of the model's arguments (translation: src, mask, tgt_in).
+        # A task's inputs are one tensor (LM) or a tuple of the model's arguments (translation: src and its padding, tgt_in and its padding).
         inputs = self.task.inputs(batch)
         return self.engine(*inputs) if isinstance(inputs, tuple) else self.engine(inputs)
 
@@ -275,21 +275,29 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        if self.task.val is None:
-            return
-        batches = [self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
-                   for i in range(self.args.eval_iters)]
+        """val/loss on the task's validation data, and whatever the task's optional ``validation_metrics(model)``
+        measures with the model itself (translation's val/bleu); every rank calls it, for collectives inside."""
+        metrics = {}
+        batches = [] if self.task.val is None else [
+            self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+            for i in range(self.args.eval_iters)]
         if self.pipelined:  # mean over micro-batches and data-parallel ranks, on every stage
-            loss = self.engine.eval_batch(((self.task.inputs(b), self.task.targets(b)) for b in batches),
-                                          num_micro_batches=len(batches))
-            self.logger.log(self.step, {"val/loss": float(loss)})
+            if batches:
+                loss = self.engine.eval_batch(((self.task.inputs(b), self.task.targets(b)) for b in batches),
+                                              num_micro_batches=len(batches))
+                self.logger.log(self.step, {"val/loss": float(loss)})
             return
         self.engine.eval()
-        total = torch.zeros(2, device=self.engine.device)
-        for batch in batches:
-            batch = to_device(batch, self.engine.device)
-            _, parts = self.task.loss(self.forward(batch), batch)
-            total += torch.stack([parts["lm_loss"].float(), torch.ones((), device=self.engine.device)])
+        if batches:
+            total = torch.zeros(2, device=self.engine.device)
+            for batch in batches:
+                batch = to_device(batch, self.engine.device)
+                _, parts = self.task.loss(self.forward(batch), batch)
+                total += torch.stack([parts["lm_loss"].float(), torch.ones((), device=self.engine.device)])
+            dist.all_reduce(total)
+            metrics["val/loss"] = (total[0] / total[1]).item()
+        if hasattr(self.task, "validation_metrics"):
+            metrics.update(self.task.validation_metrics(self.engine.module))
         self.engine.train()
-        dist.all_reduce(total)
-        self.logger.log(self.step, {"val/loss": (total[0] / total[1]).item()})
+        if metrics:
+            self.logger.log(self.step, metrics)

@@ -7,7 +7,7 @@ import pytest
 
 from pretrain.preprocess_pairs import preprocess_pairs
 from pretrain.tokenizer import train as train_tokenizer
-from tests.distributed import REPO, run_ranks, translation_args
+from tests.distributed import REPO, bleu_args, run_ranks, translation_args
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,7 +61,8 @@ def pair_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def translation_run(tmp_path_factory, pair_data):
-    """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1)."""
+    """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1), with val/bleu at its end."""
     directory = tmp_path_factory.mktemp("translation_run")
-    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150), 1, directory / "logs")
+    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150, *bleu_args(pair_data)),
+              1, directory / "logs")
     return directory / "run"

@@ -103,6 +103,12 @@ def translation_args(tmp_path, pair_data, ds_config, model_config, steps, *extra
             "--max_steps", steps, "--save_dir", tmp_path / "run", "--eval_interval", steps, *extra]
 
 
+def bleu_args(pair_data, beam=4):
+    """Validation BLEU flags on the toy pair's validation text (tests/conftest.py writes it beside the data)."""
+    directory = pair_data[0].parent
+    return ["--bleu_src", directory / "pairs2.src", "--bleu_ref", directory / "pairs2.tgt", "--bleu_beam", beam]
+
+
 def read_metrics(save_dir, key="train/loss"):
     """step -> value of ``key`` from DIR/metrics.jsonl (the last record of a step wins, as after a resume)."""
     values = {}

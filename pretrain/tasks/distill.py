@@ -41,7 +41,7 @@ def soft_target_loss(student_logits, teacher_logits, targets, temperature):
 @register_task("distill")
 class DistillationTask:
     def __init__(self, args, model_config, plan):
-        from eval.checkpoint import load_model  # the teacher is read like any evaluation reads a run
+        from eval.checkpoint import load_model, run_source_tokenizer  # the teacher is read as any evaluation reads a run
 
         if not args.teacher:
             raise ConfigError("--task distill needs --teacher RUN_DIR (the --save_dir of the teacher's run)")
@@ -64,6 +64,10 @@ class DistillationTask:
             raise ConfigError(f"teacher {args.teacher} was trained with another tokenizer than the training data's "
                               f"({self.tokenizer.spec.get('path', self.tokenizer.spec['type'])}); distil on data made "
                               f"with the teacher's tokenizer")
+        self.src_tokenizer = getattr(self.base, "src_tokenizer", self.tokenizer)  # translation's own source tokenizer
+        if self.src_tokenizer is not self.tokenizer and run_source_tokenizer(args.teacher).spec != self.src_tokenizer.spec:
+            raise ConfigError(f"teacher {args.teacher} was trained with another source tokenizer than the training data's "
+                              f"({self.src_tokenizer.model_path}); distil on data made with the teacher's tokenizers")
         self.teacher = teacher.to(DTYPES[plan.precision]).requires_grad_(False).eval()
         self.teacher_name = args.teacher
 
@@ -93,6 +97,10 @@ class DistillationTask:
 
     def inputs(self, batch):
         return self.base.inputs(batch)
+
+    def validation_metrics(self, model):
+        """The student scored as --distill_task scores its models (translation: val/bleu with --bleu_src)."""
+        return self.base.validation_metrics(model) if hasattr(self.base, "validation_metrics") else {}
 
     def targets(self, batch):
         return self.base.targets(batch)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from tests.distributed import REPO, run_ranks, translation_args
+from tests.distributed import REPO, read_metrics, run_ranks, translation_args
 
 
 def bleu(*args):
@@ -85,6 +85,17 @@ def test_translate_mode_translates_and_scores(tmp_path, translation_run, pair_da
     # Beam 1 is greedy decoding; the default output goes into the run directory.
     greedy = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 1))
     assert greedy["hyp_output"] == str(translation_run / "hyps.global_step150.txt")
+
+
+def test_validation_bleu_during_training_is_what_eval_bleu_scores(translation_run, pair_data):
+    """The run's val/bleu at its last step (--bleu_src/--bleu_ref, beam 4) is eval.bleu's score of that checkpoint."""
+    directory = pair_data[0].parent
+    logged = read_metrics(translation_run, "val/bleu")
+    assert list(logged) == [150]
+    result = last_json(bleu(translation_run, "--src", directory / "pairs2.src", "--ref", directory / "pairs2.tgt",
+                            "--beam", 4))
+    assert result["sentences"] == 100 and result["bleu"] > 15
+    assert logged[150] == pytest.approx(result["bleu"], abs=1e-9)
 
 
 def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):

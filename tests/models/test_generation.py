@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import build_model, config_from_dict
-from models.generation import beam_search, greedy, sample
+from models.generation import beam_search, greedy, sample, translate_ids
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -165,3 +165,62 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_generated():
     for hyps in greedy(model, src, mask, BOS, EOS, PAD, max_len_b=8, vocab_size=20):
         assert all(t < 20 for t in hyps[0].tokens)
     assert any(t >= 20 for hyps in greedy(model, src, mask, BOS, EOS, PAD, max_len_b=8) for t in hyps[0].tokens)
+
+
+class CountingSync:
+    """Stands in for the other ranks of lockstep decoding: they want ``extra_steps`` more decoding steps and
+    ``extra_batches`` more batches than this rank; counts the decoder calls this rank makes."""
+
+    def __init__(self, model, extra_steps=0, extra_batches=0):
+        self.extra_steps, self.extra_batches = extra_steps, extra_batches
+        self.decoder_calls, self.steps_asked = 0, []
+        decode = model.decode
+
+        def counted(*args, **kwargs):
+            self.decoder_calls += 1
+            return decode(*args, **kwargs)
+        model.decode = counted
+
+    def most(self, n):
+        self.steps_asked.append(n)
+        return n + (self.extra_batches if len(self.steps_asked) == 1 else self.extra_steps)
+
+    def all(self, done_here):
+        return False  # another rank is never done first: this one runs to the agreed bound
+
+
+@pytest.mark.parametrize("search", ["beam", "greedy"])
+def test_decoding_in_step_with_slower_ranks_changes_no_hypothesis(search):
+    """A rank done before the others keeps decoding (its hypotheses frozen) until the agreed last step."""
+    model = tiny_model()
+    src, mask = padded_batch()
+    args = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=1.0, max_len_b=6)
+    run = (lambda **kw: beam_search(model, src, mask, beam=3, **args, **kw)) if search == "beam" else \
+        (lambda **kw: greedy(model, src, mask, **args, **kw))
+    alone = run()
+    sync = CountingSync(model, extra_steps=5)
+    sync.steps_asked.append(None)  # not a batch count: every most() here is a step bound
+    in_step = run(sync=sync)
+    assert_same_hypotheses(alone, in_step)
+    assert sync.decoder_calls == sync.steps_asked[1] + 5  # every step up to the slower ranks' bound was run
+
+
+def test_translate_ids_runs_the_other_ranks_extra_batches_and_keeps_the_order():
+    model = tiny_model()
+    src, mask = padded_batch(lengths=(5, 9, 2, 7, 3))
+    encoded = [row[~m].tolist() for row, m in zip(src, mask)]
+    encoded.insert(2, None)  # an empty line
+    args = dict(pad=PAD, bos=BOS, eos=EOS, beam=2, max_len_a=1.0, max_len_b=6, batch_size=2)
+    alone = translate_ids(model, encoded, **args)
+    assert alone[2] == [] and all(alone[i] for i in (0, 1, 3, 4, 5))
+    single = [beam_search(model, src[i:i + 1, :len(ids)], mask[i:i + 1, :len(ids)], BOS, EOS, PAD, beam=2,
+                          max_len_a=1.0, max_len_b=6)[0][0].tokens for i, ids in enumerate(e for e in encoded if e)]
+    assert [t for t in alone if t] == single  # in input order, whatever the batching by length
+    model = tiny_model()  # unwrapped decode: each CountingSync counts its own calls
+    no_extra = CountingSync(model)
+    assert translate_ids(model, encoded, sync=no_extra, **args) == alone
+    model = tiny_model()
+    extra = CountingSync(model, extra_batches=2)
+    assert translate_ids(model, encoded, sync=extra, **args) == alone
+    assert extra.steps_asked[0] == no_extra.steps_asked[0] == 3  # this rank's batches of 2
+    assert extra.decoder_calls > no_extra.decoder_calls  # the other ranks' 2 more batches were decoded too
