@@ -125,7 +125,8 @@ class Trainer:
             yield to_device(batch, self.engine.device)
 
     def forward(self, batch):
-        # A task's inputs are one tensor (LM) or a tuple of the model's arguments (translation: src and its padding, tgt_in and its padding).
+        # A task's inputs are one tensor (LM) or a tuple of the model's arguments
+        # (translation: src and its padding mask, tgt_in and its padding mask).
         inputs = self.task.inputs(batch)
         return self.engine(*inputs) if isinstance(inputs, tuple) else self.engine(inputs)
 
