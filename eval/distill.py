@@ -46,20 +46,19 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
     """Mean cross entropy per target token of translation run RUN_DIR over every pair of PREFIX that fits."""
     from eval.bleu import translation_model
     from pretrain.data.pairs import PairDataset, TokenBudgetBatches
-    from pretrain.tasks.translation import positions_past
+    from pretrain.tasks.translation import TranslationTask, positions_past
 
-    model, config, tokenizer = translation_model(run_dir, None)
+    model, config, src_tokenizer, tgt_tokenizer = translation_model(run_dir, None)
     pairs = PairDataset(prefix)
-    if pairs.src_tokenizer_spec != tokenizer.spec:
-        raise ConfigError(f"{prefix} was made with another tokenizer than {run_dir}'s; preprocess it with "
-                          f"{tokenizer.model_path}")
-    batches = TokenBudgetBatches(pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tokenizer.sp.pad_id(),
-                                 tokenizer.sp.bos_id(), seed=0)
+    if (pairs.src_tokenizer_spec, pairs.tgt_tokenizer_spec) != (src_tokenizer.spec, tgt_tokenizer.spec):
+        raise ConfigError(f"{prefix} was made with other tokenizers than {run_dir}'s; preprocess it with "
+                          f"{src_tokenizer.model_path} (source) and {tgt_tokenizer.model_path} (target)")
+    batches = TokenBudgetBatches(pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tgt_tokenizer.sp.pad_id(),
+                                 tgt_tokenizer.sp.bos_id(), seed=0)
     nll, tokens = 0.0, 0
     for k in range(len(batches)):  # one epoch on one rank: every pair that fits, once
         batch = batches.batch(k)
-        src_mask = positions_past(batch["src_lengths"], batch["src"].shape[1])
-        logits = model(batch["src"], src_mask, batch["tgt_in"])[0].float()
+        logits = model(*TranslationTask.inputs(batch))[0].float()
         real = ~positions_past(batch["tgt_lengths"], batch["tgt_out"].shape[1])
         nll += F.cross_entropy(logits[real], batch["tgt_out"][real], reduction="sum").item()
         tokens += int(real.sum())

@@ -64,7 +64,7 @@ def test_translation_runs_are_scored_by_cross_entropy_over_every_held_out_pair(t
 
     _, val, _ = pair_data
     figures = pair_loss(str(translation_run), str(val), max_tokens=256)
-    model, _, tokenizer = translation_model(str(translation_run), None)
+    model, _, _, tokenizer = translation_model(str(translation_run), None)
     pairs, nll, tokens = PairDataset(val), 0.0, 0
     with torch.no_grad():
         for i in range(len(pairs)):
