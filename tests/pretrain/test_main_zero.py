@@ -73,6 +73,7 @@ def test_zero3_builds_the_plain_weights_partitioned(tmp_path, pair_data, model, 
     args[args.index("--ds_config") + 1] = str(ds)
     built, output = built_weights(tmp_path, args)
     assert "(ZeRO-3: partitioned while built, deepspeed.zero.Init)" in output
+    assert f": {built['held'][0]['full']:,} parameters, " in output  # the whole model's count, not the partition's
     for held in built["held"]:
         assert held["partitioned"] == held["tensors"] > 10  # stage3_param_persistence_threshold 0: every tensor
         # 1/2 of each tensor, rounded up (DeepSpeed pads each to a multiple of the world size)
