@@ -1,7 +1,7 @@
 """fp16 dynamic loss scaling on CPU ranks (see fp16_on_cpu.py for why the accelerator is patched)."""
 import json
 
-from tests.distributed import REPO, read_metrics, start_ranks, train_args, wait_ranks
+from tests.distributed import REPO, read_metrics, start_ranks, train_args, translation_args, wait_ranks
 
 STEPS = 16
 HERE = REPO / "tests" / "pretrain"
@@ -25,3 +25,15 @@ def test_overflowing_steps_are_skipped_and_the_scale_lowered(tmp_path):
     assert all(scale[s + 1] <= scale[s] for s in range(1, STEPS))
     assert 1 <= skipped[STEPS] < STEPS - 3  # some steps skipped, then it trains
     assert losses[STEPS] < losses[1]
+
+
+def test_translation_trains_with_loss_scaling(tmp_path, pair_data):
+    """The encoder-decoder under fp16 (ZeRO-1, 2 ranks): scaled, stepped, and learning."""
+    args = translation_args(tmp_path, pair_data, "fp16_zero1.json", "tiny-transformer.json", 20)
+    procs = start_ranks(args, 2, tmp_path / "logs", script=HERE / "fp16_on_cpu.py")
+    for r in wait_ranks(procs, tmp_path / "logs"):
+        assert r.returncode == 0, r.output[-4000:]
+    losses = read_metrics(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 21))
+    assert read_metrics(tmp_path / "run", "train/loss_scale")[20] > 1
+    assert sum(losses[s] for s in (18, 19, 20)) < 0.9 * sum(losses[s] for s in (1, 2, 3)), losses
