@@ -38,7 +38,7 @@ import fire  # noqa: E402
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer, scoring  # noqa: E402
 
-from eval.bleu import check_search_settings, generate  # a summarizer is a translation-task model  # noqa: E402
+from eval.bleu import generate, search_options  # a summarizer is a translation-task model  # noqa: E402
 from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -117,13 +117,13 @@ def read_sources(path, field=None):
     return documents
 
 
-def summarize(run_dir, src, src_field, tag, beam, lenpen, max_len_a, max_len_b, batch_size, hyp_output):
+def summarize(run_dir, src, src_field, tag, batch_size, options, hyp_output):
     """Generate a summary of every --src document with RUN_DIR's checkpoint; returns (summaries, tag, output path)."""
     documents = read_sources(src, src_field)
     if not documents:
         fail(f"source file {src} is empty; it must hold one document per line")
-    outputs, tag, _ = generate(run_dir, tag, documents, src, beam, lenpen, max_len_a, max_len_b, batch_size)
-    summaries = [" ".join(s.split()) for s in outputs]  # one line per summary
+    hypotheses, tag, _ = generate(run_dir, tag, documents, src, batch_size, options)
+    summaries = [" ".join(hyps[0][0].split()) if hyps else "" for hyps in hypotheses]  # the best, on one line
     output = str(hyp_output) if hyp_output is not None else os.path.join(run_dir, f"summaries.{tag}.txt")
     write_atomically(output, "".join(s + "\n" for s in summaries))
     return summaries, tag, output
@@ -159,12 +159,11 @@ def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=No
     if bootstrap < 1 or not 0 < confidence < 1:
         fail(f"--bootstrap must be >= 1 and --confidence in (0, 1), got {bootstrap} and {confidence}")
     fields = (list(ref_fields) if isinstance(ref_fields, (list, tuple)) else str(ref_fields).split(",")) if ref_fields else None
-    check_search_settings(beam, batch_size, max_len_a, max_len_b)
+    options = search_options("beam", beam, lenpen, 1, 1, max_len_a, max_len_b, 1.0, 0, 0, batch_size)
     references = read_references([str(r) for r in ref], fields)
     generated = {}
     if run_dir is not None:
-        hypotheses, tag, hyp = summarize(str(run_dir), str(src), src_field, tag, beam, lenpen, max_len_a, max_len_b,
-                                         batch_size, hyp_output)
+        hypotheses, tag, hyp = summarize(str(run_dir), str(src), src_field, tag, batch_size, options, hyp_output)
         generated = dict(run_dir=str(run_dir), tag=tag, src=str(src), beam=beam, lenpen=lenpen, max_len_a=max_len_a,
                          max_len_b=max_len_b)
     else:

@@ -199,12 +199,17 @@ def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, ge
                      incremental, sync)
 
 
+SEARCHES = {"beam": beam_search, "greedy": greedy, "sample": sample}
+
+
 @torch.no_grad()
-def translate_ids(model, encoded, pad, bos, eos, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, batch_size=64,
-                  vocab_size=None, device="cpu", sync=None, progress=iter):
-    """The best hypothesis' tokens for each entry of ``encoded`` (token ids, EOS included; None for an empty
-    line, which gets []), in order. Sentences of similar length share a batch; ``progress`` wraps the batches
-    (a tqdm). With ``sync``, ranks that hold fewer batches decode a one-token sentence until every rank is done."""
+def translate_ids(model, encoded, pad, bos, eos, search="beam", batch_size=64, device="cpu", sync=None, progress=iter,
+                  **options):
+    """For each entry of ``encoded`` (token ids, EOS included; None for an empty line, which gets []) its
+    Hypothesis list from ``search`` (a SEARCHES name, given ``options``: beam, lenpen, nbest, min_len, max_len_a,
+    max_len_b, vocab_size, temperature, top_k, generator, as that function takes them), in order. Sentences
+    of similar length share a batch; ``progress`` wraps the batches (a tqdm). With ``sync``, ranks that hold
+    fewer batches decode a one-token sentence until every rank is done."""
     outputs = [[] for _ in encoded]
     order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -217,8 +222,7 @@ def translate_ids(model, encoded, pad, bos, eos, beam=5, lenpen=1.0, max_len_a=1
         for row, ids in enumerate(sentences):
             src[row, :len(ids)] = torch.tensor(ids)
         src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(ids) for ids in sentences])[:, None]
-        hypotheses = beam_search(model, src.to(device), src_pad_mask.to(device), bos, eos, pad, beam=beam, lenpen=lenpen,
-                                 max_len_a=max_len_a, max_len_b=max_len_b, vocab_size=vocab_size, sync=sync)
+        hypotheses = SEARCHES[search](model, src.to(device), src_pad_mask.to(device), bos, eos, pad, sync=sync, **options)
         for i, hyps in zip(rows or [], hypotheses):
-            outputs[i] = hyps[0].tokens if hyps else []
+            outputs[i] = hyps
     return outputs

@@ -162,10 +162,12 @@ class TranslationTask:
             model = self.whole_copy(model)
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = range(rank, len(encoded), world)
-        best = translate_ids(model, [encoded[i] for i in mine], self.pad_id, self.bos_id, self.tokenizer.eos_id,
-                             beam=self.bleu_beam, vocab_size=self.tokenizer.vocab_size, device=device(), sync=RankSync())
+        hypotheses = translate_ids(model, [encoded[i] for i in mine], self.pad_id, self.bos_id, self.tokenizer.eos_id,
+                                   beam=self.bleu_beam, max_len_a=1.2, max_len_b=10, vocab_size=self.tokenizer.vocab_size,
+                                   device=device(), sync=RankSync())
         parts = [None] * world if rank == 0 else None
-        dist.gather_object([(i, self.tokenizer.decode(tokens)) for i, tokens in zip(mine, best)], parts, dst=0)
+        dist.gather_object([(i, self.tokenizer.decode(hyps[0].tokens) if hyps else "") for i, hyps in zip(mine, hypotheses)],
+                           parts, dst=0)
         if rank != 0:
             return {}
         hypotheses = [""] * len(encoded)

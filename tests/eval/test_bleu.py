@@ -98,6 +98,38 @@ def test_validation_bleu_during_training_is_what_eval_bleu_scores(translation_ru
     assert logged[150] == pytest.approx(result["bleu"], abs=1e-9)
 
 
+def test_nbest_lists_greedy_and_sampling(tmp_path, translation_run, pair_data):
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    src, ref = write(tmp_path / "src", sources[:10]), write(tmp_path / "ref", targets[:10])
+    result = last_json(bleu(translation_run, "--src", src, "--ref", ref, "--beam", 4, "--nbest", 3,
+                            "--hyp_output", tmp_path / "hyps.txt", "--nbest_output", tmp_path / "nbest.tsv"))
+    rows = [line.split("\t") for line in (tmp_path / "nbest.tsv").read_text().splitlines()]
+    assert result["nbest"] == 3 and len(rows) == 30
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(line, rank) for line in range(1, 11) for rank in (1, 2, 3)]
+    for line in range(10):
+        scores = [float(r[2]) for r in rows[3 * line:3 * line + 3]]
+        assert scores == sorted(scores, reverse=True)
+    assert [r[3] for r in rows[::3]] == (tmp_path / "hyps.txt").read_text().splitlines()  # the best is what is scored
+    assert last_json(bleu(translation_run, "--src", src, "--ref", ref, "--search", "greedy"))["search"] == "greedy"
+    sampled = [last_json(bleu(translation_run, "--src", src, "--ref", ref, "--search", "sample", "--temperature", 1.5,
+                              "--seed", seed, "--hyp_output", tmp_path / f"sampled{i}.txt")) for i, seed in enumerate((1, 1, 2))]
+    texts = [(tmp_path / f"sampled{i}.txt").read_text() for i in range(3)]
+    assert texts[0] == texts[1] and sampled[0]["bleu"] == sampled[1]["bleu"]  # the seed makes it reproducible
+    assert texts[2] != texts[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--beam", 2, "--nbest", 3], "--nbest 3 is more than the --beam 2"),
+    (["--search", "greedy", "--nbest", 2], "needs --search beam"),
+    (["--search", "topp"], "--search must be one of beam, greedy, sample"),
+    (["--search", "sample", "--temperature", 0], "--temperature must be > 0"),
+])
+def test_bad_search_settings_are_one_line(tmp_path, translation_run, pair_data, flags, message):
+    sources, targets = toy_test_files(tmp_path, pair_data)
+    one_line_error(bleu(translation_run, "--src", write(tmp_path / "src", sources[:2]),
+                        "--ref", write(tmp_path / "ref", targets[:2]), *flags), message)
+
+
 def test_empty_and_overlong_source_lines(tmp_path, translation_run, pair_data):
     sources, targets = toy_test_files(tmp_path, pair_data)
     overlong = " ".join(sources[:20])  # far over the tiny model's 64 positions

@@ -205,6 +205,10 @@ def test_decoding_in_step_with_slower_ranks_changes_no_hypothesis(search):
     assert sync.decoder_calls == sync.steps_asked[1] + 5  # every step up to the slower ranks' bound was run
 
 
+def tokens(hypothesis_lists):
+    return [[h.tokens for h in hyps] for hyps in hypothesis_lists]
+
+
 def test_translate_ids_runs_the_other_ranks_extra_batches_and_keeps_the_order():
     model = tiny_model()
     src, mask = padded_batch(lengths=(5, 9, 2, 7, 3))
@@ -215,12 +219,36 @@ def test_translate_ids_runs_the_other_ranks_extra_batches_and_keeps_the_order():
     assert alone[2] == [] and all(alone[i] for i in (0, 1, 3, 4, 5))
     single = [beam_search(model, src[i:i + 1, :len(ids)], mask[i:i + 1, :len(ids)], BOS, EOS, PAD, beam=2,
                           max_len_a=1.0, max_len_b=6)[0][0].tokens for i, ids in enumerate(e for e in encoded if e)]
-    assert [t for t in alone if t] == single  # in input order, whatever the batching by length
+    assert [h[0].tokens for h in alone if h] == single  # in input order, whatever the batching by length
     model = tiny_model()  # unwrapped decode: each CountingSync counts its own calls
     no_extra = CountingSync(model)
-    assert translate_ids(model, encoded, sync=no_extra, **args) == alone
+    assert tokens(translate_ids(model, encoded, sync=no_extra, **args)) == tokens(alone)
     model = tiny_model()
     extra = CountingSync(model, extra_batches=2)
-    assert translate_ids(model, encoded, sync=extra, **args) == alone
+    assert tokens(translate_ids(model, encoded, sync=extra, **args)) == tokens(alone)
     assert extra.steps_asked[0] == no_extra.steps_asked[0] == 3  # this rank's batches of 2
     assert extra.decoder_calls > no_extra.decoder_calls  # the other ranks' 2 more batches were decoded too
+
+
+@pytest.mark.parametrize("search,options", [("beam", dict(beam=3, nbest=3)), ("greedy", {})])
+def test_translate_ids_takes_every_search(search, options):
+    model = tiny_model()
+    src, mask = padded_batch(lengths=(2, 5, 7, 9))  # already by length: translate_ids' one batch has this order
+    encoded = [row[~m].tolist() for row, m in zip(src, mask)]
+    out = translate_ids(model, encoded, PAD, BOS, EOS, search=search, max_len_a=1.0, max_len_b=6, **options)
+    direct = {"beam": beam_search, "greedy": greedy}[search](model, src, mask, BOS, EOS, PAD, max_len_a=1.0, max_len_b=6,
+                                                             **options)
+    assert len(out) == 4 and all(len(hyps) == options.get("nbest", 1) for hyps in out)
+    assert tokens(out) == tokens(direct)
+
+
+def test_translate_ids_samples_reproducibly_from_a_seeded_generator():
+    model = tiny_model()
+    src, mask = padded_batch()
+    encoded = [row[~m].tolist() for row, m in zip(src, mask)]
+
+    def draw(seed):
+        return tokens(translate_ids(model, encoded, PAD, BOS, EOS, search="sample", max_len_a=1.0, max_len_b=6,
+                                    temperature=1.5, generator=torch.Generator().manual_seed(seed)))
+    assert draw(3) == draw(3)
+    assert len({str(draw(seed)) for seed in range(4)}) > 1  # the seed matters
