@@ -84,6 +84,8 @@ def parse_args(argv=None):
         *[(os.path.isfile(path), f"--bleu_src/--bleu_ref {path} does not exist; pass text files, one sentence per line")
           for path in [args.bleu_src or "", *(args.bleu_ref or [])] if path],
         ((args.bleu_src is None) == (args.bleu_ref is None), "--bleu_src and --bleu_ref go together: pass both or neither"),
+        (args.bleu_src is None or "translation" in (args.task, args.distill_task if args.task == "distill" else None),
+         f"--bleu_src scores translation models; --task {args.task} trains a language model: drop --bleu_src/--bleu_ref"),
         (args.bleu_beam >= 1, f"--bleu_beam must be >= 1, got {args.bleu_beam}"),
         (args.val_data is None or data_exists(args.val_data),
          f"--val_data {args.val_data} does not exist; pass a text file or a preprocessed PREFIX"),

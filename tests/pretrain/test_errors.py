@@ -103,6 +103,10 @@ CASES = {
     "negative blend weight": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
                                          ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5", "-0.2"], 1),
                               "must all be positive and finite"),
+    "bleu on a language model": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
+                                            ["--bleu_src", CORPUS, "--bleu_ref", CORPUS], 1), "drop --bleu_src/--bleu_ref"),
+    "bleu ref without src": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--bleu_ref", CORPUS], 1),
+                             "--bleu_src and --bleu_ref go together"),
     "missing second blend corpus": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
                                                ["--train_data", CORPUS, t / "none.txt"], 1), "none.txt does not exist"),
 }

@@ -60,10 +60,12 @@ def run_main(args, tmp_path):
     ({"--model_config": REPO / "models" / "configs" / "tiny-gpt.json"}, "needs an encoder-decoder model"),
     ({"--label_smoothing": "1.5"}, "--label_smoothing must be in [0, 1)"),
     ({"--seq_len": "1000"}, "longer than the model's 64 positions"),
+    ({"--bleu_src": "VAL_SRC", "--bleu_ref": REPO / "README.md"}, "they must be line-aligned"),
 ])
 def test_bad_translation_setups_are_one_line(tmp_path, pair_data, change, message):
     args = translation_args(tmp_path, pair_data, "zero0.json", "tiny-transformer.json", 1)
     for flag, value in change.items():
+        value = pair_data[0].parent / "pairs2.src" if value == "VAL_SRC" else value
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
