@@ -30,20 +30,33 @@ def grad_norm(engine, expert_parallel_size):
     """Global gradient norm where DeepSpeed keeps none (fp32 without ZeRO), from the reduced gradients.
 
     Shared weights' gradients are identical on every rank; each expert's lives on world/ep ranks.
+    One read of each gradient (torch._foreach_norm), no squared copy: the elementwise square().sum()
+    this replaces allocated and wrote a copy of every gradient, 5% of the 125M shape's step (BENCHMARKS.md).
     """
     from deepspeed.moe.utils import is_moe_param
-    shared, expert = torch.zeros((), device=engine.device), torch.zeros((), device=engine.device)
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            sq = p.grad.detach().float().square().sum()
-            if is_moe_param(p):
-                expert += sq
-            else:
-                shared += sq
-    if any(is_moe_param(p) for p in engine.module.parameters()):
+    params = list(engine.module.parameters())
+    shared = [p.grad.detach() for p in params if p.grad is not None and not is_moe_param(p)]
+    expert = [p.grad.detach() for p in params if p.grad is not None and is_moe_param(p)]
+    shared, expert = sum_of_squares(shared, engine.device), sum_of_squares(expert, engine.device)
+    if any(is_moe_param(p) for p in params):
         dist.all_reduce(expert)
         expert /= dist.get_world_size() // expert_parallel_size
     return float((shared + expert).sqrt())
+
+
+# The CPU's vector norm accumulates a long tensor with an error that grows with its length (0.3% of the norm of a
+# 38M-element embedding gradient, against 1e-7 for square().sum()); norms of 64K-element slices stay
+# within 2e-7 of the float64 result.
+CPU_NORM_CHUNK = 1 << 16
+
+
+def sum_of_squares(grads, device):
+    """sum of squares of every element of ``grads``, in float32, without materializing the squares."""
+    if not grads:
+        return torch.zeros((), device=device)
+    if grads[0].device.type == "cpu":
+        grads = [chunk for g in grads for chunk in g.reshape(-1).split(CPU_NORM_CHUNK)]
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
 
 
 def to_device(batch, target):
