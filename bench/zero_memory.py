@@ -8,8 +8,8 @@ What is measured: the resident set size (RSS) high-water mark of each rank proce
 /proc/self/status), reset through /proc/self/clear_refs just before the model is built, minus the
 RSS at that moment (Python, torch, DeepSpeed and the tokenized corpus). So the figure is what
 building the engine and training a few steps adds: model states, activations, DeepSpeed's buffers.
-"built" is the same high-water mark read right after build_engine (model built, deepspeed.initialize
-done, no step yet): what building takes. ZeRO-3 builds the model partitioned (pretrain/main.py,
+"made" is the same high-water mark read right after the task has made the model (before
+deepspeed.initialize), "built" right after build_engine (deepspeed.initialize done, no step yet). ZeRO-3 builds the model partitioned (pretrain/main.py,
 deepspeed.zero.Init), so no rank holds the whole model while it is built.
 RSS rather than torch's allocator statistics because torch keeps no statistics for CPU memory
 (torch.cpu has no memory_allocated), and because RSS is what runs out: it also counts gloo's and
@@ -87,6 +87,14 @@ def rank_main(opts):
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = rss_kib("VmRSS")
+    made, make = {}, task.build_model
+
+    def make_and_measure():
+        model = make()
+        made["kib"] = rss_kib("VmHWM")
+        return model
+
+    task.build_model = make_and_measure
     engine, _ = build_engine(args, model_config, ds, plan, task)
     built = rss_kib("VmHWM")
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
@@ -94,7 +102,7 @@ def rank_main(opts):
         trainer.train_step()
         trainer.consumed_samples += plan.train_batch_size
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    mine = {"before_kib": before, "built_kib": built, "peak_kib": rss_kib("VmHWM"), "params": params}
+    mine = {"before_kib": before, "made_kib": made["kib"], "built_kib": built, "peak_kib": rss_kib("VmHWM"), "params": params}
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
     if dist.get_rank() == 0:
@@ -135,12 +143,13 @@ def print_report(rows, opts):
         peak = [r["peak_kib"] * 1024 / GIB for r in ranks]
         print(f"{precision:9s} {stage:5d} {formula:8.3f} {added[0]:9.3f} {added[1]:9.3f} {peak[0]:8.3f} {peak[1]:8.3f} "
               f"{ranks[0]['before_kib'] * 1024 / GIB:10.3f}")
-    print("\nbuilt = the RSS high-water mark right after build_engine (model built, deepspeed.initialize done, "
-          "no step yet) - RSS before; GiB per rank; 4Psi = the whole model in fp32, as a plain build makes it")
-    print(f"{'stage':5s} {'precision':9s} {'4Psi':>8s} {'built r0':>9s} {'built r1':>9s}")
+    print("\nmade, built = the RSS high-water mark right after the task made the model / after build_engine "
+          "(deepspeed.initialize done, no step yet) - RSS before; GiB per rank; 4Psi = the whole model in fp32")
+    print(f"{'stage':5s} {'precision':9s} {'4Psi':>8s} {'made r0':>8s} {'made r1':>8s} {'built r0':>9s} {'built r1':>9s}")
     for precision, stage, ranks in rows:
+        made = [(r["made_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
         built = [(r["built_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
-        print(f"zero{stage:<1d} {precision:9s} {4 * params / GIB:8.3f} {built[0]:9.3f} {built[1]:9.3f}")
+        print(f"zero{stage:<1d} {precision:9s} {4 * params / GIB:8.3f} {made[0]:8.3f} {made[1]:8.3f} {built[0]:9.3f} {built[1]:9.3f}")
     print("\nratios (added memory, the larger rank / formula; and each stage / ZeRO-0 of the same precision, measured vs formula):")
     zero0 = {}
     for precision, stage, ranks in rows:
