@@ -9,8 +9,10 @@ What is measured: the resident set size (RSS) high-water mark of each rank proce
 RSS at that moment (Python, torch, DeepSpeed and the tokenized corpus). So the figure is what
 building the engine and training a few steps adds: model states, activations, DeepSpeed's buffers.
 "made" is the same high-water mark read right after the task has made the model (before
-deepspeed.initialize), "built" right after build_engine (deepspeed.initialize done, no step yet). ZeRO-3 builds the model partitioned (pretrain/main.py,
-deepspeed.zero.Init), so no rank holds the whole model while it is built.
+deepspeed.initialize), "built" right after build_engine (deepspeed.initialize done, no step yet).
+ZeRO-3 makes the model partitioned (pretrain/main.py, deepspeed.zero.Init): no rank holds it whole.
+glibc's malloc keeps freed heap pages, so the RSS marks also count fragmentation (MALLOC_MMAP_THRESHOLD_
+fixes the threshold above which malloc maps and unmaps each allocation: it changes these figures).
 RSS rather than torch's allocator statistics because torch keeps no statistics for CPU memory
 (torch.cpu has no memory_allocated), and because RSS is what runs out: it also counts gloo's and
 DeepSpeed's C++ buffers and pages malloc keeps after a free.
