@@ -4,6 +4,7 @@ One step = grad_accum_steps micro-batches through engine.forward/backward/step (
 steps the optimizer on the last one), or through one PipelineEngine.train_batch when the model
 is split into pipeline stages; then logging, validation and checkpointing.
 """
+import contextlib
 import math
 import signal
 import time
@@ -54,8 +55,10 @@ def sum_of_squares(grads, device):
     """sum of squares of every element of ``grads``, in float32, without materializing the squares."""
     if not grads:
         return torch.zeros((), device=device)
-    if grads[0].device.type == "cpu":
-        grads = [chunk for g in grads for chunk in g.reshape(-1).split(CPU_NORM_CHUNK)]
+    if grads[0].device.type == "cpu":  # small gradients in one flat copy: one norm for all of them (a tiny model's many small tensors)
+        small = [g.reshape(-1).float() for g in grads if g.numel() < CPU_NORM_CHUNK]
+        grads = [chunk for g in grads if g.numel() >= CPU_NORM_CHUNK for chunk in g.reshape(-1).split(CPU_NORM_CHUNK)]
+        grads += list(torch.cat(small).split(CPU_NORM_CHUNK)) if small else []
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
 
 
@@ -68,6 +71,17 @@ def to_device(batch, target):
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(value, target) for value in batch)
     return batch
+
+
+@contextlib.contextmanager
+def deepspeed_clipping_off(engine):
+    """engine.step without DeepSpeed's own clipping (fp32 without ZeRO reads it from the config at each step)."""
+    clipping = engine._config.gradient_clipping
+    engine._config.gradient_clipping = 0.0
+    try:
+        yield
+    finally:
+        engine._config.gradient_clipping = clipping
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,6 +126,9 @@ class Trainer:
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
+        # fp32 without ZeRO: DeepSpeed keeps no gradient norm; grad_norm computes it and clip_and_step clips with it.
+        self.clips_itself = (plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
+                             and getattr(engine, "torch_autocast_z0_gradscaler", None) is None)  # unscaled gradients
         if dist.get_world_size() == 1 and plan.zero_stage == 0 and not self.pipelined:
             # Alone, DeepSpeed's gradient all-reduce flattens every gradient into buckets, all-reduces them
             # with themselves and copies them back: a no-op that cost 12% of the tiny model's step (BENCHMARKS.md).
@@ -156,6 +173,8 @@ class Trainer:
                 self.fp32_grad_norm = grad_norm(self.engine, self.plan.expert_parallel_size)
             if self.engine.is_gradient_accumulation_boundary() and not math.isfinite(self.fp32_grad_norm):
                 self.skip_optimizer_step()
+            elif self.engine.is_gradient_accumulation_boundary() and self.clips_itself:
+                self.clip_and_step()
             else:
                 self.engine.step()
             lm_sum = lm_sum + parts["lm_loss"]
@@ -170,13 +189,20 @@ class Trainer:
         them. Drop the gradients instead: the optimizer leaves parameters without a gradient untouched.
         Clipping is off for this one step because DeepSpeed's clip fails on a model with no gradients."""
         self.engine.zero_grad()
-        clipping = self.engine._config.gradient_clipping
-        self.engine._config.gradient_clipping = 0.0
-        try:
+        with deepspeed_clipping_off(self.engine):
             self.engine.step()
-        finally:
-            self.engine._config.gradient_clipping = clipping
         self.own_skipped_steps += 1
+
+    def clip_and_step(self):
+        """fp32 without ZeRO: clip by the norm grad_norm has just computed, by DeepSpeed's rule (scale the gradients
+        by max / (norm + 1e-6) where that is below 1), instead of letting DeepSpeed compute it a second time
+        (a further pass over every gradient, plus a multiplication of every gradient by 1.0 when nothing is clipped)."""
+        max_norm = self.engine.gradient_clipping()
+        if max_norm > 0.0 and max_norm / (self.fp32_grad_norm + 1e-6) < 1.0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, max_norm / (self.fp32_grad_norm + 1e-6))
+        with deepspeed_clipping_off(self.engine):
+            self.engine.step()
 
     def pipeline_train_step(self):
         """train_batch pulls this rank's micro-batches as (inputs, targets), runs the pipeline schedule and
