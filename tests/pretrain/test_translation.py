@@ -64,8 +64,14 @@ def run_main(args, tmp_path):
 ])
 def test_bad_translation_setups_are_one_line(tmp_path, pair_data, change, message):
     args = translation_args(tmp_path, pair_data, "zero0.json", "tiny-transformer.json", 1)
+    val_src = pair_data[0].parent / "pairs2.src"
+    assert_refused_with_one_line(args, {f: val_src if v == "VAL_SRC" else v for f, v in change.items()}, message, tmp_path)
+
+
+def assert_refused_with_one_line(args, change, message, tmp_path):
+    """pretrain/main.py with ``args`` and each flag of ``change`` set (replaced or added) exits 2 with one
+    line naming ``message``."""
     for flag, value in change.items():
-        value = pair_data[0].parent / "pairs2.src" if value == "VAL_SRC" else value
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
@@ -121,12 +127,4 @@ def test_a_tokenizer_for_each_side_refuses_a_shared_setup(tmp_path, pairs_with_a
     train, val, config, _, tgt_model = pairs_with_a_tokenizer_each
     args = translation_args(tmp_path, (train, val, None), "zero0.json", "tiny-transformer.json", 1)
     args[args.index("--model_config") + 1] = config
-    for flag, value in change.items():
-        value = tgt_model if value == "TGT" else value
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    proc = run_main(args, tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+    assert_refused_with_one_line(args, {f: tgt_model if v == "TGT" else v for f, v in change.items()}, message, tmp_path)
