@@ -23,8 +23,9 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from models import ConfigError, build_model, config_from_dict
 from models.gpt import gpt_state_dict_from_pipeline
-from pretrain.checkpoint import complete_tags, damage, safe_load
+from pretrain.checkpoint import damage, safe_load
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from pretrain.run_dir import complete_tags
 
 RUN_CONFIG = "run_config.json"
 

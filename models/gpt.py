@@ -6,14 +6,14 @@ feed-forward of chosen layers.
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from models.registry import register_model
+from models.registry import TRAINING_SETTING, register_model
 
 
 @dataclass
@@ -24,10 +24,10 @@ class GPTConfig:
     n_layers: int = 2
     n_heads: int = 4
     d_ff: int = 256
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata=TRAINING_SETTING)
     positions: str = "learned"  # "learned" or "rotary"
     # Weights ~ truncated normal with std sqrt(init_scale / fan_in) (Switch Transformer, sec. 2.4).
-    init_scale: float = 1.0
+    init_scale: float = field(default=1.0, metadata=TRAINING_SETTING)
 
     def problem(self):
         """One line describing what is wrong with this config, or None."""

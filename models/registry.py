@@ -11,6 +11,11 @@ import typing
 
 MODEL_FAMILIES = {}
 
+# Field metadata of a training setting (dropout, routing capacity, loss weights, the initialization): it shapes
+# how the weights are trained, not the weights, so a resumed run may change it. Every other field is part of
+# the weights' shapes or meaning, and a resume that changes it is refused (pretrain/run_dir.py).
+TRAINING_SETTING = {"training_setting": True}
+
 
 class ConfigError(ValueError):
     """A bad config or argument; its message is one line that names the fix."""
@@ -99,6 +104,22 @@ def config_to_dict(config, launch_fields=True):
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if launch_fields or not f.metadata.get("from_launch")}
     return {"family": type(config).family_name, **values}
+
+
+def resume_differences(recorded, config):
+    """Where ``config`` differs from the model dict a run recorded (config_to_dict's): (fields that are part of the
+    weights, training settings), each a list of (name, recorded value, new value); launch fields are not compared."""
+    if recorded.get("family") != type(config).family_name:
+        return [("family", recorded.get("family"), type(config).family_name)], []
+    weights, settings = [], []
+    for f in dataclasses.fields(config):
+        if f.metadata.get("from_launch"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        old, new = recorded.get(f.name, default), getattr(config, f.name)
+        if old != new:
+            (settings if f.metadata.get("training_setting") else weights).append((f.name, old, new))
+    return weights, settings
 
 
 def build_model(config):

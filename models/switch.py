@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 
 from models.gpt import GPT, Block, GPTConfig, init_linear_
-from models.registry import register_model
+from models.registry import TRAINING_SETTING, register_model
 
 
 @dataclass
@@ -26,17 +26,17 @@ class SwitchSettings:
     (models/transformer.py); SwitchFFN reads them. A config inherits it before its dense base class,
     ``class C(SwitchSettings, DenseConfig)``, so that its init_scale replaces the dense default while
     the field order stays the dense fields, then these."""
-    init_scale: float = 0.1
+    init_scale: float = field(default=0.1, metadata=TRAINING_SETTING)
     num_experts: int = 4
     # Layers whose FFN is a Switch layer (the encoder-decoder: indices within each stack, applied to both);
     # None means every other layer (1, 3, 5, ...) as in the paper.
     moe_layers: Optional[List[int]] = None
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0  # router z-loss (ST-MoE); 0 turns it off
-    expert_dropout: Optional[float] = None  # None: same as dropout
+    capacity_factor: float = field(default=1.25, metadata=TRAINING_SETTING)
+    eval_capacity_factor: float = field(default=2.0, metadata=TRAINING_SETTING)
+    min_capacity: int = field(default=4, metadata=TRAINING_SETTING)
+    aux_loss_coef: float = field(default=0.01, metadata=TRAINING_SETTING)
+    z_loss_coef: float = field(default=0.0, metadata=TRAINING_SETTING)  # router z-loss (ST-MoE); 0 turns it off
+    expert_dropout: Optional[float] = field(default=None, metadata=TRAINING_SETTING)  # None: same as dropout
     # Set at launch from the DeepSpeed config's "moe": {"expert_parallel_size": N}, never in a model file.
     expert_parallel_size: int = field(default=1, metadata={"from_launch": True})
 

@@ -10,7 +10,7 @@ is set. The decoder's input embedding is always tied with its output projection;
 English-German model). Masks follow fairseq: ``src_pad_mask`` is True at padding positions.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.gpt import FeedForward, init_weights_
-from models.registry import register_model
+from models.registry import TRAINING_SETTING, register_model
 from models.switch import SwitchFFN, SwitchSettings
 
 
@@ -33,9 +33,9 @@ class TransformerConfig:
     encoder_layers: int = 2
     decoder_layers: int = 2
     d_ff: int = 256
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata=TRAINING_SETTING)
     positions: str = "sinusoidal"  # "sinusoidal" or "learned"
-    init_scale: float = 1.0
+    init_scale: float = field(default=1.0, metadata=TRAINING_SETTING)
 
     def problem(self):
         """One line describing what is wrong with this config, or None."""

@@ -41,6 +41,9 @@ def build_parser():
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --save_dir")
+    p.add_argument("--replace_run", action="store_true",
+                   help="start over in a --save_dir that holds a run: its files are moved into SAVE_DIR/replaced/TIMESTAMP/ "
+                        "first (a start without --resume or this flag is refused there)")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="keep the newest N checkpoints (0: all)")
     p.add_argument("--max_bad_steps", type=int, default=10,
                    help="stop after N consecutive skipped steps (non-finite loss/gradients, fp16 overflow at the minimum scale)")

@@ -19,7 +19,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-MANIFEST = "manifest.json"
+from models.registry import ConfigError
+from pretrain.run_dir import LATEST, MANIFEST, complete_tags, read_latest
 
 
 class UnsafeCheckpoint(RuntimeError):
@@ -45,7 +46,6 @@ def safe_load(path, map_location=None):
         found = re.search(r"GLOBAL (\S+)", str(e))
         raise UnsafeCheckpoint(f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
                                f"the allow-list; refusing it (load it by hand only if you trust its source)") from None
-TAG = re.compile(r"^global_step(\d+)$")
 
 
 def _rng_path(directory, rank):
@@ -109,19 +109,11 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
         if os.path.isdir(final_dir):
             shutil.rmtree(final_dir)
         os.rename(partial_dir, final_dir)
-        _write_atomically(os.path.join(save_dir, "latest"), tag)
+        _write_atomically(os.path.join(save_dir, LATEST), tag)
         if keep_last:
             for old in complete_tags(save_dir)[keep_last:]:
                 shutil.rmtree(os.path.join(save_dir, old))
     dist.barrier()
-
-
-def complete_tags(save_dir):
-    """Renamed (complete) checkpoint tags, newest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    tags = [name for name in os.listdir(save_dir) if TAG.match(name) and os.path.isdir(os.path.join(save_dir, name))]
-    return sorted(tags, key=lambda name: int(TAG.match(name).group(1)), reverse=True)
 
 
 def damage(save_dir, tag):
@@ -145,8 +137,7 @@ def damage(save_dir, tag):
 
 def saved_dp_size(save_dir):
     """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
-    with open(os.path.join(save_dir, "latest")) as f:
-        tag = f.read().strip()
+    tag = read_latest(save_dir)
     try:
         with open(os.path.join(save_dir, tag, MANIFEST)) as f:
             return json.load(f)["dp_size"]
@@ -174,17 +165,22 @@ def load(engine, save_dir, universal=False):
     """
     choice = [None]
     if dist.get_rank() == 0:
+        damaged = []
         for tag in complete_tags(save_dir):
             problem = damage(save_dir, tag)
             if problem is None:
                 choice[0] = tag
                 break
+            damaged.append(f"{tag}: {problem}")
             print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one",
                   file=sys.stderr, flush=True)
+        if choice[0] is None:
+            choice[0] = ConfigError(f"--resume: every checkpoint in {save_dir} is damaged ({'; '.join(damaged) or 'none found'}); "
+                                    f"nothing intact to resume from: restore one from a backup, or start a new run")
     dist.broadcast_object_list(choice, src=0)
     tag = choice[0]
-    if tag is None:
-        raise FileNotFoundError(f"no intact checkpoint in {save_dir}")
+    if isinstance(tag, ConfigError):
+        raise tag
     load_tag = tag
     if universal:
         choice = [_to_universal(save_dir, tag) if dist.get_rank() == 0 else None]

@@ -5,7 +5,6 @@ allocated; a problem is one line on stderr and exit code 2.
 """
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ def prepare(argv):
     from models import load_model_config
     from pretrain import distributed
     from pretrain.args import parse_args
-    from pretrain import checkpoint
+    from pretrain import checkpoint, run_dir
     from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
     from pretrain.tasks import TASKS
 
@@ -37,12 +36,24 @@ def prepare(argv):
                        getattr(model_config, "num_experts", None))
     if hasattr(model_config, "expert_parallel_size"):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
+    run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
     if args.resume:
-        if not os.path.isfile(os.path.join(args.save_dir, "latest")):
-            raise ConfigError(f"--resume given but {args.save_dir} holds no checkpoint ('latest' is missing); drop --resume to start fresh")
         plan, ds_config = plan_resume(plan, ds_config, args.ds_config, checkpoint.saved_dp_size(args.save_dir), model_config.family_name)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
+    if args.resume:
+        notice = run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task))
+        if notice and distributed.rank_from_env() == 0:
+            print(notice, flush=True)
     return args, model_config, ds_config, plan, task
+
+
+def task_tokenizers(task):
+    """The tokenizers a run records, by name: the one outputs are decoded with, and a translation run's source side
+    when the sides have one each."""
+    tokenizers = {"tokenizer": task.tokenizer.spec}
+    if getattr(task, "src_tokenizer", task.tokenizer) is not task.tokenizer:
+        tokenizers["src_tokenizer"] = task.src_tokenizer.spec
+    return tokenizers
 
 
 def full_shape(param):
@@ -196,34 +207,57 @@ def build_engine(args, model_config, ds_config, plan, task):
     return engine, flops
 
 
+def claim_run_dir(args):
+    """Rank 0 locks --save_dir (and, with --replace_run, moves the old run aside); every rank learns the outcome,
+    so a refusal ends all of them with exit 2 instead of leaving the others waiting for rank 0."""
+    import torch.distributed as dist
+
+    from pretrain import run_dir
+
+    outcome = [None, None]  # (refusal, where the replaced run went)
+    lock = None
+    if dist.get_rank() == 0:
+        try:
+            lock, moved = run_dir.claim(args.save_dir, args.resume, args.replace_run)
+            outcome[1] = moved
+        except ConfigError as e:
+            outcome[0] = str(e)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise ConfigError(outcome[0])
+    if outcome[1] and dist.get_rank() == 0:
+        print(f"--replace_run: the previous run in {args.save_dir} is now in {outcome[1]}", flush=True)
+    return lock
+
+
 def run(args, model_config, ds_config, plan, task, signals):
     import torch.distributed as dist
 
     from models import config_to_dict
-    from pretrain import distributed
+    from pretrain import distributed, run_dir
     from pretrain.metrics import MetricsLogger, without_secrets
     from pretrain.trainer import Trainer
 
     distributed.init()
-    engine, flops = build_engine(args, model_config, ds_config, plan, task)
-    rank0 = dist.get_rank() == 0
-    logger = MetricsLogger(args.save_dir, rank0, args.wandb_project, args.wandb_run_name,
-                           run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}))
-    if rank0:
-        with open(os.path.join(args.save_dir, "run_config.json"), "w") as f:
-            tokenizers = {"tokenizer": task.tokenizer.spec}  # the one outputs are decoded with
-            if getattr(task, "src_tokenizer", task.tokenizer) is not task.tokenizer:  # translation, one per side
-                tokenizers["src_tokenizer"] = task.src_tokenizer.spec
-            json.dump({"args": without_secrets(vars(args)), "model": config_to_dict(model_config), "deepspeed": ds_config,
-                       **tokenizers}, f, indent=1)
-    trainer = Trainer(engine, task, plan, args, logger, flops, signals)
-    if args.resume:
-        trainer.resume()
+    lock = claim_run_dir(args)
     try:
-        outcome = trainer.train()
+        engine, flops = build_engine(args, model_config, ds_config, plan, task)
+        rank0 = dist.get_rank() == 0
+        logger = MetricsLogger(args.save_dir, rank0, args.wandb_project, args.wandb_run_name,
+                               run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}))
+        trainer = Trainer(engine, task, plan, args, logger, flops, signals)
+        if args.resume:
+            trainer.resume()
+        if rank0:  # after a resume has loaded: a launch that fails to resume leaves the run's record as it was
+            run_dir.write_run_config(args.save_dir, {"args": without_secrets(vars(args)), "model": config_to_dict(model_config),
+                                                     "deepspeed": ds_config, **task_tokenizers(task)})
+        try:
+            return trainer.train()
+        finally:
+            logger.close()
     finally:
-        logger.close()
-    return outcome
+        if lock is not None:
+            lock.release()
 
 
 def main(argv=None):
@@ -240,9 +274,10 @@ def main(argv=None):
     from pretrain.trainer import TrainingDiverged
     try:
         outcome = run(*prepared, signals)
-    except (TrainingDiverged, UnsafeCheckpoint) as e:
+    except (TrainingDiverged, UnsafeCheckpoint, ConfigError) as e:  # found once ranks run: every rank raises it
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
     distributed.finish(0 if outcome == "done" else EXIT_REQUEUE)
