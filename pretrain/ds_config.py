@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from models.registry import ConfigError
+from pretrain import ds_schema
 
 
 @dataclass
@@ -37,6 +38,7 @@ def load_ds_config(path):
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file")
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    ds_schema.check(config, path)  # every key and the values that train silently when wrong (pretrain/ds_schema.py)
     return config
 
 
