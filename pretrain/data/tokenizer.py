@@ -35,7 +35,11 @@ class SentencePieceTokenizer:
         self.model_path = os.path.abspath(model_path)
         with open(model_path, "rb") as f:  # the identity of the tokenizer, wherever the file is moved
             self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except RuntimeError:  # "could not parse ModelProto", or for an empty file "unk is not defined"
+            raise ConfigError(f"tokenizer {model_path} is not a sentencepiece model; pass a .model file written by "
+                              f"python -m pretrain.tokenizer, or --tokenizer bytes") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.sp.piece_to_id("</s>")
 

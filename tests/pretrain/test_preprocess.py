@@ -97,13 +97,14 @@ def test_json_lines_field_one_document_per_record(tmp_path):
     ("rows.jsonl", b'{"text": "a"}\n' * 40 + b'{"body": "b"}\n', [], "data file {path} line 41 has no field 'text'"),
     ("ok.txt", b"abc\n", ["--tokenizer", "missing.model"], "tokenizer missing.model does not exist"),
     ("ok.txt", b"abc\n", ["--output_prefix", "/nonexistent/x"], "--output_prefix /nonexistent/x: its directory does not exist"),
+    ("ok.txt", b"abc\n", ["--tokenizer", "{path}"], "tokenizer {path} is not a sentencepiece model"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name, content, extra, expected):
     """Reading happens in the main process while two workers encode: the error still surfaces as one line."""
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(SystemExit) as exited:
-        main([str(path), "--workers", "2", "--chunk_chars", "20", *extra])
+        main([str(path), "--workers", "2", "--chunk_chars", "20", *(arg.format(path=path) for arg in extra)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exited.value.code == 2
     assert len(errors) == 1 and errors[0].startswith("error: " + expected.format(path=path)), errors

@@ -10,7 +10,7 @@ import pytest
 from pretrain.data.indexed import IndexedTokens
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from pretrain.preprocess_pairs import preprocess_pairs
+from pretrain.preprocess_pairs import main, preprocess_pairs
 from pretrain.tokenizer import train
 from tests.distributed import REPO
 
@@ -107,6 +107,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
 
     code, errors, _ = run_cli("--source", src, "--output_prefix", tmp_path / "x")
     assert code == 2 and "needs both --source FILE and --target FILE" in errors[0]
+    assert not list(tmp_path.glob("x*"))
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model; pass a .model file written by "
+                                "python -m pretrain.tokenizer"),
+    (["--src_tokenizer", "bytes", "--tgt_tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model"),
+])
+def test_a_text_file_as_tokenizer_is_one_line(tmp_path, capsys, flags, expected):
+    src, tgt = write_lines(tmp_path / "a.de", GERMAN), write_lines(tmp_path / "a.en", ENGLISH)
+    with pytest.raises(SystemExit) as exited:
+        main(["--source", str(src), "--target", str(tgt), "--output_prefix", str(tmp_path / "x"),
+              *(flag.format(text=src) for flag in flags)])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2
+    assert len(errors) == 1 and errors[0].startswith("error: " + expected.format(text=src)), errors
     assert not list(tmp_path.glob("x*"))
 
 
