@@ -21,6 +21,7 @@ Text is not normalized and whitespace is kept (newlines included), so decode(enc
 for text made of covered characters. Bad input: one line ``error: ...`` on stderr, exit code 2.
 """
 import os
+import re
 import sys
 import time
 
@@ -39,6 +40,17 @@ def default_output(inputs, dataset, model_type, vocab_size):
     if not inputs and not os.path.isdir(dataset):
         raise ConfigError(f"dataset {dataset} is not a local directory, so there is no place beside it; pass --output PREFIX")
     return f"{os.path.splitext(os.path.normpath(source))[0]}.{model_type}{vocab_size}"
+
+
+def trainer_refusal(message):
+    """The reason in a sentencepiece trainer error ("INTERNAL: file.cc(94) [check] reason"); a range check has no
+    reason, only the check, which is then put in terms of the flags it tests."""
+    check, _, reason = message.partition("] ")
+    if reason.strip():
+        return reason.strip()
+    condition = re.sub(r"\(*trainer_spec_?\.(\w+)\(\)\)*", r"\1", check.split("[", 1)[-1])
+    flags = dict.fromkeys(re.findall(r"trainer_spec_?\.(\w+)\(\)", check))
+    return f"it needs {condition}; change {', '.join('--' + f for f in flags)}"
 
 
 def train(*inputs, dataset=None, dataset_config=None, split="train", field="text", per_line=False, output=None,
@@ -65,6 +77,12 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
         raise ConfigError(f"--model_type must be bpe, unigram or char, got {model_type!r}")
     if isinstance(user_defined_symbols, str):  # fire passes "<2de>,<2fr>" as one string
         user_defined_symbols = [s for s in user_defined_symbols.split(",") if s]
+    # checked here: sentencepiece's refusal of a size below 1 gives no reason, and of one too small for the specials
+    # and symbols blames the corpus's characters
+    smallest = len(SPECIAL_IDS) + len(user_defined_symbols) + 1
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < smallest:
+        raise ConfigError(f"--vocab_size must be an integer of at least {smallest} (the {len(SPECIAL_IDS)} special pieces, "
+                          f"{len(user_defined_symbols)} --user_defined_symbols and one learned piece), got {vocab_size!r}")
     inputs = [str(path) for path in inputs]  # fire turns a file named 2024 into an int
     documents = read_corpus(inputs, dataset, dataset_config, split, field, per_line)
     output = output or default_output(inputs, dataset, model_type, vocab_size)
@@ -88,7 +106,7 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:  # sentencepiece's own checks, e.g. a vocabulary larger than the corpus allows
-        raise ConfigError(f"sentencepiece refused to train: {str(e).split('] ')[-1]}")
+        raise ConfigError(f"sentencepiece refused to train: {trainer_refusal(str(e))}")
     pieces = spm.SentencePieceProcessor(model_file=f"{output}.model").get_piece_size()  # char models may have fewer
     print(f"wrote {output}.model and {output}.vocab: {model_type}, {pieces} pieces, "
           f"from {count:,} documents in {time.perf_counter() - start:.1f}s")

@@ -79,6 +79,13 @@ def test_json_lines_field_and_saved_dataset_give_the_same_tokenizer(tmp_path):
     ("rows.jsonl", b'{"text": "a"}\n{"body": "b"}\n', [], "data file {path} line 2 has no field 'text'"),
     ("ok.txt", b"abc\n", ["--vocab_size", "5000"], "sentencepiece refused to train: Vocabulary size too high (5000)"),
     ("ok.txt", b"abc\n", ["--model_type", "word"], "--model_type must be bpe, unigram or char"),
+    ("ok.txt", b"abc\n", ["--vocab_size", "0"], "--vocab_size must be an integer of at least 5 (the 4 special pieces, "
+                                               "0 --user_defined_symbols and one learned piece), got 0"),
+    ("ok.txt", b"abc\n", ["--vocab_size", "-3"], "--vocab_size must be an integer of at least 5"),
+    ("ok.txt", b"abc\n", ["--vocab_size", "6", "--user_defined_symbols", "<a>,<b>"],
+     "--vocab_size must be an integer of at least 7 (the 4 special pieces, 2 --user_defined_symbols"),
+    ("ok.txt", b"abc\n", ["--vocab_size", "6", "--num_threads", "0"],
+     "sentencepiece refused to train: it needs num_threads >= 1 && num_threads <= 1024; change --num_threads"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, name, content, args, expected):
     path = tmp_path / name
