@@ -12,8 +12,10 @@ max_len_a x source tokens + max_len_b; documents longer than the model's positio
 warning), and written one per line to --hyp_output (default RUN_DIR/summaries.TAG.txt).
 
 Hypotheses: one summary per line. References: text files with one summary per line (several
---ref files are several references per summary), or a JSON Lines file whose --ref_fields hold the
-references (a field may be a string or a list of strings, as SciTLDR's ``target`` is). With
+--ref files are several references per summary), files of one JSON list of references per line
+(PREFIX.refs.jsonl of pretrain.preprocess_pairs), or a JSON Lines file whose --ref_fields hold the
+references (a field may be a string or a list of strings, as SciTLDR's ``target`` is); JSON Lines
+objects without --ref_fields are refused, not scored as text. With
 several references a summary scores the best F-measure against any of them (rouge-score's
 score_multi). Stemming is on by default (Porter, as in the ROUGE-1.5.5 script's -m).
 
@@ -50,7 +52,19 @@ def sentences_on_lines(text):
     return "\n".join(s for s in SENTENCE_END.split(text.strip()) if s)
 
 
+def _json_records(path, lines, needs):
+    """(line number, record) of each line of a JSON Lines file; a line that is not JSON is a one-line error."""
+    for line, text in enumerate(lines, 1):
+        try:
+            yield line, json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path} line {line} is not JSON ({e.msg}); {needs}")
+
+
 def _field_references(record, fields, path, line):
+    if not isinstance(record, dict):
+        fail(f"{path} line {line} is a JSON {type(record).__name__}, not an object with --ref_fields; drop --ref_fields "
+             f"for a file of JSON lists of references (PREFIX.refs.jsonl of pretrain.preprocess_pairs)")
     references = []
     for field in fields:
         if field not in record:
@@ -62,25 +76,52 @@ def _field_references(record, fields, path, line):
     return references
 
 
+def _is_json_lines(path, lines):
+    if path.endswith(".jsonl"):
+        return True
+    try:
+        return bool(lines) and isinstance(json.loads(lines[0]), (dict, list))
+    except json.JSONDecodeError:
+        return False
+
+
+def _file_references(path):
+    """[[reference, ...] per line] of one --ref file read without --ref_fields.
+
+    A text file holds one reference a line. A JSON Lines file is never scored as text (its JSON syntax would pass
+    for words and give a plausible score): lists of strings, as pretrain.preprocess_pairs writes PREFIX.refs.jsonl,
+    are each line's references; objects are refused, since which of their fields hold references must be named
+    (a DialogSum record holds its dialogue and topic beside three summaries)."""
+    lines = read_lines(path, "reference")
+    if not _is_json_lines(path, lines):
+        return [[line] for line in lines]
+    rows = []
+    for line, record in _json_records(path, lines, "a .jsonl --ref file must be JSON Lines"):
+        if isinstance(record, dict):
+            fail(f"reference file {path} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming the fields that hold "
+                 f"the references (line {line} has: {', '.join(record)})")
+        if not isinstance(record, list) or not record or not all(isinstance(r, str) for r in record):
+            fail(f"{path} line {line} is not a JSON list of reference strings (the PREFIX.refs.jsonl format of "
+                 f"pretrain.preprocess_pairs) nor a JSON object (pass --ref_fields for those)")
+        rows.append(record)
+    return rows
+
+
 def read_references(paths, fields=None):
-    """[[reference, ...] per summary] from text files (one reference each) or one JSON Lines file."""
+    """[[reference, ...] per summary] from text files (one reference a line), files of JSON lists of references
+    (PREFIX.refs.jsonl), or the --ref_fields of one JSON Lines file."""
     if fields:
         if len(paths) != 1:
             fail("--ref_fields reads the references of each summary from one JSON Lines --ref file; pass exactly one")
-        rows = []
-        for line, text in enumerate(read_lines(paths[0], "reference"), 1):
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                fail(f"{paths[0]} line {line} is not JSON ({e.msg}); --ref_fields needs a JSON Lines file")
-            rows.append(_field_references(record, fields, paths[0], line))
-        return rows
-    columns = [read_lines(path, "reference") for path in paths]
-    for path, column in zip(paths[1:], columns[1:]):
-        if len(column) != len(columns[0]):
-            fail(f"reference files {paths[0]} ({len(columns[0])} lines) and {path} ({len(column)} lines) differ in length; "
-                 f"each must hold one reference per summary")
-    return [list(refs) for refs in zip(*columns)]
+        lines = read_lines(paths[0], "reference")
+        return [_field_references(record, fields, paths[0], line)
+                for line, record in _json_records(paths[0], lines, "--ref_fields needs a JSON Lines file")]
+    files = [_file_references(path) for path in paths]
+    for path, rows in zip(paths[1:], files[1:]):
+        if len(rows) != len(files[0]):
+            fail(f"reference files {paths[0]} ({len(files[0])} lines) and {path} ({len(rows)} lines) differ in length; "
+                 f"each must hold one line per summary")
+    return [[ref for refs in row for ref in refs] for row in zip(*files)]
 
 
 def score(hypotheses, references, stem=True, bootstrap=1000, confidence=0.95, seed=0):
@@ -146,7 +187,7 @@ def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=No
         max_len_b: see max_len_a.
         batch_size: documents per beam search.
         hyp_output: where generated summaries go (default RUN_DIR/summaries.TAG.txt).
-        ref: reference file(s); repeat --ref for several references per summary.
+        ref: reference file(s): text, or a JSON list of references a line (PREFIX.refs.jsonl); repeat --ref for several.
         ref_fields: comma-separated JSON Lines fields holding the references (with one --ref JSON Lines file).
         stem: Porter stemming (default on).
         bootstrap: resamples for the confidence intervals.

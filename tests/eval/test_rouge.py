@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from eval.rouge import score
+from pretrain.preprocess_pairs import preprocess_pairs
 from tests.distributed import REPO
 from tests.eval.test_bleu import toy_test_files
 
@@ -71,6 +72,20 @@ def test_references_from_json_lines_fields_strings_or_lists(tmp_path):
     assert result["rouge1"] == pytest.approx(100.0) and result["references_per_summary"] == 3
 
 
+def test_references_kept_by_preprocess_pairs_are_read_as_lists(tmp_path):
+    """PREFIX.refs.jsonl holds one JSON list of references a line: each list is that summary's references, as
+    the --ref_fields of the JSON Lines it was made from give them (not the JSON text scored as words)."""
+    records = [{"doc": "d1", "s1": "the cat sat", "s2": "the cat ran"}, {"doc": "d2", "s1": "red sky", "s2": "blue sea"}]
+    data = write(tmp_path / "data.jsonl", [json.dumps(r) for r in records])
+    preprocess_pairs(jsonl=str(data), source_field="doc", target_field="s1,s2", output_prefix=str(tmp_path / "p"), workers=1)
+    hyp = write(tmp_path / "hyp.txt", ["the cat ran", "blue sea"])
+    proc, from_lists = rouge("--hyp", hyp, "--ref", tmp_path / "p.refs.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    _, from_fields = rouge("--hyp", hyp, "--ref", data, "--ref_fields", "s1,s2")
+    assert from_lists["rouge1"] == from_fields["rouge1"] == pytest.approx(100.0)
+    assert from_lists["references_per_summary"] == 2
+
+
 @pytest.mark.skipif(not DIALOGSUM.exists(), reason="../shared/data/dialogsum is not present")
 def test_dialogsum_references_and_a_lead_baseline(tmp_path):
     records = [json.loads(line) for line in DIALOGSUM.read_text().splitlines()]
@@ -92,12 +107,16 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
     empty = write(tmp_path / "empty.txt", [])
     (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
     jsonl = write(tmp_path / "refs.jsonl", [json.dumps({"summary": "one"}), json.dumps({"other": "two"})])
+    lists = write(tmp_path / "p.refs.jsonl", [json.dumps(["one"]), json.dumps(["two"])])
     out = tmp_path / "out.json"
     cases = [
         (("--hyp", hyp, "--ref", short), f"hypothesis file {hyp} has 2 lines but the references ({short}) have 1"),
         (("--hyp", empty, "--ref", short), f"hypothesis file {empty} is empty"),
         (("--hyp", hyp, "--ref", tmp_path / "latin1.txt"), "is not UTF-8 (line 2)"),
         (("--hyp", hyp, "--ref", jsonl, "--ref_fields", "summary"), f"{jsonl} line 2 has no field 'summary'"),
+        (("--hyp", hyp, "--ref", jsonl), f"reference file {jsonl} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming "
+                                         f"the fields that hold the references (line 1 has: summary)"),
+        (("--hyp", hyp, "--ref", lists, "--ref_fields", "summary"), f"{lists} line 1 is a JSON list, not an object"),
         (("--hyp", tmp_path / "missing.txt", "--ref", short), "hypothesis file"),
         (("--hyp", hyp, "--ref", hyp, "--ref", short), f"reference files {hyp} (2 lines) and {short} (1 lines) differ"),
         (("--hyp", hyp), "pass --hyp FILE --ref FILE to score summaries, or RUN_DIR --src FILE --ref FILE"),
