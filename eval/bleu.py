@@ -26,13 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 from sacrebleu.metrics import BLEU  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer  # noqa: E402
-from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
+from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
 from models import ConfigError  # noqa: E402
 from models.generation import SEARCHES, translate_ids  # noqa: E402
 from models.transformer import TransformerConfig  # noqa: E402
@@ -191,5 +190,4 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, search="beam", beam
 
 
 if __name__ == "__main__":
-    argv, refs = repeated_flag(sys.argv[1:], "ref")
-    fire.Fire(functools.partial(main, ref=refs), command=argv, name="eval.bleu")
+    fire_command(main, "eval.bleu", repeated=("ref",))

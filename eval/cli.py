@@ -1,32 +1,9 @@
-"""What every eval command shares: repeated flags, one-line errors, atomic output files, the JSON last line."""
+"""What every eval command shares: one-line errors and the fire entry point (pretrain/cli.py, which the pretrain
+commands share too), atomic output files, the JSON last line."""
 import json
 import os
-import sys
 
-EXIT_BAD_INPUT = 2
-
-
-def repeated_flag(argv, name):
-    """(argv without ``--name X`` / ``--name=X``, [X, ...]): fire keeps only the last of a repeated flag."""
-    rest, values, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == f"--{name}" and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith(f"--{name}="):
-            values.append(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, values
-
-
-def fail(message):
-    """One line on stderr naming the problem and the fix, and the bad-input exit code."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+from pretrain.cli import EXIT_BAD_INPUT, fail, fire_command  # noqa: F401 (the eval commands import them from here)
 
 
 def write_atomically(path, text):

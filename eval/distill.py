@@ -22,12 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from eval.checkpoint import model_config, read_run_config  # noqa: E402
-from eval.cli import fail, print_result  # noqa: E402
+from eval.cli import fail, fire_command, print_result  # noqa: E402
 from eval.perplexity import evaluate  # noqa: E402
 from models import ConfigError, build_model  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
@@ -108,4 +107,4 @@ def main(teacher, student, baseline, text=None, tokens=None, dataset=None, pairs
 
 
 if __name__ == "__main__":
-    fire.Fire(main, name="eval.distill")
+    fire_command(main, "eval.distill")

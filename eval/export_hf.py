@@ -29,12 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from eval.checkpoint import load_model, resolve_tag  # noqa: E402
-from eval.cli import fail, print_result  # noqa: E402
+from eval.cli import fail, fire_command, print_result  # noqa: E402
 from models import ConfigError, config_to_dict  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
@@ -190,4 +189,4 @@ def main(run_dir, output, tag=None):
 
 
 if __name__ == "__main__":
-    fire.Fire(main, name="eval.export_hf")
+    fire_command(main, "eval.export_hf")

@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path (deepspeed launcher): make the repo importable
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -42,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.checkpoint import load_model, resolve_tag  # noqa: E402
-from eval.cli import EXIT_BAD_INPUT, print_result  # noqa: E402
+from eval.cli import EXIT_BAD_INPUT, fire_command, print_result  # noqa: E402
 from models import ConfigError  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 from pretrain.data.indexed import IndexedTokens  # noqa: E402
@@ -188,4 +187,4 @@ def main(run_dir, text=None, tokens=None, dataset=None, dataset_config=None, spl
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_command(main, "eval.perplexity")

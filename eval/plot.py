@@ -14,14 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import fire  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eval.cli import fail, print_result  # noqa: E402
+from eval.cli import fail, fire_command, print_result  # noqa: E402
 
 PANELS = (("train/loss", "training loss", True), ("val/loss", "validation loss", False),
           ("train/lr", "learning rate", False), ("perf/tokens_per_s", "tokens/s", True))
@@ -105,4 +104,4 @@ def main(*runs, output="curves.png", smooth=1):
 
 
 if __name__ == "__main__":
-    fire.Fire(main, name="eval.plot")
+    fire_command(main, "eval.plot")

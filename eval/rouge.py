@@ -27,7 +27,6 @@ Printed last, as one JSON object: rouge1, rouge2, rougeL, rougeLsum (F-measure x
 bootstrap's mid estimate, which is the mean over summaries), and for each a [low, high] interval
 (--confidence, --bootstrap resamples, --seed), precision and recall x 100, and the counts.
 """
-import functools
 import json
 import os
 import re
@@ -36,12 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 from rouge_score import rouge_scorer, scoring  # noqa: E402
 
 from eval.bleu import generate, search_options  # a summarizer is a translation-task model  # noqa: E402
-from eval.cli import fail, print_result, read_lines, repeated_flag, write_atomically  # noqa: E402
+from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -221,5 +219,4 @@ def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=No
 
 
 if __name__ == "__main__":
-    argv, refs = repeated_flag(sys.argv[1:], "ref")
-    fire.Fire(functools.partial(main, ref=refs), command=argv, name="eval.rouge")
+    fire_command(main, "eval.rouge", repeated=("ref",))

@@ -21,15 +21,14 @@ stderr, exit code 2, and nothing written.
 """
 import multiprocessing
 import os
-import sys
 import threading
 import time
 
-import fire
 import numpy as np
 from tqdm import tqdm
 
 from models.registry import ConfigError
+from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import read_corpus
 from pretrain.data.tokenizer import load_tokenizer
@@ -122,11 +121,7 @@ def preprocess(*inputs, output_prefix=None, tokenizer="bytes", field="text", per
 
 
 def main(argv=None):
-    try:
-        fire.Fire(preprocess, command=argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    fire_command(preprocess, "pretrain.preprocess", argv)
 
 
 if __name__ == "__main__":

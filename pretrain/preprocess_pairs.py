@@ -29,15 +29,14 @@ import contextlib
 import json
 import multiprocessing
 import os
-import sys
 import threading
 import time
 
-import fire
 import numpy as np
 from tqdm import tqdm
 
 from models.registry import ConfigError
+from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import field_text, json_field, json_record, read_lines
 from pretrain.data.tokenizer import load_tokenizer
@@ -223,11 +222,7 @@ def preprocess_pairs(source=None, target=None, jsonl=None, source_field=None, ta
 
 
 def main(argv=None):
-    try:
-        fire.Fire(preprocess_pairs, command=argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    fire_command(preprocess_pairs, "pretrain.preprocess_pairs", argv)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ for text made of covered characters. Bad input: one line ``error: ...`` on stder
 """
 import os
 import re
-import sys
 import time
 
-import fire
 import sentencepiece as spm
 
 from models.registry import ConfigError
+from pretrain.cli import fire_command
 from pretrain.data.lm_dataset import read_corpus
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
@@ -113,11 +112,7 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
 
 
 def main(argv=None):
-    try:
-        fire.Fire(train, command=argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    fire_command(train, "pretrain.tokenizer", argv)
 
 
 if __name__ == "__main__":

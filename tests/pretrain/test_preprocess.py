@@ -98,6 +98,7 @@ def test_json_lines_field_one_document_per_record(tmp_path):
     ("ok.txt", b"abc\n", ["--tokenizer", "missing.model"], "tokenizer missing.model does not exist"),
     ("ok.txt", b"abc\n", ["--output_prefix", "/nonexistent/x"], "--output_prefix /nonexistent/x: its directory does not exist"),
     ("ok.txt", b"abc\n", ["--tokenizer", "{path}"], "tokenizer {path} is not a sentencepiece model"),
+    ("ok.txt", b"abc\n", ["--tokenzier", "bytes"], "unknown flag --tokenzier (did you mean --tokenizer?)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name, content, extra, expected):
     """Reading happens in the main process while two workers encode: the error still surfaces as one line."""

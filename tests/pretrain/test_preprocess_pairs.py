@@ -114,8 +114,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
     (["--tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model; pass a .model file written by "
                                 "python -m pretrain.tokenizer"),
     (["--src_tokenizer", "bytes", "--tgt_tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model"),
+    (["--tokenizr", "bytes"], "unknown flag --tokenizr (did you mean --tokenizer?); pretrain.preprocess_pairs takes "
+                              "--source, --target, --jsonl"),
 ])
-def test_a_text_file_as_tokenizer_is_one_line(tmp_path, capsys, flags, expected):
+def test_a_text_file_as_tokenizer_or_a_misspelled_flag_is_one_line(tmp_path, capsys, flags, expected):
     src, tgt = write_lines(tmp_path / "a.de", GERMAN), write_lines(tmp_path / "a.en", ENGLISH)
     with pytest.raises(SystemExit) as exited:
         main(["--source", str(src), "--target", str(tgt), "--output_prefix", str(tmp_path / "x"),

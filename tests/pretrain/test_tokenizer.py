@@ -86,6 +86,8 @@ def test_json_lines_field_and_saved_dataset_give_the_same_tokenizer(tmp_path):
      "--vocab_size must be an integer of at least 7 (the 4 special pieces, 2 --user_defined_symbols"),
     ("ok.txt", b"abc\n", ["--vocab_size", "6", "--num_threads", "0"],
      "sentencepiece refused to train: it needs num_threads >= 1 && num_threads <= 1024; change --num_threads"),
+    ("ok.txt", b"abc\n", ["--vocab_szie", "50"], "unknown flag --vocab_szie (did you mean --vocab_size?); "
+                                                 "pretrain.tokenizer takes --dataset, --dataset_config"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, name, content, args, expected):
     path = tmp_path / name
