@@ -50,6 +50,12 @@ def build_parser():
     p.add_argument("--eval_interval", type=int, default=0, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval_iters", type=int, default=4, help="validation micro-batches per rank")
     p.add_argument("--log_interval", type=int, default=1, help="log every N steps")
+    p.add_argument("--distributed_timeout_minutes", type=float, default=60.0,
+                   help="a collective (gloo or NCCL) that waits longer fails the job; long enough for what one rank does "
+                        "alone while the others wait (a first op build, hashing a large checkpoint)")
+    p.add_argument("--heartbeat_timeout_s", type=float, default=300.0,
+                   help="a rank whose watchdog has not beaten for this long (frozen, killed, host lost) is named and "
+                        "every rank ends with exit code 4")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--wandb_project", default=None, help="log to W&B (offline when WANDB_API_KEY is unset)")
     p.add_argument("--wandb_run_name", default=None)
@@ -73,6 +79,8 @@ def parse_args(argv=None):
         (args.eval_interval >= 0, "--eval_interval must be >= 0"),
         (args.eval_iters >= 1, "--eval_iters must be >= 1"),
         (args.log_interval >= 1, "--log_interval must be >= 1"),
+        (0 < args.distributed_timeout_minutes < float("inf"), "--distributed_timeout_minutes must be a positive number"),
+        (0 < args.heartbeat_timeout_s < float("inf"), "--heartbeat_timeout_s must be a positive number"),
         (args.keep_checkpoints >= 0, "--keep_checkpoints must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),

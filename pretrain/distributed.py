@@ -1,4 +1,5 @@
 """Process-group start and the clean end of a rank."""
+import datetime
 import os
 import socket
 import sys
@@ -6,6 +7,7 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
 
@@ -17,13 +19,20 @@ def rank_from_env():
     return int(os.environ.get("RANK", "0"))
 
 
-def init():
-    """Start torch.distributed: gloo on CPU, NCCL on GPUs (DeepSpeed's accelerator picks)."""
+def init(timeout_minutes=60.0):
+    """Start torch.distributed: gloo on CPU, NCCL on GPUs (DeepSpeed's accelerator picks), every collective bounded
+    by ``timeout_minutes`` (pretrain/watchdog.py says why it is long)."""
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank (a no-op on CPU)
-    deepspeed.init_distributed()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # The groups DeepSpeed makes (data-, expert-, pipeline-parallel) come from torch's new_group, which takes
+    # torch's own default (30 min for gloo, 10 for NCCL) instead of the world group's timeout or DEEPSPEED_TIMEOUT:
+    # set that default too, or a rank waiting on a stopped peer in a ZeRO reduction would outlast the bound.
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
 
 
 def device():
@@ -53,14 +62,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def finish(code=0):
-    """End this rank: barrier so no rank leaves early, flush, then os._exit.
+def finish(code=0, watchdog=None):
+    """End this rank: barrier so no rank leaves early (the watchdog still watches for a rank that never comes),
+    flush, then os._exit.
 
     os._exit skips interpreter shutdown, where torch 2.13's gloo sometimes aborts (SIGABRT)
     after a run that succeeded.
     """
     if dist.is_initialized():
         dist.barrier()
+    if watchdog is not None:
+        watchdog.stop()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

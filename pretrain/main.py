@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path: make the repo importable
@@ -235,11 +236,16 @@ def run(args, model_config, ds_config, plan, task, signals):
 
     from models import config_to_dict
     from pretrain import distributed, run_dir
+    from pretrain.checkpoint import UnsafeCheckpoint
     from pretrain.metrics import MetricsLogger, without_secrets
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import Trainer, TrainingDiverged
+    from pretrain.watchdog import Watchdog, forward_runner_termination
 
-    distributed.init()
+    forward_runner_termination(signals.runner_terminated)
+    distributed.init(args.distributed_timeout_minutes)
+    watchdog = Watchdog(args.heartbeat_timeout_s).start()
     lock = claim_run_dir(args)
+    watchdog.before_exit = lock.release if lock is not None else None
     try:
         engine, flops = build_engine(args, model_config, ds_config, plan, task)
         rank0 = dist.get_rank() == 0
@@ -252,9 +258,18 @@ def run(args, model_config, ds_config, plan, task, signals):
             run_dir.write_run_config(args.save_dir, {"args": without_secrets(vars(args)), "model": config_to_dict(model_config),
                                                      "deepspeed": ds_config, **task_tokenizers(task)})
         try:
-            return trainer.train()
+            return trainer.train(), watchdog
         finally:
             logger.close()
+    except (TrainingDiverged, UnsafeCheckpoint, ConfigError):
+        watchdog.stop()  # every rank meets these together and ends: a peer gone now is no failure
+        raise
+    except Exception as e:  # this rank alone: the others end at once instead of waiting for it in a collective
+        earlier = watchdog.posted_failure()
+        if earlier:  # the consequence of another rank's failure (its collectives lost their peer): name that one
+            watchdog.end(earlier)
+        watchdog.post_failure(f"rank {dist.get_rank()} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -273,14 +288,19 @@ def main(argv=None):
     from pretrain.checkpoint import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
     try:
-        outcome = run(*prepared, signals)
+        outcome, watchdog = run(*prepared, signals)
     except (TrainingDiverged, UnsafeCheckpoint, ConfigError) as e:  # found once ranks run: every rank raises it
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
-    distributed.finish(0 if outcome == "done" else EXIT_REQUEUE)
+    except Exception:  # a crash: its traceback, then out without interpreter shutdown (gloo may abort there)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    distributed.finish(0 if outcome == "done" else EXIT_REQUEUE, watchdog)
 
 
 if __name__ == "__main__":

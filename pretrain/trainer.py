@@ -105,6 +105,10 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
+    def runner_terminated(self):
+        """pretrain/watchdog.forward_runner_termination: the deepspeed runner was sent SIGTERM and did not pass it on."""
+        self.received = "SIGTERM (to the deepspeed runner)"
+
     def any_rank_received(self):
         flag = torch.tensor([1.0 if self.received else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
