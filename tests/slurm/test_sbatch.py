@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from tests.distributed import REPO
@@ -110,6 +111,43 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     assert (run / "latest").read_text().strip() == "global_step100"
     print(f"job {job_id}: USR1 after step {saved}, requeued, resumed from step {saved}, finished step 100; "
           f"{signalled - start:.0f} s to the signal, {time.monotonic() - signalled:.0f} s from it to the end")
+
+
+def test_a_job_requeued_before_its_first_checkpoint_starts_over(slurm_cluster, tmp_path):
+    """Ranks SIGKILLed before any checkpoint (no save, the lock left behind), then the job requeued: the new
+    attempt starts from step 1, with the first attempt's metrics moved into RUN_DIR/replaced/, not mixed in."""
+    run = tmp_path / "run"
+    job_id = submit(slurm_cluster, TRAIN, "early", "--max_steps", 100000, "--log_interval", 1, "--eval_interval", 0,
+                    env=train_env(run))
+
+    def wait_for_steps(n, what, replaced=False):
+        deadline = time.monotonic() + 300
+        while len(train_steps(run)) < n or replaced and not (run / "replaced").exists():
+            assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+                f"{what}:\n" + job_log(slurm_cluster, job_id, "early")[-4000:]
+            time.sleep(0.2)
+
+    wait_for_steps(3, "the first attempt's steps")
+    for rank in psutil.process_iter():  # SIGKILL the ranks themselves (as the kernel's OOM killer would): nothing saved
+        try:
+            if "pretrain/main.py" in " ".join(rank.cmdline()) and rank.environ().get("SLURM_JOB_ID") == str(job_id):
+                rank.kill()
+        except psutil.Error:
+            pass
+    slurm_cluster.wait_job(job_id, lambda j: j["JobState"] in FINAL_STATES, 120, "the killed attempt's end")
+    first_attempt = train_steps(run)
+    assert not (run / "latest").exists() and (run / "run.lock").exists(), job_log(slurm_cluster, job_id, "early")[-3000:]
+    slurm_cluster.client("scontrol", "requeue", str(job_id))
+    slurm_cluster.wait_job(job_id, lambda j: int(j["Restarts"]) >= 1, 120, "the requeue")
+    wait_for_steps(3, "the second attempt's steps", replaced=True)
+    slurm_cluster.client("scancel", str(job_id))
+    slurm_cluster.wait_job(job_id, lambda j: j["JobState"] in FINAL_STATES, 120, "the end")
+    log = job_log(slurm_cluster, job_id, "early")
+    assert "--replace_run" in (run / "slurm" / f"{job_id}-restart1" / "command.sh").read_text()
+    assert "attempt 0 of this Slurm job, now requeued); taking it over" in log
+    assert train_steps(run)[:3] == [1, 2, 3]  # from step 1, alone in metrics.jsonl
+    (replaced,) = (run / "replaced").iterdir()
+    assert train_steps(replaced) == first_attempt and first_attempt[:3] == [1, 2, 3]
 
 
 def test_eval_script_runs_python_m_eval_cmd_with_its_arguments(slurm_cluster):
