@@ -22,10 +22,10 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # export NCCL_DEBUG_SUBSYS=INIT,NET        # with NCCL_DEBUG=INFO: only start-up and network lines
 
 # --- Timeouts --------------------------------------------------------------------------------------
-# Process-group timeout in minutes (DeepSpeed's init_distributed; default 10): a collective that waits
-# longer aborts the rank (torch's TORCH_NCCL_ASYNC_ERROR_HANDLING default, 3), so a lost node ends the
-# job instead of hanging it. Raise it when one rank legitimately works alone for long (slow saves).
-# export DEEPSPEED_TIMEOUT=30
+# The collective and heartbeat bounds are pretrain/main.py's flags (--distributed_timeout_minutes,
+# default 60, on every group DeepSpeed makes too; --heartbeat_timeout_s, default 300), so pass them with
+# the job's arguments; DEEPSPEED_TIMEOUT is not read. On NCCL a collective past the bound aborts the rank
+# (torch's TORCH_NCCL_ASYNC_ERROR_HANDLING default, 3), so a lost node ends the job instead of hanging it.
 # InfiniBand transport timeout, 4.096 us x 2^N (default 20 in recent NCCL, 18 in older), and retries (default 7).
 # export NCCL_IB_TIMEOUT=22
 # export NCCL_IB_RETRY_CNT=7
