@@ -29,6 +29,11 @@ class GPTConfig:
     # Weights ~ truncated normal with std sqrt(init_scale / fan_in) (Switch Transformer, sec. 2.4).
     init_scale: float = field(default=1.0, metadata=TRAINING_SETTING)
 
+    def longest_sequence(self):
+        """The longest sequence the model can read: its learned position table's length; None for rotary positions,
+        which are computed for any length."""
+        return self.max_seq_len if self.positions == "learned" else None
+
     def problem(self):
         """One line describing what is wrong with this config, or None."""
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -134,7 +139,7 @@ class Block(nn.Module):
         return x + out, None, None
 
 
-@register_model("gpt", GPTConfig)
+@register_model("gpt", GPTConfig, "decoder")
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -21,15 +21,31 @@ class ConfigError(ValueError):
     """A bad config or argument; its message is one line that names the fix."""
 
 
-def register_model(name, config_cls):
+# What a family's forward is, which decides the tasks that can train it and the commands that can read it:
+# "decoder": forward(tokens) -> next-token logits; "encoder-decoder": forward(src, src_mask, tgt_in, tgt_mask) -> logits.
+ARCHITECTURES = ("decoder", "encoder-decoder")
+
+
+def register_model(name, config_cls, architecture):
     def wrap(model_cls):
         if name in MODEL_FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"model family {name!r}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         MODEL_FAMILIES[name] = (config_cls, model_cls)
         model_cls.family = name
         config_cls.family_name = name
+        config_cls.architecture = architecture
         return model_cls
     return wrap
+
+
+def check_architecture(config, architecture, what):
+    """Refuse, in one line naming the families that fit, a config whose family is not of ``architecture``."""
+    if type(config).architecture != architecture:
+        fitting = sorted(name for name, (cls, _) in MODEL_FAMILIES.items() if cls.architecture == architecture)
+        raise ConfigError(f"{what} needs {'an' if architecture[0] in 'aeiou' else 'a'} {architecture} model (family {' or '.join(repr(f) for f in fitting)}); "
+                          f"this one is a {type(config).family_name!r} {type(config).architecture} model")
 
 
 def _closest(name, candidates):

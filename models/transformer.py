@@ -153,7 +153,7 @@ class DecoderLayer(nn.Module):
         return add_ffn(x, self.ffn, self.ln_ffn(x), used_token)
 
 
-@register_model("transformer", TransformerConfig)
+@register_model("transformer", TransformerConfig, "encoder-decoder")
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -274,7 +274,7 @@ class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
         return [i for i in chosen(self.encoder_layers)] + [self.encoder_layers + i for i in chosen(self.decoder_layers)]
 
 
-@register_model("switch-transformer", SwitchTransformerConfig)
+@register_model("switch-transformer", SwitchTransformerConfig, "encoder-decoder")
 class SwitchTransformer(Transformer):
     def make_ffn(self, config, layer_idx):
         return SwitchFFN(config, layer_idx) if layer_idx in config.layers_with_experts() else None

@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
+from models.registry import ConfigError
+
 
 def world_size_from_env():
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -32,7 +34,13 @@ def init(timeout_minutes=60.0):
     # set that default too, or a rank waiting on a stopped peer in a ZeRO reduction would outlast the bound.
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(timeout=timeout)
+    try:
+        deepspeed.init_distributed(timeout=timeout)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise ConfigError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another "
+                          f"process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)") from None
 
 
 def device():

@@ -16,6 +16,7 @@ from models.registry import ConfigError  # noqa: E402
 
 EXIT_CONFIG = 2  # bad arguments or configs
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last good checkpoint is untouched
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and --resume (EX_TEMPFAIL)
 
 
@@ -35,6 +36,11 @@ def prepare(argv):
     ds_config = load_ds_config(args.ds_config)
     plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config.family_name,
                        getattr(model_config, "num_experts", None))
+    if plan.precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(f"DeepSpeed config {args.ds_config} enables fp16, which this device "
+                              f"({get_accelerator().device_name()}) does not support; use bf16 (ds_configs/bf16_zero1.json) or fp32")
     if hasattr(model_config, "expert_parallel_size"):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
@@ -275,6 +281,15 @@ def run(args, model_config, ds_config, plan, task, signals):
             lock.release()
 
 
+def last_checkpoint(save_dir):
+    """Where a stopped run can go on from, in words."""
+    from pretrain import run_dir
+
+    tags = run_dir.complete_tags(save_dir)
+    return (f"the last complete checkpoint is {os.path.join(save_dir, tags[0])}: continue with --resume" if tags
+            else f"no checkpoint was saved in {save_dir}")
+
+
 def main(argv=None):
     from pretrain.trainer import StopSignals
     signals = StopSignals()  # first: a warning signal during start-up must not kill the rank, only stop it after a step
@@ -284,6 +299,10 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem; one line is enough
             print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("error: interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     from pretrain import distributed
     from pretrain.checkpoint import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
@@ -295,6 +314,12 @@ def main(argv=None):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group
+        if distributed.rank_from_env() == 0:
+            print(f"error: interrupted (Ctrl-C); {last_checkpoint(prepared[0].save_dir)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except Exception:  # a crash: its traceback, then out without interpreter shutdown (gloo may abort there)
         traceback.print_exc()
         sys.stdout.flush()

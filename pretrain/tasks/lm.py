@@ -6,6 +6,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from models import build_model
+from models.registry import ConfigError, check_architecture
 from models.gpt import GPTPipe
 from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import (BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens,
@@ -23,7 +24,12 @@ class LanguageModelingTask:
     def __init__(self, args, model_config, plan):
         self.model_config = model_config
         self.pipeline_stages = plan.pipeline_stages
+        check_architecture(model_config, "decoder", f"--task lm ({args.model_config}; encoder-decoders train with --task translation)")
         self.seq_len = args.seq_len or model_config.max_seq_len
+        longest = model_config.longest_sequence()
+        if longest is not None and self.seq_len > longest:
+            raise ConfigError(f"--seq_len {self.seq_len} is longer than the {longest} learned positions of {args.model_config}; "
+                              f"pass --seq_len <= {longest}, or raise max_seq_len in a new run (or use positions 'rotary')")
         # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
         indexed = {path: IndexedTokens(path) for path in (*args.train_data, args.val_data) if path and prefix_of(path)}
         # Without --tokenizer, preprocessed data bring the tokenizer they were made with (else bytes).

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
 from models import ConfigError, build_model
-from models.transformer import TransformerConfig
+from models.registry import check_architecture
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
 from pretrain.data.tokenizer import SentencePieceTokenizer, tokenizer_for_data
 from models.generation import translate_ids
@@ -97,9 +97,7 @@ def read_text_lines(path):
 @register_task("translation")
 class TranslationTask:
     def __init__(self, args, model_config, plan):
-        if not isinstance(model_config, TransformerConfig):
-            raise ConfigError(f"--task translation needs an encoder-decoder model (family 'transformer' or "
-                              f"'switch-transformer'); {args.model_config} is a {type(model_config).family_name!r} model")
+        check_architecture(model_config, "encoder-decoder", f"--task translation ({args.model_config})")
         if plan.pipeline_stages > 1:
             raise ConfigError("--task translation does not run in pipeline stages; drop 'pipeline' from the DeepSpeed config")
         if len(args.train_data) != 1:

@@ -1,8 +1,11 @@
 """Bad input is refused at start with one line on stderr, exit code 2, no traceback, no model built."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -107,6 +110,12 @@ CASES = {
                                             ["--bleu_src", CORPUS, "--bleu_ref", CORPUS], 1), "drop --bleu_src/--bleu_ref"),
     "bleu ref without src": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--bleu_ref", CORPUS], 1),
                              "--bleu_src and --bleu_ref go together"),
+    "fp16 on a device without it": (lambda t: (DS / "fp16_zero1.json", MODELS / "tiny-gpt.json", [], 1),
+                                    "enables fp16, which this device (cpu) does not support"),
+    "seq len beyond learned positions": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--seq_len", "65"], 1),
+                                         "--seq_len 65 is longer than the 64 learned positions"),
+    "lm task with an encoder-decoder": (lambda t: (DS / "zero1.json", MODELS / "tiny-transformer.json", [], 1),
+                                        "needs a decoder model (family 'gpt' or 'switch'); this one is a 'transformer'"),
     "missing second blend corpus": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
                                                ["--train_data", CORPUS, t / "none.txt"], 1), "none.txt does not exist"),
 }
@@ -127,3 +136,41 @@ def test_refused_with_one_line(tmp_path, name):
     assert "Traceback" not in proc.stderr
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_rendezvous_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+        proc = subprocess.run([sys.executable, str(MAIN), "--ds_config", DS / "zero0.json", "--model_config",
+                               MODELS / "tiny-gpt.json", "--train_data", CORPUS, "--max_steps", "1", "--save_dir", tmp_path / "run"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors == [f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one "
+                      f"(deepspeed --master_port P, or MASTER_PORT=P)"]
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["--ds_config", DS / "zero0.json", "--model_config", MODELS / "tiny-gpt.json", "--train_data", CORPUS,
+            "--max_steps", "100000", "--save_interval", "2", "--save_dir", run]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "latest").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: interrupted (Ctrl-C); the last complete checkpoint is {run}/global_step")
+    assert errors[0].endswith(": continue with --resume") and not (run / "run.lock").exists()
