@@ -23,6 +23,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from models import ConfigError, build_model, config_from_dict
 from models.gpt import gpt_state_dict_from_pipeline
+from models.registry import check_architecture
 from pretrain.checkpoint import damage, safe_load
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from pretrain.run_dir import complete_tags
@@ -147,11 +148,14 @@ def checkpoint_state_dict(run_dir, tag, config):
     return state
 
 
-def load_model(run_dir, tag=None):
-    """(model in eval mode on the CPU, its config, the run's tokenizer) of checkpoint ``tag`` (default: latest)."""
+def load_model(run_dir, tag=None, architecture=None, command=None):
+    """(model in eval mode on the CPU, its config, the run's tokenizer) of checkpoint ``tag`` (default: latest).
+    With ``architecture``, a run of another kind is refused, before any weight is read, for ``command``."""
     run_dir = str(run_dir)
     run_config = read_run_config(run_dir)
     config = model_config(run_config, run_dir)
+    if architecture is not None:
+        check_architecture(config, architecture, f"{command} of {run_dir}")
     tokenizer = run_tokenizer(run_dir, run_config["tokenizer"])
     tag = resolve_tag(run_dir, tag)
     problem = damage(run_dir, tag)  # every file against the manifest pretrain/checkpoint.py wrote with it

@@ -149,7 +149,7 @@ def export(run_dir, output, tag=None):
     if os.path.exists(output):
         raise ConfigError(f"{output} already exists; pass a new --output directory")
     tag = resolve_tag(str(run_dir), tag)
-    model, config, tokenizer = load_model(str(run_dir), tag)
+    model, config, tokenizer = load_model(str(run_dir), tag, "decoder", "eval.export_hf")
     state = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
     tmp = f"{output}.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -121,7 +121,7 @@ def evaluate(run_dir, text=None, tokens=None, dataset=None, dataset_config=None,
     """The figures as a dict (see the module docstring); every rank returns them."""
     run_dir = str(run_dir)
     tag = resolve_tag(run_dir, tag)
-    model, config, tokenizer = load_model(run_dir, tag)
+    model, config, tokenizer = load_model(run_dir, tag, "decoder", "eval.perplexity")
     context = config.max_seq_len if context is None else context
     stride = context if stride is None else stride
     if context < 1:

@@ -114,3 +114,11 @@ def test_user_defined_symbols_get_no_inexact_fast_tokenizer(tmp_path):
     train_tokenizer(str(CORPUS), vocab_size=400, user_defined_symbols="<2en>", output=str(tmp_path / "sp"), num_threads=1)
     with pytest.raises(ConfigError, match="user-defined symbols has no exact transformers fast tokenizer"):
         hf_tokenizer(SentencePieceTokenizer(str(tmp_path / "sp.model")))
+
+
+def test_a_translation_run_is_refused(translation_run, tmp_path):
+    from eval.export_hf import export
+
+    with pytest.raises(ConfigError, match=f"eval.export_hf of {translation_run} needs a decoder model"):
+        export(translation_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -119,3 +119,9 @@ def test_refusals(trained, text, tmp_path):
         evaluate(run, text=text, stride=65)
     with pytest.raises(ConfigError, match="one of --text FILE, --tokens PREFIX or --dataset"):
         evaluate(run)
+
+
+def test_a_translation_run_is_refused_before_its_weights_are_read(translation_run, text):
+    with pytest.raises(ConfigError, match=f"eval.perplexity of {translation_run} needs a decoder model .family 'gpt' or "
+                                          f"'switch'.; this one is a 'transformer' encoder-decoder model"):
+        evaluate(translation_run, text=text)
