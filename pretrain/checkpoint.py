@@ -7,6 +7,7 @@ either the previous checkpoint or the new one as ``latest``, never half of one. 
 checkpoint whose files do not match its manifest is skipped, with a warning, for the previous one.
 Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint.
 """
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,26 @@ from pretrain.run_dir import LATEST, MANIFEST, complete_tags, read_latest
 
 class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file would run code outside the allow-list when unpickled."""
+
+
+class DiskFull(RuntimeError):
+    """A save failed because the run directory's filesystem is full or over quota; the previous checkpoint is intact."""
+
+
+def _disk_full(save_dir, error):
+    """Why ``error`` (raised while writing a checkpoint) is a full disk, or None when it is something else.
+
+    torch.save reports a full disk as an obscure RuntimeError of its zip writer ("unexpected pos ..."),
+    without errno, so the filesystem's free space decides too: under 5% of it (at most 16 MiB) left."""
+    chain = error
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return chain.strerror
+        chain = chain.__cause__ or chain.__context__
+    usage = shutil.disk_usage(save_dir)
+    if usage.free < min(16 << 20, usage.total // 20):
+        return f"{usage.free:,} of {usage.total:,} bytes free"
+    return None
 
 
 def _allowed_globals():
@@ -94,9 +115,18 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
     if dist.get_rank() == 0 and os.path.isdir(partial_dir):  # left by a run killed while saving
         shutil.rmtree(partial_dir)
     dist.barrier()
-    os.makedirs(partial_dir, exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, _rng_path(partial_dir, dist.get_rank()))
-    engine.save_checkpoint(save_dir, tag=partial, client_state=client_state, save_latest=False)
+    try:
+        os.makedirs(partial_dir, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, _rng_path(partial_dir, dist.get_rank()))
+        engine.save_checkpoint(save_dir, tag=partial, client_state=client_state, save_latest=False)
+    except Exception as e:
+        why = _disk_full(save_dir, e)
+        if why is None:
+            raise
+        previous = complete_tags(save_dir)
+        raise DiskFull(f"no space left for checkpoint {tag} in {save_dir} ({why}); the previous checkpoint "
+                       f"{previous[0] if previous else '(none: this was the first)'} is intact and is what --resume continues "
+                       f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume") from e
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
         manifest = {}

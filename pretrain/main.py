@@ -16,6 +16,7 @@ from models.registry import ConfigError  # noqa: E402
 
 EXIT_CONFIG = 2  # bad arguments or configs
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last good checkpoint is untouched
+EXIT_DISK_FULL = 74  # a checkpoint did not fit on the disk; the previous one is intact (EX_IOERR)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue and --resume (EX_TEMPFAIL)
 
@@ -304,7 +305,7 @@ def main(argv=None):
             print("error: interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     from pretrain import distributed
-    from pretrain.checkpoint import UnsafeCheckpoint
+    from pretrain.checkpoint import DiskFull, UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
     try:
         outcome, watchdog = run(*prepared, signals)
@@ -314,6 +315,11 @@ def main(argv=None):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
+    except DiskFull as e:  # the rank that met it says so (the others end naming it, through the watchdog)
+        print(f"error: rank {distributed.rank_from_env()}: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_DISK_FULL)
     except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group
         if distributed.rank_from_env() == 0:
             print(f"error: interrupted (Ctrl-C); {last_checkpoint(prepared[0].save_dir)}", file=sys.stderr)

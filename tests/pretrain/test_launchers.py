@@ -42,3 +42,21 @@ def test_launcher_runs_two_ranks(tmp_path, launcher):
     assert "moe/layer0/dropped_fraction" in (run / "metrics.jsonl").read_text()
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_a_busy_master_port_is_one_line_under_the_deepspeed_launcher(tmp_path):
+    """Rank 0 cannot serve the rendezvous store: it refuses in one line, and the launcher ends rank 1."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+        args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4)
+        proc = subprocess.run([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO,
+                              env=launcher_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert errors == [f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one "
+                      f"(deepspeed --master_port P, or MASTER_PORT=P)"]
