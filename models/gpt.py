@@ -139,7 +139,6 @@ class Block(nn.Module):
         return x + out, None, None
 
 
-@register_model("gpt", GPTConfig, "decoder")
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -280,3 +279,7 @@ def gpt_state_dict_from_pipeline(ckpt_dir, config):
         layer = torch.load(os.path.join(ckpt_dir, f"layer_{idx:02d}-model_states.pt"), map_location="cpu", weights_only=True)
         state_dict.update({prefix + k: v for k, v in layer.items()})
     return state_dict
+
+
+# Registered here, below its pipeline form, which the registration names.
+register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe)(GPT)

@@ -26,7 +26,11 @@ class ConfigError(ValueError):
 ARCHITECTURES = ("decoder", "encoder-decoder")
 
 
-def register_model(name, config_cls, architecture):
+def register_model(name, config_cls, architecture, experts=False, pipeline=None):
+    """Register a family and what it can do, which the planner, the tasks and the commands ask instead of its name:
+    ``architecture`` (ARCHITECTURES); ``experts``: it has Switch layers on deepspeed.moe (so: no ZeRO-3, an
+    expert-parallel size that divides num_experts, no resharding at another data-parallel size);
+    ``pipeline``: the deepspeed.pipe module class of its pipeline form, called (config, stages, loss_fn), or None."""
     def wrap(model_cls):
         if name in MODEL_FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
@@ -36,14 +40,21 @@ def register_model(name, config_cls, architecture):
         model_cls.family = name
         config_cls.family_name = name
         config_cls.architecture = architecture
+        config_cls.has_experts = experts
+        config_cls.pipeline_module = pipeline
         return model_cls
     return wrap
+
+
+def families_that(predicate):
+    """The registered family names whose config class satisfies ``predicate``, for messages that name the choices."""
+    return sorted(name for name, (config_cls, _) in MODEL_FAMILIES.items() if predicate(config_cls))
 
 
 def check_architecture(config, architecture, what):
     """Refuse, in one line naming the families that fit, a config whose family is not of ``architecture``."""
     if type(config).architecture != architecture:
-        fitting = sorted(name for name, (cls, _) in MODEL_FAMILIES.items() if cls.architecture == architecture)
+        fitting = families_that(lambda cls: cls.architecture == architecture)
         raise ConfigError(f"{what} needs {'an' if architecture[0] in 'aeiou' else 'a'} {architecture} model (family {' or '.join(repr(f) for f in fitting)}); "
                           f"this one is a {type(config).family_name!r} {type(config).architecture} model")
 

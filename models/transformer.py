@@ -274,7 +274,7 @@ class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
         return [i for i in chosen(self.encoder_layers)] + [self.encoder_layers + i for i in chosen(self.decoder_layers)]
 
 
-@register_model("switch-transformer", SwitchTransformerConfig, "encoder-decoder")
+@register_model("switch-transformer", SwitchTransformerConfig, "encoder-decoder", experts=True)
 class SwitchTransformer(Transformer):
     def make_ffn(self, config, layer_idx):
         return SwitchFFN(config, layer_idx) if layer_idx in config.layers_with_experts() else None

@@ -35,8 +35,7 @@ def prepare(argv):
         raise ConfigError(f"unknown --task {args.task!r}; registered tasks: {', '.join(sorted(TASKS))}")
     model_config = load_model_config(args.model_config)
     ds_config = load_ds_config(args.ds_config)
-    plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config.family_name,
-                       getattr(model_config, "num_experts", None))
+    plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config)
     if plan.precision == "fp16":
         from deepspeed.accelerator import get_accelerator
         if not get_accelerator().is_fp16_supported():
@@ -46,7 +45,7 @@ def prepare(argv):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
     if args.resume:
-        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, checkpoint.saved_dp_size(args.save_dir), model_config.family_name)
+        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, checkpoint.saved_dp_size(args.save_dir), model_config)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
     if args.resume:
         notice = run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task))

@@ -51,5 +51,7 @@ def trained(tmp_path_factory):
 def lm_task(name, run):
     """The LM task the run trained with (its data, tokenizer and validation batches). The launch plan
     does not shape them, so a one-rank ZeRO-1 plan stands in for pipeline and expert-parallel ones."""
-    args = train_args(run, "zero1.json", RECIPES[name].model_config, RECIPES[name].steps, save_dir=run)
+    # A fresh --save_dir: prepare() refuses a start into the run's own, which holds the run.
+    args = train_args(run, "zero1.json", RECIPES[name].model_config, RECIPES[name].steps,
+                      save_dir=run.parent / f"{run.name}_prepare_only")
     return prepare([str(a) for a in args])[-1]

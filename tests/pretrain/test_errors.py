@@ -54,7 +54,20 @@ CASES = {
     "pipeline with zero2": (lambda t: (ds_with(t, pipeline={"stages": 2}, zero_optimization={"stage": 2}),
                                        MODELS / "tiny-gpt.json", [], 2), "ZeRO stage 0 or 1 only"),
     "pipeline with switch": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-switch.json", [], 2),
-                             "dense 'gpt' family only"),
+                             "pipeline stages need a family with a pipeline form ('gpt'); use a config without 'pipeline' "
+                             "for a 'switch' model"),
+    # The Switch encoder-decoder: refused through its registration (experts=True), as the Switch LM is.
+    "switch encoder-decoder with zero3": (lambda t: (DS / "zero3.json", MODELS / "tiny-switch-transformer.json",
+                                                     ["--task", "translation"], 1),
+                                          "does not run under ZeRO-3 (it points to AutoEP, which needs a Hugging Face model); "
+                                          "use ZeRO stage 0, 1 or 2 for a 'switch-transformer' model"),
+    "switch encoder-decoder ep does not divide experts": (lambda t: (ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6),
+                                                                     MODELS / "tiny-switch-transformer.json",
+                                                                     ["--task", "translation"], 3),
+                                                          "does not divide num_experts 4"),
+    "switch encoder-decoder ep does not divide world": (lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch-transformer.json",
+                                                                   ["--task", "translation"], 1),
+                                                        "does not divide the world size 1"),
     "pipeline stages vs world": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-gpt.json", [], 3),
                                  "do not divide the world size 3"),
     "switch with zero3": (lambda t: (DS / "zero3.json", MODELS / "tiny-switch.json", [], 1), "does not run under ZeRO-3"),

@@ -55,7 +55,9 @@ def test_two_stages_match_one_rank(runs):
 
 def test_pipeline_checkpoint_converts_to_gpt(runs):
     plain, pipe = runs
-    args, config, _, _, task = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe)])
+    # The task (its validation data) of a launch like the pipeline run's; a fresh --save_dir, as prepare() refuses a used one.
+    args, config, _, _, task = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS,
+                                                                   save_dir=pipe.parent / "prepare_only")])
 
     converted = GPT(config)
     converted.load_state_dict(gpt_state_dict_from_pipeline(pipe, config), strict=True)
