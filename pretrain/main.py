@@ -250,9 +250,10 @@ def run(args, model_config, ds_config, plan, task, signals):
     forward_runner_termination(signals.runner_terminated)
     distributed.init(args.distributed_timeout_minutes)
     watchdog = Watchdog(args.heartbeat_timeout_s).start()
-    lock = claim_run_dir(args)
-    watchdog.before_exit = lock.release if lock is not None else None
+    lock = None
     try:
+        lock = claim_run_dir(args)
+        watchdog.before_exit = lock.release if lock is not None else None
         engine, flops = build_engine(args, model_config, ds_config, plan, task)
         rank0 = dist.get_rank() == 0
         logger = MetricsLogger(args.save_dir, rank0, args.wandb_project, args.wandb_run_name,
