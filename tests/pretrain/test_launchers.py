@@ -20,13 +20,16 @@ def launcher_env():
     return env
 
 
+def launcher_command(launcher, port):
+    """2 ranks on this machine under ``launcher`` ("deepspeed" or "torchrun"), rendezvous on 127.0.0.1:port."""
+    if launcher == "deepspeed":
+        return [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_launcher_runs_two_ranks(tmp_path, launcher):
-    port = str(free_port())
-    if launcher == "deepspeed":
-        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port]
-    else:
-        cmd = [BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    cmd = launcher_command(launcher, free_port())
     args = train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--wandb_project", "switchyard-test", "--eval_interval", 2)
     proc = subprocess.Popen([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO, env=launcher_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -52,7 +55,7 @@ def test_a_busy_master_port_is_one_line_under_the_deepspeed_launcher(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+        cmd = launcher_command("deepspeed", port)
         args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4)
         proc = subprocess.run([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO,
                               env=launcher_env(), capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import pytest
 from pretrain.checkpoint import damage
 from pretrain.watchdog import EXIT_PEER_FAILED
 from tests.distributed import REPO, free_port, read_metrics, start_ranks, stop_ranks, train_args, wait_ranks
-from tests.pretrain.test_launchers import BIN, launcher_env
+from tests.pretrain.test_launchers import launcher_command, launcher_env
 
 HERE = Path(__file__).resolve().parent
 HEARTBEAT = 6
@@ -36,11 +36,7 @@ def assert_latest_intact(run):
 
 
 def launch(launcher, args):
-    port = str(free_port())
-    if launcher == "deepspeed":
-        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port]
-    else:
-        cmd = [BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    cmd = launcher_command(launcher, free_port())
     return subprocess.Popen([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO,
                             env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
