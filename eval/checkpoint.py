@@ -14,7 +14,6 @@ Every file is unpickled through pretrain.checkpoint.safe_load (weights only, Dee
 allow-list). Problems are a ConfigError with one line naming the fix.
 """
 import contextlib
-import json
 import os
 import sys
 
@@ -26,9 +25,8 @@ from models.gpt import gpt_state_dict_from_pipeline
 from models.registry import check_architecture
 from pretrain.checkpoint import damage, safe_load
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from pretrain.run_dir import complete_tags
-
-RUN_CONFIG = "run_config.json"
+from pretrain import run_dir as run_dir_module
+from pretrain.run_dir import RUN_CONFIG, complete_tags
 
 
 def _check_run_dir(run_dir):
@@ -37,12 +35,13 @@ def _check_run_dir(run_dir):
 
 
 def read_run_config(run_dir):
+    """The run's record (pretrain/run_dir.py writes it); a directory without one is not a run."""
     _check_run_dir(run_dir)
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} does not exist; {run_dir} is not the --save_dir of a pretrain/main.py run")
-    with open(path) as f:
-        return json.load(f)
+    recorded = run_dir_module.read_run_config(run_dir)
+    if recorded is None:
+        raise ConfigError(f"{os.path.join(run_dir, RUN_CONFIG)} does not exist; {run_dir} is not the --save_dir of a "
+                          f"pretrain/main.py run")
+    return recorded
 
 
 def resolve_tag(run_dir, tag=None):

@@ -81,6 +81,11 @@ def finish(code=0, watchdog=None):
         dist.barrier()
     if watchdog is not None:
         watchdog.stop()
+    exit_now(code)
+
+
+def exit_now(code):
+    """Flush and end the process without interpreter shutdown, where torch 2.13's gloo may abort (finish's docstring)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -276,6 +276,7 @@ def run(args, model_config, ds_config, plan, task, signals):
         if earlier:  # the consequence of another rank's failure (its collectives lost their peer): name that one
             watchdog.end(earlier)
         watchdog.post_failure(f"rank {dist.get_rank()} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        watchdog.stop()  # this rank ends by its own exception: the store going with rank 0 is no news to it
         raise
     finally:
         if lock is not None:
@@ -312,25 +313,17 @@ def main(argv=None):
     except (TrainingDiverged, UnsafeCheckpoint, ConfigError) as e:  # found once ranks run: every rank raises it
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
+        distributed.exit_now(EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_CONFIG)
     except DiskFull as e:  # the rank that met it says so (the others end naming it, through the watchdog)
         print(f"error: rank {distributed.rank_from_env()}: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_DISK_FULL)
+        distributed.exit_now(EXIT_DISK_FULL)
     except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group
         if distributed.rank_from_env() == 0:
             print(f"error: interrupted (Ctrl-C); {last_checkpoint(prepared[0].save_dir)}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        distributed.exit_now(EXIT_INTERRUPTED)
     except Exception:  # a crash: its traceback, then out without interpreter shutdown (gloo may abort there)
         traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        distributed.exit_now(1)
     distributed.finish(0 if outcome == "done" else EXIT_REQUEUE, watchdog)
 
 

@@ -25,6 +25,8 @@ import time
 import psutil
 import torch.distributed as dist
 
+from pretrain.distributed import exit_now
+
 EXIT_PEER_FAILED = 4  # another rank stopped answering or failed; the line on stderr names it
 FAILURE_KEY = "failure"
 ACKS_KEY = "failure_read_by"  # how many ranks have read the posted failure
@@ -92,11 +94,10 @@ class Watchdog:
         if self._stopped.is_set():
             return
         print(f"error: rank {self.rank}: {message}; ending this rank (the last complete checkpoint is intact)",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
+              file=sys.stderr)
         if self.before_exit is not None:
             self.before_exit()
-        os._exit(EXIT_PEER_FAILED)
+        exit_now(EXIT_PEER_FAILED)
 
     def _beat_and_watch(self):
         beats = 0
