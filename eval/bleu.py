@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer  # noqa: E402
 from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
 from models import ConfigError  # noqa: E402
+from models.registry import family_of  # noqa: E402
 from models.generation import SEARCHES, translate_ids  # noqa: E402
 from models.transformer import TransformerConfig  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
@@ -75,7 +76,7 @@ def translation_model(run_dir, tag):
     run_config = read_run_config(run_dir)
     config = model_config(run_config, run_dir)
     if not isinstance(config, TransformerConfig):
-        raise ConfigError(f"{run_dir} holds a {type(config).family_name!r} language model, not a translation model; "
+        raise ConfigError(f"{run_dir} holds a {family_of(config).name!r} language model, not a translation model; "
                           f"pass the --save_dir of a pretrain/main.py --task translation run")
     model, config, tgt_tokenizer = load_model(run_dir, tag)
     src_tokenizer = run_source_tokenizer(run_dir)

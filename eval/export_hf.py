@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as w
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from eval.checkpoint import load_model, resolve_tag  # noqa: E402
+from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag  # noqa: E402
 from eval.cli import fail, fire_command, print_result  # noqa: E402
 from models import ConfigError, config_to_dict  # noqa: E402
+from models.registry import families_that, family_of  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 
@@ -144,29 +145,49 @@ def write_tokenizer(tokenizer, directory):
         json.dump(spec, f, indent=1)
 
 
+def write_transformers(state, config, tokenizer, directory, convert):
+    """A transformers directory: config.json and the weights under the architecture's names."""
+    # save_file refuses tensors sharing memory; the tied output embedding is implied by the config.
+    tensors = {name: t.contiguous().clone() for name, t in convert(state, config).items()}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config(config, tokenizer.eos_id), f, indent=1)
+
+
+def write_switchyard(state, config, tokenizer, directory):
+    """Switchyard's own export, for families transformers has no architecture for: the consolidated weights and the
+    model config, which models.build_model + load_state_dict restore."""
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "switchyard_config.json"), "w") as f:
+        json.dump(config_to_dict(config, launch_fields=False), f, indent=1)
+
+
+# What a family's ``export(config)`` may name (models/registry.py ModelFamily), and how it is written.
+EXPORTERS = {
+    "gpt2": lambda state, config, tokenizer, directory: write_transformers(state, config, tokenizer, directory, gpt2_state_dict),
+    "gpt_neox": lambda state, config, tokenizer, directory: write_transformers(state, config, tokenizer, directory, neox_state_dict),
+    "switchyard-switch": write_switchyard,
+}
+
+
 def export(run_dir, output, tag=None):
     """Write the export of checkpoint ``tag`` of RUN_DIR into ``output`` (through a temporary directory)."""
     if os.path.exists(output):
         raise ConfigError(f"{output} already exists; pass a new --output directory")
+    config = model_config(read_run_config(run_dir), run_dir)
+    family = family_of(config)
+    if family.export is None:  # before any weight is read
+        exporting = families_that(lambda f: f.export is not None)
+        raise ConfigError(f"eval.export_hf of {run_dir}: the {family.name!r} family has no export format (families "
+                          f"that export: {', '.join(repr(f) for f in exporting)})")
+    kind = family.export(config)
     tag = resolve_tag(str(run_dir), tag)
-    model, config, tokenizer = load_model(str(run_dir), tag, "decoder", "eval.export_hf")
+    model, config, tokenizer = load_model(str(run_dir), tag)
     state = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
     tmp = f"{output}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if hasattr(config, "num_experts"):
-        kind = "switchyard-switch"
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "switchyard_config.json"), "w") as f:
-            json.dump(config_to_dict(config, launch_fields=False), f, indent=1)
-    else:
-        kind = "gpt2" if config.positions == "learned" else "gpt_neox"
-        convert = gpt2_state_dict if kind == "gpt2" else neox_state_dict
-        # save_file refuses tensors sharing memory; the tied output embedding is implied by the config.
-        tensors = {name: t.contiguous().clone() for name, t in convert(state, config).items()}
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(config, tokenizer.eos_id), f, indent=1)
+    EXPORTERS[kind](state, config, tokenizer, tmp)
     write_tokenizer(tokenizer, tmp)
     os.rename(tmp, output)
     return {"output": str(output), "format": kind, "run_dir": str(run_dir), "tag": tag,

@@ -281,5 +281,7 @@ def gpt_state_dict_from_pipeline(ckpt_dir, config):
     return state_dict
 
 
-# Registered here, below its pipeline form, which the registration names.
-register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe)(GPT)
+# Registered here, below its pipeline form, which the registration names. Its export is the transformers
+# architecture it is exactly (eval/export_hf.py): GPT-2 with learned positions, GPT-NeoX with rotary ones.
+register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe,
+               export=lambda config: "gpt2" if config.positions == "learned" else "gpt_neox")(GPT)

@@ -9,7 +9,7 @@ import json
 import os
 import typing
 
-MODEL_FAMILIES = {}
+MODEL_FAMILIES = {}  # family name -> ModelFamily
 
 # Field metadata of a training setting (dropout, routing capacity, loss weights, the initialization): it shapes
 # how the weights are trained, not the weights, so a resumed run may change it. Every other field is part of
@@ -21,42 +21,69 @@ class ConfigError(ValueError):
     """A bad config or argument; its message is one line that names the fix."""
 
 
-# What a family's forward is, which decides the tasks that can train it and the commands that can read it:
-# "decoder": forward(tokens) -> next-token logits; "encoder-decoder": forward(src, src_mask, tgt_in, tgt_mask) -> logits.
+# What a family's forward takes and returns, which decides the tasks that can train it and the commands that
+# can read it. Both return (logits, aux_loss or None, routing stats or None); aux_loss is the experts'
+# load-balancing (and router z-) loss, already weighted, to add to the task's loss.
+#   "decoder":          forward(tokens [B, T]) -> logits [B, T, vocab] of the next token
+#   "encoder-decoder":  forward(src [B, S], src_mask [B, S], tgt_in [B, T], tgt_mask [B, T]) -> logits [B, T, vocab]
 ARCHITECTURES = ("decoder", "encoder-decoder")
 
 
-def register_model(name, config_cls, architecture, experts=False, pipeline=None):
-    """Register a family and what it can do, which the planner, the tasks and the commands ask instead of its name:
-    ``architecture`` (ARCHITECTURES); ``experts``: it has Switch layers on deepspeed.moe (so: no ZeRO-3, an
-    expert-parallel size that divides num_experts, no resharding at another data-parallel size);
-    ``pipeline``: the deepspeed.pipe module class of its pipeline form, called (config, stages, loss_fn), or None."""
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A registered family and what it can do: the planner, the tasks and the commands ask this, never the name.
+
+    ``architecture``: its forward (ARCHITECTURES).
+    ``experts``: it has Switch layers on deepspeed.moe, so ZeRO-3 is refused (DeepSpeed 0.19's MoE layer does not
+    run under it), the expert-parallel size must divide ``config.num_experts``, its checkpoints keep every expert in
+    a file of its own, and a resume at another data-parallel size is refused (DeepSpeed's ds_to_universal cannot
+    convert native MoE experts; dense families reshard through it).
+    ``pipeline``: the deepspeed.pipe module class of its pipeline form, built as ``pipeline(config, stages,
+    loss_fn)``, or None when it has none.
+    ``export``: ``export(config)`` names what eval.export_hf writes for this config (a key of its EXPORTERS,
+    e.g. "gpt2" or "gpt_neox" for a transformers architecture), or None when the family does not export.
+    """
+    name: str
+    config_cls: type
+    model_cls: type
+    architecture: str
+    experts: bool = False
+    pipeline: typing.Optional[type] = None
+    export: typing.Optional[typing.Callable] = None
+
+
+def register_model(name, config_cls, architecture, experts=False, pipeline=None, export=None):
+    """Register the decorated nn.Module class as family ``name``, built from ``config_cls`` (see ModelFamily)."""
     def wrap(model_cls):
         if name in MODEL_FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model family {name!r}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        MODEL_FAMILIES[name] = (config_cls, model_cls)
-        model_cls.family = name
-        config_cls.family_name = name
-        config_cls.architecture = architecture
-        config_cls.has_experts = experts
-        config_cls.pipeline_module = pipeline
+        MODEL_FAMILIES[name] = ModelFamily(name, config_cls, model_cls, architecture, experts, pipeline, export)
         return model_cls
     return wrap
 
 
+def family_of(config):
+    """The ModelFamily ``config`` (a config dataclass instance) belongs to."""
+    for family in MODEL_FAMILIES.values():
+        if type(config) is family.config_cls:
+            return family
+    raise ConfigError(f"no model family registered for {type(config).__name__}")
+
+
 def families_that(predicate):
-    """The registered family names whose config class satisfies ``predicate``, for messages that name the choices."""
-    return sorted(name for name, (config_cls, _) in MODEL_FAMILIES.items() if predicate(config_cls))
+    """The registered family names whose ModelFamily satisfies ``predicate``, for messages that name the choices."""
+    return sorted(name for name, family in MODEL_FAMILIES.items() if predicate(family))
 
 
 def check_architecture(config, architecture, what):
     """Refuse, in one line naming the families that fit, a config whose family is not of ``architecture``."""
-    if type(config).architecture != architecture:
-        fitting = families_that(lambda cls: cls.architecture == architecture)
+    family = family_of(config)
+    if family.architecture != architecture:
+        fitting = families_that(lambda f: f.architecture == architecture)
         raise ConfigError(f"{what} needs {'an' if architecture[0] in 'aeiou' else 'a'} {architecture} model (family {' or '.join(repr(f) for f in fitting)}); "
-                          f"this one is a {type(config).family_name!r} {type(config).architecture} model")
+                          f"this one is a {family.name!r} {family.architecture} model")
 
 
 def _closest(name, candidates):
@@ -96,7 +123,7 @@ def config_from_dict(raw, where="model config"):
     if family not in MODEL_FAMILIES:
         raise ConfigError(f"{where}: 'family' must be one of {sorted(MODEL_FAMILIES)}, got {family!r}"
                           + (_closest(str(family), MODEL_FAMILIES) if family else ""))
-    config_cls, _ = MODEL_FAMILIES[family]
+    config_cls = MODEL_FAMILIES[family].config_cls
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls) if not f.metadata.get("from_launch")}
     for key, value in raw.items():
@@ -130,14 +157,15 @@ def config_to_dict(config, launch_fields=True):
     """The config as JSON-ready dict; without ``launch_fields`` it is a valid model config file again."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if launch_fields or not f.metadata.get("from_launch")}
-    return {"family": type(config).family_name, **values}
+    return {"family": family_of(config).name, **values}
 
 
 def resume_differences(recorded, config):
     """Where ``config`` differs from the model dict a run recorded (config_to_dict's): (fields that are part of the
     weights, training settings), each a list of (name, recorded value, new value); launch fields are not compared."""
-    if recorded.get("family") != type(config).family_name:
-        return [("family", recorded.get("family"), type(config).family_name)], []
+    family = family_of(config).name
+    if recorded.get("family") != family:
+        return [("family", recorded.get("family"), family)], []
     weights, settings = [], []
     for f in dataclasses.fields(config):
         if f.metadata.get("from_launch"):
@@ -150,7 +178,4 @@ def resume_differences(recorded, config):
 
 
 def build_model(config):
-    for family, (config_cls, model_cls) in MODEL_FAMILIES.items():
-        if type(config) is config_cls:
-            return model_cls(config)
-    raise ConfigError(f"no model family registered for {type(config).__name__}")
+    return family_of(config).model_cls(config)

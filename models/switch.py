@@ -175,7 +175,8 @@ def routing_stats(exp_counts, num_tokens, num_real_tokens, num_experts, capacity
     return {"expert_fraction": counts / num_real_tokens, "dropped_fraction": dropped}
 
 
-@register_model("switch", SwitchConfig, "decoder", experts=True)
+# transformers has no Switch decoder: the export is Switchyard's own (eval/export_hf.py).
+@register_model("switch", SwitchConfig, "decoder", experts=True, export=lambda config: "switchyard-switch")
 class SwitchLM(GPT):
     def make_block(self, config, layer_idx):
         if layer_idx in config.layers_with_experts():

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from models.registry import ConfigError, families_that
+from models.registry import ConfigError, families_that, family_of
 from pretrain import ds_schema
 
 
@@ -52,7 +52,7 @@ def _positive_int(config, key, path):
 def plan_launch(config, path, world_size, model_config):
     """The LaunchPlan of DeepSpeed config ``config`` (read from ``path``) for ``model_config`` on ``world_size`` ranks;
     what the model's family cannot run (its registration says: pipeline form, experts) is refused here."""
-    family = type(model_config)
+    family = family_of(model_config)
     zero = config.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -71,10 +71,10 @@ def plan_launch(config, path, world_size, model_config):
         if stage >= 2:
             raise ConfigError(f"DeepSpeed config {path}: pipeline parallelism runs with ZeRO stage 0 or 1 only "
                               f"(DeepSpeed partitions gradients across micro-batches otherwise); set zero_optimization.stage to 0 or 1")
-        if family.pipeline_module is None:
+        if family.pipeline is None:
             raise ConfigError(f"DeepSpeed config {path}: pipeline stages need a family with a pipeline form "
-                              f"({', '.join(repr(f) for f in families_that(lambda c: c.pipeline_module))}); "
-                              f"use a config without 'pipeline' for a {family.family_name!r} model")
+                              f"({', '.join(repr(f) for f in families_that(lambda f: f.pipeline))}); "
+                              f"use a config without 'pipeline' for a {family.name!r} model")
         if world_size % stages:
             raise ConfigError(f"DeepSpeed config {path}: {stages} pipeline stages do not divide the world size {world_size}; "
                               f"launch a multiple of {stages} ranks")
@@ -82,11 +82,11 @@ def plan_launch(config, path, world_size, model_config):
     ep_size = (config.get("moe") or {}).get("expert_parallel_size", 1)
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size must be a positive integer, got {ep_size!r}")
-    if family.has_experts:
+    if family.experts:
         if stage == 3:
             raise ConfigError(f"DeepSpeed config {path}: DeepSpeed 0.19's MoE layer does not run under ZeRO-3 "
                               f"(it points to AutoEP, which needs a Hugging Face model); use ZeRO stage 0, 1 or 2 for "
-                              f"a {family.family_name!r} model")
+                              f"a {family.name!r} model")
         if world_size % ep_size:
             raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide the world size "
                               f"{world_size}; launch a multiple of {ep_size} ranks or lower expert_parallel_size")
@@ -131,7 +131,7 @@ def plan_resume(plan, config, path, saved_dp_size, model_config):
     go through DeepSpeed's universal checkpoint; what that cannot convert is refused."""
     if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
         return plan, config
-    if type(model_config).has_experts or plan.pipeline_stages > 1:
+    if family_of(model_config).experts or plan.pipeline_stages > 1:
         raise ConfigError(f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "
                           f"only dense models without pipeline stages resume at another data-parallel size; launch "
                           f"{saved_dp_size * plan.pipeline_stages} ranks")

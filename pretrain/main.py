@@ -176,12 +176,12 @@ def build_model(args, model_config, ds_config, plan, task):
     The distill task's teacher is not built here: it is loaded whole on every rank before (it is frozen
     and runs outside the engine, so ZeRO-3 could not gather it for its forward)."""
     import torch
-    from models import MODEL_FAMILIES
+    from models.registry import family_of
 
     torch.manual_seed(args.seed)
     if plan.zero_stage != 3:
         return task.build_model()
-    with zero3_init(ds_config), init_weights_module_by_module(MODEL_FAMILIES[model_config.family_name][1]):
+    with zero3_init(ds_config), init_weights_module_by_module(family_of(model_config).model_cls):
         return task.build_model()
 
 
@@ -191,6 +191,7 @@ def build_engine(args, model_config, ds_config, plan, task):
     import torch
     import torch.distributed as dist
     from models import build_model as build_from_config
+    from models.registry import family_of
 
     if plan.zero_stage == 3:  # counted on a copy without memory: zero.Init's partitioned parameters have numel 0
         with torch.device("meta"):
@@ -205,7 +206,7 @@ def build_engine(args, model_config, ds_config, plan, task):
     flops = counted.flops_per_token(task.seq_len)
     held = sum(p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel() for p in model.parameters())
     if dist.get_rank() == 0:
-        print(f"model {model_config.family_name}: {total:,} parameters, {active:,} active per token, "
+        print(f"model {family_of(model_config).name}: {total:,} parameters, {active:,} active per token, "
               f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)
         print(f"built: rank 0 holds {held:,} parameter values ({held / total:.1%} of the model)"
               f"{' (ZeRO-3: partitioned while built, deepspeed.zero.Init)' if plan.zero_stage == 3 else ''}", flush=True)

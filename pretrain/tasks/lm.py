@@ -6,7 +6,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from models import build_model
-from models.registry import ConfigError, check_architecture
+from models.registry import ConfigError, check_architecture, family_of
 from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import (BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens,
                                       split_tokens)
@@ -65,7 +65,7 @@ class LanguageModelingTask:
 
     def build_model(self):
         if self.pipeline_stages > 1:  # the DeepSpeed engine built on it is a PipelineEngine
-            return type(self.model_config).pipeline_module(self.model_config, self.pipeline_stages, loss_fn=lm_loss)
+            return family_of(self.model_config).pipeline(self.model_config, self.pipeline_stages, loss_fn=lm_loss)
         return build_model(self.model_config)
 
     def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
