@@ -30,13 +30,13 @@ import torch  # noqa: E402
 from sacrebleu.metrics import BLEU  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer  # noqa: E402
+from pretrain.run_dir import (UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag,  # noqa: E402
+                              run_source_tokenizer)
 from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
 from models import ConfigError  # noqa: E402
 from models.registry import family_of  # noqa: E402
 from models.generation import SEARCHES, translate_ids  # noqa: E402
 from models.transformer import TransformerConfig  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 from pretrain.tasks.translation import encode_sources  # noqa: E402
 
 
@@ -73,8 +73,8 @@ def translate(model, src_tokenizer, tgt_tokenizer, encoded, batch_size, device, 
 def translation_model(run_dir, tag):
     """(model, config, source tokenizer, target tokenizer) of a translation run; a language-model run is refused
     before loading weights."""
-    run_config = read_run_config(run_dir)
-    config = model_config(run_config, run_dir)
+    run_config = require_run_config(run_dir)
+    config = recorded_model_config(run_config, run_dir)
     if not isinstance(config, TransformerConfig):
         raise ConfigError(f"{run_dir} holds a {family_of(config).name!r} language model, not a translation model; "
                           f"pass the --save_dir of a pretrain/main.py --task translation run")

@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from eval.checkpoint import model_config, read_run_config  # noqa: E402
+from pretrain.run_dir import UnsafeCheckpoint, recorded_model_config, require_run_config  # noqa: E402
 from eval.cli import fail, fire_command, print_result  # noqa: E402
 from eval.perplexity import evaluate  # noqa: E402
 from models import ConfigError, build_model  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 
 def kept_percent(baseline_loss, student_loss, teacher_loss):
@@ -67,7 +66,7 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
 
 def parameter_counts(run_dir):
     """(total, active per token) of the run's model, from its config alone: the weights are read once, to score."""
-    config = model_config(read_run_config(run_dir), run_dir)
+    config = recorded_model_config(require_run_config(run_dir), run_dir)
     with torch.device("meta"):  # shapes only, no memory
         return build_model(config).param_counts()
 

@@ -29,14 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag  # noqa: E402
+from pretrain.run_dir import UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag  # noqa: E402
 from eval.cli import fail, fire_command, print_result  # noqa: E402
 from models import ConfigError, config_to_dict  # noqa: E402
 from models.registry import families_that, family_of  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 
 def gpt2_state_dict(state, config):
@@ -174,7 +172,7 @@ def export(run_dir, output, tag=None):
     """Write the export of checkpoint ``tag`` of RUN_DIR into ``output`` (through a temporary directory)."""
     if os.path.exists(output):
         raise ConfigError(f"{output} already exists; pass a new --output directory")
-    config = model_config(read_run_config(run_dir), run_dir)
+    config = recorded_model_config(require_run_config(run_dir), run_dir)
     family = family_of(config)
     if family.export is None:  # before any weight is read
         exporting = families_that(lambda f: f.export is not None)

@@ -40,10 +40,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from eval.checkpoint import load_model, resolve_tag  # noqa: E402
+from pretrain.run_dir import UnsafeCheckpoint, load_model, resolve_tag  # noqa: E402
 from eval.cli import EXIT_BAD_INPUT, fire_command, print_result  # noqa: E402
 from models import ConfigError  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 from pretrain.data.indexed import IndexedTokens  # noqa: E402
 from pretrain.data.lm_dataset import read_corpus  # noqa: E402
 from pretrain.distributed import finish  # noqa: E402

@@ -5,7 +5,6 @@ into pipeline stages. The Switch LM (models/switch.py) reuses everything here an
 feed-forward of chosen layers.
 """
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -197,8 +196,9 @@ def training_flops_per_token(config, active_params, seq_len):
 #   layer L+2        final LayerNorm
 #   layer L+3        head: logits = x @ tok_emb.weight.T, the tied embedding again
 #
-# Each layer's state_dict is a slice of GPT's state_dict (pipeline_prefixes), so a pipeline
-# checkpoint, which DeepSpeed writes as one layer_XX-model_states.pt per layer, converts back.
+# Each layer's state_dict is a slice of GPT's state_dict (GPTPipe.state_dict_prefixes), so a pipeline
+# checkpoint, which DeepSpeed writes as one layer_XX-model_states.pt per layer, converts back
+# (pretrain/run_dir.py pipeline_state_dict).
 
 class Positions(nn.Module):
     def __init__(self, config):
@@ -221,11 +221,6 @@ class PipelineBlock(Block):
 
 def tied_head(tok_emb, x):
     return F.linear(x, tok_emb.weight)
-
-
-def pipeline_prefixes(config):
-    """Layer index -> prefix of its parameters in GPT's state_dict (None: the head has none of its own)."""
-    return ["tok_emb.", "", *[f"blocks.{i}." for i in range(config.n_layers)], "ln_f.", None]
 
 
 def to_pipeline_layers(config):
@@ -252,9 +247,14 @@ class GPTPipe(PipelineModule):
         self.counts = plain.param_counts()
         self.load_gpt_state_dict(plain.state_dict())
 
+    @staticmethod
+    def state_dict_prefixes(config):
+        """Layer index -> prefix of its parameters in GPT's state_dict (None: the head has none of its own)."""
+        return ["tok_emb.", "", *[f"blocks.{i}." for i in range(config.n_layers)], "ln_f.", None]
+
     def load_gpt_state_dict(self, state_dict):
         """Copy this stage's slice of a GPT state_dict into its layers (and its copy of the tied embedding)."""
-        prefixes = pipeline_prefixes(self.config)
+        prefixes = self.state_dict_prefixes(self.config)
         layers = [(prefixes[self._local_start + i], f) for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)]
         layers += [(key + ".", module) for key, module in self.tied_modules.items()]
         for prefix, layer in layers:
@@ -265,20 +265,6 @@ class GPTPipe(PipelineModule):
 
     def flops_per_token(self, seq_len):
         return training_flops_per_token(self.config, self.counts[1], seq_len)
-
-
-def gpt_state_dict_from_pipeline(ckpt_dir, config):
-    """A GPT state_dict from a pipeline checkpoint: a tag directory, or a save directory with 'latest'."""
-    if os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
-    state_dict = {}
-    for idx, prefix in enumerate(pipeline_prefixes(config)):
-        if prefix is None:
-            continue
-        layer = torch.load(os.path.join(ckpt_dir, f"layer_{idx:02d}-model_states.pt"), map_location="cpu", weights_only=True)
-        state_dict.update({prefix + k: v for k, v in layer.items()})
-    return state_dict
 
 
 # Registered here, below its pipeline form, which the registration names. Its export is the transformers

@@ -39,7 +39,8 @@ class ModelFamily:
     a file of its own, and a resume at another data-parallel size is refused (DeepSpeed's ds_to_universal cannot
     convert native MoE experts; dense families reshard through it).
     ``pipeline``: the deepspeed.pipe module class of its pipeline form, built as ``pipeline(config, stages,
-    loss_fn)``, or None when it has none.
+    loss_fn)``, or None when it has none; its ``state_dict_prefixes(config)`` names, for each pipeline layer, the
+    prefix of that layer's parameters in the plain model's state_dict (how a pipeline checkpoint is read back).
     ``export``: ``export(config)`` names what eval.export_hf writes for this config (a key of its EXPORTERS,
     e.g. "gpt2" or "gpt_neox" for a transformers architecture), or None when the family does not export.
     """

@@ -8,11 +8,8 @@ checkpoint whose files do not match its manifest is skipped, with a warning, for
 Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint.
 """
 import errno
-import hashlib
 import json
 import os
-import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -21,11 +18,7 @@ import torch
 import torch.distributed as dist
 
 from models.registry import ConfigError
-from pretrain.run_dir import LATEST, MANIFEST, complete_tags, read_latest
-
-
-class UnsafeCheckpoint(RuntimeError):
-    """A checkpoint file would run code outside the allow-list when unpickled."""
+from pretrain.run_dir import LATEST, MANIFEST, complete_tags, damage, safe_load, sha256
 
 
 class DiskFull(RuntimeError):
@@ -48,37 +41,8 @@ def _disk_full(save_dir, error):
     return None
 
 
-def _allowed_globals():
-    # The objects DeepSpeed's own files pickle beyond tensors and containers (found by scanning the
-    # checkpoints of every ds_configs/ recipe): loss scalers, the ZeRO stage, fragment addresses.
-    # Anything else in a checkpoint is refused, not executed.
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(path, map_location=None):
-    """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise UnsafeCheckpoint(f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
-                               f"the allow-list; refusing it (load it by hand only if you trust its source)") from None
-
-
 def _rng_path(directory, rank):
     return os.path.join(directory, f"rng_state_rank{rank}.pt")
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path):
@@ -132,7 +96,7 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
         manifest = {}
         for rel, path in _files(partial_dir):
             _fsync(path)
-            manifest[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+            manifest[rel] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
         _write_atomically(os.path.join(partial_dir, MANIFEST),
                           json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
         final_dir = os.path.join(save_dir, tag)
@@ -144,35 +108,6 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
             for old in complete_tags(save_dir)[keep_last:]:
                 shutil.rmtree(os.path.join(save_dir, old))
     dist.barrier()
-
-
-def damage(save_dir, tag):
-    """Why checkpoint ``tag`` cannot be trusted, or None when every file matches its manifest."""
-    directory = os.path.join(save_dir, tag)
-    try:
-        with open(os.path.join(directory, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"no readable {MANIFEST} ({e.__class__.__name__})"
-    for rel, expected in files.items():
-        path = os.path.join(directory, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        if os.path.getsize(path) != expected["bytes"]:
-            return f"{rel} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"{rel} does not match its SHA-256"
-    return None
-
-
-def saved_dp_size(save_dir):
-    """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
-    tag = read_latest(save_dir)
-    try:
-        with open(os.path.join(save_dir, tag, MANIFEST)) as f:
-            return json.load(f)["dp_size"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _to_universal(save_dir, tag):

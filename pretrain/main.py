@@ -26,7 +26,7 @@ def prepare(argv):
     from models import load_model_config
     from pretrain import distributed
     from pretrain.args import parse_args
-    from pretrain import checkpoint, run_dir
+    from pretrain import run_dir
     from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
     from pretrain.tasks import TASKS
 
@@ -45,7 +45,7 @@ def prepare(argv):
         model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
     if args.resume:
-        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, checkpoint.saved_dp_size(args.save_dir), model_config)
+        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
     if args.resume:
         notice = run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task))
@@ -243,7 +243,7 @@ def run(args, model_config, ds_config, plan, task, signals):
 
     from models import config_to_dict
     from pretrain import distributed, run_dir
-    from pretrain.checkpoint import UnsafeCheckpoint
+    from pretrain.run_dir import UnsafeCheckpoint
     from pretrain.metrics import MetricsLogger, without_secrets
     from pretrain.trainer import Trainer, TrainingDiverged
     from pretrain.watchdog import Watchdog, forward_runner_termination
@@ -307,7 +307,8 @@ def main(argv=None):
             print("error: interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     from pretrain import distributed
-    from pretrain.checkpoint import DiskFull, UnsafeCheckpoint
+    from pretrain.checkpoint import DiskFull
+    from pretrain.run_dir import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
     try:
         outcome, watchdog = run(*prepared, signals)

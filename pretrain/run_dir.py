@@ -11,16 +11,28 @@ where ``flock`` may not be), naming the host, pid and Slurm job, and refreshed e
 ``LOCK_HEARTBEAT_S``. A second launch into the directory is refused with the holder named. A lock
 whose holder is gone (its pid no longer runs on this host, an earlier attempt of this Slurm job, or
 no heartbeat for ``LOCK_STALE_AFTER_S``) is named in a warning and taken over.
+
+The checkpoints are written by pretrain/checkpoint.py (through the engine); reading them back as a plain
+model, as evaluation, export and a distillation teacher do, is here (``load_model``), with the checks that
+come first: the manifest, the allow-listed unpickler, the recorded tokenizer.
 """
+import contextlib
 import datetime
+import hashlib
 import json
 import os
+import pickle
 import re
 import socket
+import sys
 import threading
 import time
 
-from models.registry import ConfigError
+import torch
+
+from models import build_model, config_from_dict
+from models.registry import ConfigError, check_architecture, family_of
+from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -357,3 +369,227 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
         changed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in settings)
         return f"notice: resuming with changed training settings: {changed}"
     return None
+
+
+# Reading a run's checkpoints back. Whatever layout a run was trained in, the model comes back as the module
+# models.build_model makes, whole on one process (evaluation, export and a distillation teacher read it so):
+#
+#     ZeRO 0-2            mp_rank_00_model_states.pt["module"]
+#     experts (ZeRO 0-2)  + every expert, from layer_{L}_expert_{E}_mp_rank_00_model_states.pt, into a
+#                         model built with expert_parallel_size=1 (all experts local)
+#     pipeline stages     layer_XX-model_states.pt, one per pipeline layer (the family's pipeline form
+#                         names each layer's prefix in the plain model's state_dict)
+#     ZeRO-3              the fp32 partitions merged by DeepSpeed's zero_to_fp32
+#
+# Every file is unpickled through safe_load (weights only, DeepSpeed's allow-list) after the checkpoint's
+# files are checked against the manifest written with it.
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file would run code outside the allow-list when unpickled."""
+
+
+def _allowed_globals():
+    # The objects DeepSpeed's own files pickle beyond tensors and containers (found by scanning the
+    # checkpoints of every ds_configs/ recipe): loss scalers, the ZeRO stage, fragment addresses.
+    # Anything else in a checkpoint is refused, not executed.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UnsafeCheckpoint(f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
+                               f"the allow-list; refusing it (load it by hand only if you trust its source)") from None
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(save_dir, tag):
+    """Why checkpoint ``tag`` cannot be trusted, or None when every file matches its manifest."""
+    directory = os.path.join(save_dir, tag)
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"no readable {MANIFEST} ({e.__class__.__name__})"
+    for rel, expected in files.items():
+        path = os.path.join(directory, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != expected["bytes"]:
+            return f"{rel} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
+        if sha256(path) != expected["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
+
+
+def saved_dp_size(save_dir):
+    """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
+    tag = read_latest(save_dir)
+    try:
+        with open(os.path.join(save_dir, tag, MANIFEST)) as f:
+            return json.load(f)["dp_size"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _check_run_dir(run_dir):
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir} does not exist; pass the --save_dir of a pretrain/main.py run")
+
+
+def require_run_config(run_dir):
+    """The run's record; a ConfigError when ``run_dir`` is no run (evaluation's view of read_run_config)."""
+    _check_run_dir(run_dir)
+    recorded = read_run_config(run_dir)
+    if recorded is None:
+        raise ConfigError(f"{os.path.join(run_dir, RUN_CONFIG)} does not exist; {run_dir} is not the --save_dir of a "
+                          f"pretrain/main.py run")
+    return recorded
+
+
+def resolve_tag(run_dir, tag=None):
+    """The checkpoint tag to load: ``tag`` if given, else the one ``latest`` names."""
+    _check_run_dir(run_dir)
+    if tag is None:
+        if not os.path.isfile(os.path.join(run_dir, LATEST)):
+            raise ConfigError(f"{run_dir} holds no checkpoint ('{LATEST}' is missing); let the run save one, or pass a tag")
+        tag = read_latest(run_dir)
+    if not os.path.isdir(os.path.join(run_dir, tag)):
+        raise ConfigError(f"checkpoint {tag} is not in {run_dir} (it has: {', '.join(complete_tags(run_dir)) or 'none'})")
+    return tag
+
+
+def run_tokenizer(run_dir, spec):
+    """The tokenizer a run recorded: bytes, or its sentencepiece model (at the recorded path or, moved
+    with the run, in the run directory or beside it), checked against the recorded sha256."""
+    if spec["type"] == "bytes":
+        return ByteTokenizer()
+    name = os.path.basename(spec["path"])
+    for path in (spec["path"], os.path.join(run_dir, name), os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)):
+        if os.path.isfile(path):
+            tokenizer = SentencePieceTokenizer(path)
+            if tokenizer.sha256 != spec["sha256"]:
+                raise ConfigError(f"tokenizer {path} is not the one {run_dir} was trained with (sha256 {tokenizer.sha256[:12]}, "
+                                  f"recorded {spec['sha256'][:12]}); put the original {name} in {run_dir}")
+            return tokenizer
+    raise ConfigError(f"{run_dir} was trained with tokenizer {spec['path']}, which no longer exists (nor in or beside "
+                      f"the run directory); copy {name} into {run_dir}")
+
+
+def run_source_tokenizer(run_dir):
+    """A translation run's source-side tokenizer: its own when the sides had one each, else the run's only one."""
+    run_config = require_run_config(run_dir)
+    return run_tokenizer(run_dir, run_config.get("src_tokenizer", run_config["tokenizer"]))
+
+
+def recorded_model_config(run_config, run_dir):
+    """The model config a run recorded, for a model on one process."""
+    raw = dict(run_config["model"])
+    # Recorded from the launch; evaluation holds every expert on one process (the default, 1).
+    raw.pop("expert_parallel_size", None)
+    return config_from_dict(raw, where=f"{os.path.join(run_dir, RUN_CONFIG)} model")
+
+
+@contextlib.contextmanager
+def _loads_through_safe_load(module):
+    """DeepSpeed's zero_to_fp32 calls torch.load(..., weights_only=False); give it safe_load instead.
+
+    Its mmap=True on the optimizer files is dropped with the other arguments: they are read whole.
+    """
+    class SafeTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def load(f, map_location=None, **_):
+            return safe_load(f, map_location)
+
+    module.torch = SafeTorch()
+    try:
+        yield
+    finally:
+        module.torch = torch
+
+
+def zero3_state_dict(run_dir, tag):
+    from deepspeed.utils import zero_to_fp32
+
+    # zero_to_fp32 reports progress with print(); stdout is for results.
+    with _loads_through_safe_load(zero_to_fp32), contextlib.redirect_stdout(sys.stderr):
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(run_dir, tag)
+
+
+def pipeline_state_dict(directory, config):
+    """The plain model's state_dict from the per-layer files of a pipeline checkpoint (tag directory ``directory``)."""
+    state = {}
+    for index, prefix in enumerate(family_of(config).pipeline.state_dict_prefixes(config)):
+        if prefix is not None:
+            layer = safe_load(os.path.join(directory, f"layer_{index:02d}-model_states.pt"), map_location="cpu")
+            state.update({prefix + k: v for k, v in layer.items()})
+    return state
+
+
+def expert_state_dict(run_dir, tag, config):
+    """Every expert of every MoE layer. DeepSpeed numbers MoE layers 0, 1, ... in module order and names
+    each file and key by the expert's global index, which is its local index when all experts are local."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    state = {}
+    for moe_layer in range(len(config.layers_with_experts())):
+        for expert in range(config.num_experts):
+            path = DeepSpeedEngine._get_expert_ckpt_name(run_dir, moe_layer, expert, tag)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path} is missing; the checkpoint lacks expert {expert} of MoE layer {moe_layer}")
+            state.update(safe_load(path, map_location="cpu"))
+    return state
+
+
+def checkpoint_state_dict(run_dir, tag, config):
+    """The model's full state_dict from checkpoint ``tag``, whichever way it was written."""
+    directory = os.path.join(run_dir, tag)
+    if os.path.isfile(os.path.join(directory, "layer_00-model_states.pt")):
+        return pipeline_state_dict(directory, config)
+    if os.path.isfile(os.path.join(directory, "zero_pp_rank_0_mp_rank_00_model_states.pt")):  # ZeRO-3's name
+        return zero3_state_dict(run_dir, tag)
+    path = os.path.join(directory, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory} holds no model states (no mp_rank_00_model_states.pt, layer_00-model_states.pt "
+                          f"or zero_pp_rank_0_mp_rank_00_model_states.pt); is it a complete DeepSpeed checkpoint?")
+    state = safe_load(path, map_location="cpu")["module"]
+    if family_of(config).experts:  # DeepSpeed keeps experts out of "module", in files of their own
+        state.update(expert_state_dict(run_dir, tag, config))
+    return state
+
+
+def load_model(run_dir, tag=None, architecture=None, command=None):
+    """(model in eval mode on the CPU, its config, the run's tokenizer) of checkpoint ``tag`` (default: latest).
+    With ``architecture``, a run of another kind is refused, before any weight is read, for ``command``."""
+    run_dir = str(run_dir)
+    run_config = require_run_config(run_dir)
+    config = recorded_model_config(run_config, run_dir)
+    if architecture is not None:
+        check_architecture(config, architecture, f"{command} of {run_dir}")
+    tokenizer = run_tokenizer(run_dir, run_config["tokenizer"])
+    tag = resolve_tag(run_dir, tag)
+    problem = damage(run_dir, tag)  # every file against the manifest written with it (pretrain/checkpoint.py)
+    if problem is not None:
+        intact = [t for t in complete_tags(run_dir) if t != tag and damage(run_dir, t) is None]
+        raise ConfigError(f"checkpoint {os.path.join(run_dir, tag)} is damaged ({problem}); "
+                          + (f"pass --tag {intact[0]} (the newest intact one)" if intact else "no intact checkpoint is left"))
+    model = build_model(config)
+    model.load_state_dict(checkpoint_state_dict(run_dir, tag, config), strict=True)
+    return model.eval(), config, tokenizer

@@ -8,6 +8,7 @@ import pytest
 from pretrain.preprocess_pairs import preprocess_pairs
 from pretrain.tokenizer import train as train_tokenizer
 from tests.distributed import REPO, bleu_args, run_ranks, translation_args
+from tests.trained_runs import trained_runs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,3 +67,9 @@ def translation_run(tmp_path_factory, pair_data):
     run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150, *bleu_args(pair_data)),
               1, directory / "logs")
     return directory / "run"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """name -> run directory of tests.trained_runs.RECIPES[name], trained on first use."""
+    return trained_runs(tmp_path_factory)

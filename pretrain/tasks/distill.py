@@ -41,7 +41,7 @@ def soft_target_loss(student_logits, teacher_logits, targets, temperature):
 @register_task("distill")
 class DistillationTask:
     def __init__(self, args, model_config, plan):
-        from eval.checkpoint import load_model, run_source_tokenizer  # the teacher is read as any evaluation reads a run
+        from pretrain.run_dir import load_model, run_source_tokenizer  # the teacher is read as any evaluation reads a run
 
         if not args.teacher:
             raise ConfigError("--task distill needs --teacher RUN_DIR (the --save_dir of the teacher's run)")

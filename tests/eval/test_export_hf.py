@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.checkpoint import load_model
+from pretrain.run_dir import load_model
 from models import ConfigError, build_model, config_from_dict
 from tests.distributed import REPO
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pretrain.checkpoint import damage
+from pretrain.run_dir import damage
 from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 

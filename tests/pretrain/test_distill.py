@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval.checkpoint import load_model
+from pretrain.run_dir import load_model
 from models import ConfigError
 from pretrain.main import prepare
 from pretrain.tasks.distill import soft_target_loss

@@ -9,7 +9,8 @@ parts, all-reduced), so the tolerance is the one of tests/pretrain/test_main_zer
 import pytest
 import torch
 
-from models.gpt import GPT, gpt_state_dict_from_pipeline
+from models.gpt import GPT
+from pretrain.run_dir import checkpoint_state_dict, read_latest
 from pretrain.main import prepare
 from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
@@ -60,7 +61,7 @@ def test_pipeline_checkpoint_converts_to_gpt(runs):
                                                                    save_dir=pipe.parent / "prepare_only")])
 
     converted = GPT(config)
-    converted.load_state_dict(gpt_state_dict_from_pipeline(pipe, config), strict=True)
+    converted.load_state_dict(checkpoint_state_dict(str(pipe), read_latest(pipe), config), strict=True)
     torch.manual_seed(args.seed)
     untrained = GPT(config)  # the weights both runs started from
 

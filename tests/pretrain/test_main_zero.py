@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.checkpoint import load_model
+from pretrain.run_dir import load_model
 from pretrain.main import prepare
 from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, train_args, translation_args, wait_ranks
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from eval.checkpoint import checkpoint_state_dict, model_config, read_run_config
+from pretrain.run_dir import checkpoint_state_dict, recorded_model_config, require_run_config
 from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, stop_ranks, train_args, wait_ranks
 
 HERE = REPO / "tests" / "pretrain"
@@ -196,7 +196,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     import torch
 
-    from pretrain.checkpoint import MANIFEST, _sha256
+    from pretrain.run_dir import MANIFEST, sha256
 
     run = tmp_path / "run"
     run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 2, save_dir=run), 2, tmp_path / "l1")
@@ -204,7 +204,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     states = run / "global_step2" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, states)
     manifest = json.loads((run / "global_step2" / MANIFEST).read_text())  # a consistent, hostile checkpoint
-    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": _sha256(states)}
+    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": sha256(states)}
     (run / "global_step2" / MANIFEST).write_text(json.dumps(manifest))
     results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4, "--resume", save_dir=run), 2, tmp_path / "l2",
                         check=False)
@@ -233,7 +233,7 @@ def test_every_recipe_resumes_exactly_through_the_safe_loader(tmp_path, ds_confi
     assert "resumed from step 6" in results[0].output
     assert sorted(read_metrics(resumed)) == [7, 8, 9]
     assert all(read_metrics(resumed)[s] == read_metrics(full)[s] for s in (7, 8, 9))
-    config = model_config(read_run_config(full), full)
+    config = recorded_model_config(require_run_config(full), full)
     expected, got = (checkpoint_state_dict(run, "global_step9", config) for run in (full, resumed))
     assert expected.keys() == got.keys()
     assert [name for name in expected if not torch.equal(expected[name], got[name])] == []

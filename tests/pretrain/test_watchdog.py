@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.checkpoint import damage
+from pretrain.run_dir import damage
 from pretrain.watchdog import EXIT_PEER_FAILED
 from tests.distributed import REPO, free_port, read_metrics, start_ranks, stop_ranks, train_args, wait_ranks
 from tests.pretrain.test_launchers import launcher_command, launcher_env

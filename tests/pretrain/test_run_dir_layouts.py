@@ -1,17 +1,16 @@
-"""eval.checkpoint.load_model: every checkpoint layout loads into the plain model and reproduces the
+"""pretrain.run_dir.load_model: every checkpoint layout loads into the plain model and reproduces the
 validation loss the training logged; Switch experts land in their places; bad run directories are refused."""
 import shutil
 
 import pytest
 import torch
 
-from eval.checkpoint import load_model, run_tokenizer
 from models import ConfigError
-from pretrain.checkpoint import safe_load
+from pretrain.run_dir import load_model, run_tokenizer, safe_load
 from pretrain.data.tokenizer import SentencePieceTokenizer
 from pretrain.tokenizer import train as train_tokenizer
 from tests.distributed import CORPUS, read_metrics
-from tests.eval.conftest import RECIPES, lm_task
+from tests.trained_runs import RECIPES, lm_task
 
 RTOL = 1e-5  # the trainer's engine and the plain model differ only in the order of floating-point sums
 

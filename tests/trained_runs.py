@@ -1,7 +1,6 @@
-"""Tiny training runs shared by the evaluation tests: each recipe is trained once, when a test first asks for it."""
+"""Tiny training runs shared by the tests that read checkpoints back (evaluation, export, the run-directory loader):
+each recipe is trained once a session, when a test first asks for it (the ``trained`` fixture, tests/conftest.py)."""
 from dataclasses import dataclass
-
-import pytest
 
 from pretrain.main import prepare
 from tests.distributed import run_ranks, train_args
@@ -30,8 +29,7 @@ RECIPES = {
 }
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained_runs(tmp_path_factory):
     """name -> run directory of RECIPES[name], trained on first use."""
     root = tmp_path_factory.mktemp("eval_runs")
     done = {}
