@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer  # noqa: E402
 from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
-from models import ConfigError  # noqa: E402
+from switchyard.errors import ConfigError  # noqa: E402
 from models.generation import SEARCHES, translate_ids  # noqa: E402
 from models.transformer import TransformerConfig  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402

@@ -20,7 +20,8 @@ import sys
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from models import ConfigError, build_model, config_from_dict
+from models import build_model, config_from_dict
+from switchyard.errors import ConfigError
 from models.gpt import gpt_state_dict_from_pipeline
 from models.registry import check_architecture
 from pretrain.checkpoint import damage, safe_load

@@ -28,7 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from eval.checkpoint import model_config, read_run_config  # noqa: E402
 from eval.cli import fail, fire_command, print_result  # noqa: E402
 from eval.perplexity import evaluate  # noqa: E402
-from models import ConfigError, build_model  # noqa: E402
+from models import build_model  # noqa: E402
+from switchyard.errors import ConfigError  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 

@@ -34,7 +34,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from eval.checkpoint import load_model, resolve_tag  # noqa: E402
 from eval.cli import fail, fire_command, print_result  # noqa: E402
-from models import ConfigError, config_to_dict  # noqa: E402
+from models import config_to_dict  # noqa: E402
+from switchyard.errors import ConfigError  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 
 

@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 from eval.checkpoint import load_model, resolve_tag  # noqa: E402
 from eval.cli import EXIT_BAD_INPUT, fire_command, print_result  # noqa: E402
-from models import ConfigError  # noqa: E402
+from switchyard.errors import ConfigError  # noqa: E402
 from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
 from pretrain.data.indexed import IndexedTokens  # noqa: E402
 from pretrain.data.lm_dataset import read_corpus  # noqa: E402

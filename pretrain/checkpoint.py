@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, read_latest
 
 

@@ -9,7 +9,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from models.registry import ConfigError, families_that
+from models.registry import families_that
+from switchyard.errors import ConfigError
 from pretrain import ds_schema
 
 

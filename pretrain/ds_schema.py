@@ -27,7 +27,7 @@ import typing
 import torch
 from pydantic import BaseModel, ValidationError
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------------
 # Switchyard's own sections. DeepSpeed ignores "moe"; it reads "pipeline" too (its pipeline engine's keys are

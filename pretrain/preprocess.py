@@ -27,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import read_corpus

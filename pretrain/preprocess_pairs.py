@@ -35,7 +35,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import field_text, json_field, json_record, read_lines

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"

@@ -26,7 +26,7 @@ import time
 
 import sentencepiece as spm
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.lm_dataset import read_corpus
 

@@ -31,7 +31,7 @@ every rank takes the same number of batches per epoch (``len(batches)``) and ran
 import numpy as np
 import torch
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.indexed import IndexedTokens
 
 

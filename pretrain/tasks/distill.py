@@ -21,7 +21,7 @@ loss, so it and val/loss compare with a run trained without the teacher; train/l
 import torch
 import torch.nn.functional as F
 
-from models import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.distributed import rank_from_env
 from pretrain.tasks import TASKS, register_task
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch.nn.functional as F
 
 from models import build_model
-from models.registry import ConfigError, check_architecture
+from models.registry import check_architecture
+from switchyard.errors import ConfigError
 from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import (BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens,
                                       split_tokens)

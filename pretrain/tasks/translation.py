@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
-from models import ConfigError, build_model
+from models import build_model
+from switchyard.errors import ConfigError
 from models.registry import check_architecture
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
 from pretrain.data.tokenizer import SentencePieceTokenizer, tokenizer_for_data

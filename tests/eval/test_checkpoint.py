@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.checkpoint import load_model, run_tokenizer
-from models import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.checkpoint import safe_load
 from pretrain.data.tokenizer import SentencePieceTokenizer
 from pretrain.tokenizer import train as train_tokenizer

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from eval.checkpoint import load_model
-from models import ConfigError, build_model, config_from_dict
+from models import build_model, config_from_dict
+from switchyard.errors import ConfigError
 from tests.distributed import REPO
 
 

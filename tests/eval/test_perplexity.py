@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from eval.perplexity import evaluate, windows
-from models import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.lm_dataset import read_documents
 from pretrain.preprocess import preprocess
 from tests.distributed import CORPUS, REPO, start_ranks, wait_ranks

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from models import ConfigError, build_model, config_from_dict, load_model_config
+from models import build_model, config_from_dict, load_model_config
+from switchyard.errors import ConfigError
 from models.gpt import GPT
 from tests.distributed import REPO
 

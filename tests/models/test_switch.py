@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from models import ConfigError, config_from_dict, config_to_dict
+from models import config_from_dict, config_to_dict
+from switchyard.errors import ConfigError
 from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
 
 

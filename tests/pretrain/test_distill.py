@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.checkpoint import load_model
-from models import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.main import prepare
 from pretrain.tasks.distill import soft_target_loss
 from tests.distributed import run_ranks, read_metrics, train_args, translation_args

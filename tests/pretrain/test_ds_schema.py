@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain import ds_schema
 from pretrain.ds_config import load_ds_config
 from tests.distributed import CORPUS, MAIN

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models import load_model_config
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 import pretrain.preprocess
 from pretrain.data.indexed import IndexedTokens, IndexedWriter
 from pretrain.data.lm_dataset import read_text_tokens

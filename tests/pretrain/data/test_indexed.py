@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.indexed import IndexedTokens, IndexedWriter, prefix_of, token_dtype
 
 SPEC = {"type": "bytes"}

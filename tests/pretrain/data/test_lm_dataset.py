@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_documents, read_text_tokens
 from pretrain.data.tokenizer import ByteTokenizer
 

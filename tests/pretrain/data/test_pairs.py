@@ -3,7 +3,7 @@ pair once per epoch, disjoint equal shards per rank, a pure function of (seed, k
 import numpy as np
 import pytest
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.indexed import IndexedWriter
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
 

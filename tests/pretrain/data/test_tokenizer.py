@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 from pretrain.data.tokenizer import load_tokenizer
 from tests.distributed import CORPUS, MAIN, REPO
 
