@@ -17,20 +17,16 @@ perplexity and parameters (total, and active per token) and the student's compre
 parameters / the teacher's). Printed as one JSON object last.
 """
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from eval.checkpoint import model_config, read_run_config  # noqa: E402
-from eval.cli import fail, fire_command, print_result  # noqa: E402
-from eval.perplexity import evaluate  # noqa: E402
-from models import build_model  # noqa: E402
-from switchyard.errors import ConfigError  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
+from eval.checkpoint import model_config, read_run_config
+from eval.cli import fail, fire_command, print_result
+from eval.perplexity import evaluate
+from models import build_model
+from switchyard.errors import ConfigError
+from pretrain.checkpoint import UnsafeCheckpoint
 
 
 def kept_percent(baseline_loss, student_loss, teacher_loss):

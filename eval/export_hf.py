@@ -25,18 +25,14 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from eval.checkpoint import load_model, resolve_tag  # noqa: E402
-from eval.cli import fail, fire_command, print_result  # noqa: E402
-from models import config_to_dict  # noqa: E402
-from switchyard.errors import ConfigError  # noqa: E402
-from pretrain.checkpoint import UnsafeCheckpoint  # noqa: E402
+from eval.checkpoint import load_model, resolve_tag
+from eval.cli import fail, fire_command, print_result
+from models import config_to_dict
+from switchyard.errors import ConfigError
+from pretrain.checkpoint import UnsafeCheckpoint
 
 
 def gpt2_state_dict(state, config):

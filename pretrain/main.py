@@ -8,11 +8,8 @@ import dataclasses
 import os
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path: make the repo importable
-
-from switchyard.errors import ConfigError  # noqa: E402
+from switchyard.errors import ConfigError
 
 EXIT_CONFIG = 2  # bad arguments or configs
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last good checkpoint is untouched
