@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from eval.checkpoint import load_model, model_config, read_run_config, resolve_tag, run_source_tokenizer
 from eval.cli import fail, fire_command, print_result, read_lines, write_atomically
-from switchyard.errors import ConfigError
 from models.generation import SEARCHES, translate_ids
 from models.transformer import TransformerConfig
 from pretrain.checkpoint import UnsafeCheckpoint
 from pretrain.tasks.translation import encode_sources
+from switchyard.errors import ConfigError
 
 
 def read_references(paths, num_lines, what):

@@ -21,13 +21,13 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from models import build_model, config_from_dict
-from switchyard.errors import ConfigError
 from models.gpt import gpt_state_dict_from_pipeline
 from models.registry import check_architecture
+from pretrain import run_dir as run_dir_module
 from pretrain.checkpoint import damage, safe_load
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from pretrain import run_dir as run_dir_module
 from pretrain.run_dir import RUN_CONFIG, complete_tags
+from switchyard.errors import ConfigError
 
 
 def _check_run_dir(run_dir):

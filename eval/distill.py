@@ -25,8 +25,8 @@ from eval.checkpoint import model_config, read_run_config
 from eval.cli import fail, fire_command, print_result
 from eval.perplexity import evaluate
 from models import build_model
-from switchyard.errors import ConfigError
 from pretrain.checkpoint import UnsafeCheckpoint
+from switchyard.errors import ConfigError
 
 
 def kept_percent(baseline_loss, student_loss, teacher_loss):

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from eval.checkpoint import load_model, resolve_tag
 from eval.cli import fail, fire_command, print_result
 from models import config_to_dict
-from switchyard.errors import ConfigError
 from pretrain.checkpoint import UnsafeCheckpoint
+from switchyard.errors import ConfigError
 
 
 def gpt2_state_dict(state, config):

@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from eval.checkpoint import load_model, resolve_tag
 from eval.cli import EXIT_BAD_INPUT, fire_command, print_result
-from switchyard.errors import ConfigError
 from pretrain.checkpoint import UnsafeCheckpoint
 from pretrain.data.indexed import IndexedTokens
 from pretrain.data.lm_dataset import read_corpus
 from pretrain.distributed import finish
+from switchyard.errors import ConfigError
 
 
 def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",

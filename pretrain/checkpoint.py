@@ -20,8 +20,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from switchyard.errors import ConfigError
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, read_latest
+from switchyard.errors import ConfigError
 
 
 class UnsafeCheckpoint(RuntimeError):

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 
 from models.registry import families_that
-from switchyard.errors import ConfigError
 from pretrain import ds_schema
+from switchyard.errors import ConfigError
 
 
 @dataclass

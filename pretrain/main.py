@@ -21,9 +21,8 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: reque
 def prepare(argv):
     """Everything that can be checked without a process group: args, model and DeepSpeed configs, data."""
     from models import load_model_config
-    from pretrain import distributed
+    from pretrain import checkpoint, distributed, run_dir
     from pretrain.args import parse_args
-    from pretrain import checkpoint, run_dir
     from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
     from pretrain.tasks import TASKS
 
@@ -173,6 +172,7 @@ def build_model(args, model_config, ds_config, plan, task):
     The distill task's teacher is not built here: it is loaded whole on every rank before (it is frozen
     and runs outside the engine, so ZeRO-3 could not gather it for its forward)."""
     import torch
+
     from models import MODEL_FAMILIES
 
     torch.manual_seed(args.seed)
@@ -187,6 +187,7 @@ def build_engine(args, model_config, ds_config, plan, task):
     import deepspeed
     import torch
     import torch.distributed as dist
+
     from models import build_model as build_from_config
 
     if plan.zero_stage == 3:  # counted on a copy without memory: zero.Init's partitioned parameters have numel 0

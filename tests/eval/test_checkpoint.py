@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from eval.checkpoint import load_model, run_tokenizer
-from switchyard.errors import ConfigError
 from pretrain.checkpoint import safe_load
 from pretrain.data.tokenizer import SentencePieceTokenizer
 from pretrain.tokenizer import train as train_tokenizer
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, read_metrics
 from tests.eval.conftest import RECIPES, lm_task
 

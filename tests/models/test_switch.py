@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models import config_from_dict, config_to_dict
-from switchyard.errors import ConfigError
 from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
+from switchyard.errors import ConfigError
 
 
 def switch_config(**over):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from models import build_model, config_from_dict, load_model_config
-from switchyard.errors import ConfigError
 from models.switch import SwitchFFN
 from models.transformer import SwitchTransformer, Transformer
+from switchyard.errors import ConfigError
 
 PAD = 0
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from eval.checkpoint import load_model
-from switchyard.errors import ConfigError
 from pretrain.main import prepare
 from pretrain.tasks.distill import soft_target_loss
-from tests.distributed import run_ranks, read_metrics, train_args, translation_args
+from switchyard.errors import ConfigError
+from tests.distributed import read_metrics, run_ranks, train_args, translation_args
 
 
 @pytest.fixture(scope="module")

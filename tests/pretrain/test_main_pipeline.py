@@ -11,7 +11,7 @@ import torch
 
 from models.gpt import GPT, gpt_state_dict_from_pipeline
 from pretrain.main import prepare
-from tests.distributed import REPO, read_metrics, run_ranks, train_args
+from tests.distributed import read_metrics, run_ranks, train_args
 
 STEPS = 6
 RTOL = 1e-5
