@@ -17,22 +17,19 @@ import contextlib
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from pretrain import distributed
+from pretrain.data.pairs import PairDataset, TokenBudgetBatches
+from pretrain.main import build_engine, prepare
+from pretrain.preprocess_pairs import preprocess_pairs
+from pretrain.trainer import Trainer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from pretrain import distributed  # noqa: E402
-from pretrain.data.pairs import PairDataset, TokenBudgetBatches  # noqa: E402
-from pretrain.main import build_engine, prepare  # noqa: E402
-from pretrain.preprocess_pairs import preprocess_pairs  # noqa: E402
-from pretrain.trainer import Trainer  # noqa: E402
-
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k" / "raw"
 

@@ -17,20 +17,17 @@ import collections
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from pretrain import distributed
+from pretrain.main import build_engine, prepare
+from pretrain.trainer import Trainer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from pretrain import distributed  # noqa: E402
-from pretrain.main import build_engine, prepare  # noqa: E402
-from pretrain.trainer import Trainer  # noqa: E402
-
 MODELS = {"tiny": "tiny-gpt.json", "125m-shape": "gpt-125m.json"}
 RECIPES = {"zero0-fp32": ("zero0.json", None), "zero1-fp32": ("zero1.json", None),
            "zero0-bf16": ("zero0.json", "bf16"), "zero1-bf16": ("zero1.json", "bf16")}

@@ -11,18 +11,15 @@ generate the same number of tokens and the figure is tokens/s over out_len token
 Prints a table, then the ratios (incremental tokens/s / full recomputation tokens/s) last.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from models import build_model, load_model_config
+from models.generation import beam_search, greedy
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from models import build_model, load_model_config  # noqa: E402
-from models.generation import beam_search, greedy  # noqa: E402
-
 MODELS = {"tiny": "tiny-transformer.json", "base-shape": "transformer-base.json"}
 PAD, BOS, EOS = 0, 1, 2
 

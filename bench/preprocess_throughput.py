@@ -14,19 +14,16 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pretrain.data.indexed import IndexedTokens
+from pretrain.preprocess import preprocess
+from pretrain.preprocess_pairs import preprocess_pairs
+from pretrain.tokenizer import train
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pretrain.data.indexed import IndexedTokens  # noqa: E402
-from pretrain.preprocess import preprocess  # noqa: E402
-from pretrain.preprocess_pairs import preprocess_pairs  # noqa: E402
-from pretrain.tokenizer import train  # noqa: E402
-
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 
 

@@ -22,22 +22,18 @@ line-misaligned files are refused with one line (exit code 2).
 import functools
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+import torch
+from sacrebleu.metrics import BLEU
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from sacrebleu.metrics import BLEU  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pretrain.run_dir import (UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag,  # noqa: E402
-                              run_source_tokenizer)
-from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
-from models import ConfigError  # noqa: E402
-from models.registry import family_of  # noqa: E402
-from models.generation import SEARCHES, translate_ids  # noqa: E402
-from models.transformer import TransformerConfig  # noqa: E402
-from pretrain.tasks.translation import encode_sources  # noqa: E402
+from eval.cli import fail, fire_command, print_result, read_lines, write_atomically
+from models.generation import SEARCHES, translate_ids
+from models.registry import family_of
+from models.transformer import TransformerConfig
+from pretrain.run_dir import UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag, run_source_tokenizer
+from pretrain.tasks.translation import encode_sources
+from switchyard.errors import ConfigError
 
 
 def read_references(paths, num_lines, what):

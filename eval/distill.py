@@ -17,18 +17,15 @@ perplexity and parameters (total, and active per token) and the student's compre
 parameters / the teacher's). Printed as one JSON object last.
 """
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pretrain.run_dir import UnsafeCheckpoint, recorded_model_config, require_run_config  # noqa: E402
-from eval.cli import fail, fire_command, print_result  # noqa: E402
-from eval.perplexity import evaluate  # noqa: E402
-from models import ConfigError, build_model  # noqa: E402
+from eval.cli import fail, fire_command, print_result
+from eval.perplexity import evaluate
+from models import build_model
+from pretrain.run_dir import UnsafeCheckpoint, recorded_model_config, require_run_config
+from switchyard.errors import ConfigError
 
 
 def kept_percent(baseline_loss, student_loss, teacher_loss):

@@ -25,16 +25,14 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+from safetensors.torch import save_file
 
-from safetensors.torch import save_file  # noqa: E402
-
-from pretrain.run_dir import UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag  # noqa: E402
-from eval.cli import fail, fire_command, print_result  # noqa: E402
-from models import ConfigError, config_to_dict  # noqa: E402
-from models.registry import families_that, family_of  # noqa: E402
+from eval.cli import fail, fire_command, print_result
+from models import config_to_dict
+from models.registry import families_that, family_of
+from pretrain.run_dir import UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag
+from switchyard.errors import ConfigError
 
 
 def gpt2_state_dict(state, config):

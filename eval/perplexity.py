@@ -30,22 +30,19 @@ capacity depends on the tokens of its forward pass, so every batch must be the s
 import math
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path (deepspeed launcher): make the repo importable
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pretrain.run_dir import UnsafeCheckpoint, load_model, resolve_tag  # noqa: E402
-from eval.cli import EXIT_BAD_INPUT, fire_command, print_result  # noqa: E402
-from models import ConfigError  # noqa: E402
-from pretrain.data.indexed import IndexedTokens  # noqa: E402
-from pretrain.data.lm_dataset import read_corpus  # noqa: E402
-from pretrain.distributed import finish  # noqa: E402
+from eval.cli import EXIT_BAD_INPUT, fire_command, print_result
+from pretrain.data.indexed import IndexedTokens
+from pretrain.data.lm_dataset import read_corpus
+from pretrain.distributed import finish
+from pretrain.run_dir import UnsafeCheckpoint, load_model, resolve_tag
+from switchyard.errors import ConfigError
 
 
 def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",

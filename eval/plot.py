@@ -9,18 +9,14 @@ Prints one JSON object last: the output path and how many points each panel drew
 """
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from eval.cli import fail, fire_command, print_result  # noqa: E402
+from eval.cli import fail, fire_command, print_result
 
 PANELS = (("train/loss", "training loss", True), ("val/loss", "validation loss", False),
           ("train/lr", "learning rate", False), ("perf/tokens_per_s", "tokens/s", True))

@@ -30,16 +30,12 @@ bootstrap's mid estimate, which is the mean over summaries), and for each a [low
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path as well as with -m
+import numpy as np
+from rouge_score import rouge_scorer, scoring
 
-import numpy as np  # noqa: E402
-from rouge_score import rouge_scorer, scoring  # noqa: E402
-
-from eval.bleu import generate, search_options  # a summarizer is a translation-task model  # noqa: E402
-from eval.cli import fail, fire_command, print_result, read_lines, write_atomically  # noqa: E402
+from eval.bleu import generate, search_options  # a summarizer is a translation-task model
+from eval.cli import fail, fire_command, print_result, read_lines, write_atomically
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -9,16 +9,14 @@ import json
 import os
 import typing
 
+from switchyard.errors import ConfigError
+
 MODEL_FAMILIES = {}  # family name -> ModelFamily
 
 # Field metadata of a training setting (dropout, routing capacity, loss weights, the initialization): it shapes
 # how the weights are trained, not the weights, so a resumed run may change it. Every other field is part of
 # the weights' shapes or meaning, and a resume that changes it is refused (pretrain/run_dir.py).
 TRAINING_SETTING = {"training_setting": True}
-
-
-class ConfigError(ValueError):
-    """A bad config or argument; its message is one line that names the fix."""
 
 
 # What a family's forward takes and returns, which decides the tasks that can train it and the commands that

@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -17,8 +17,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models.registry import ConfigError
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, damage, safe_load, sha256
+from switchyard.errors import ConfigError
 
 
 class DiskFull(RuntimeError):

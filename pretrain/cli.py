@@ -8,7 +8,7 @@ import sys
 
 import fire
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 HELP_FLAGS = ("-h", "--help")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 
 def world_size_from_env():

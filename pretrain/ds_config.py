@@ -9,8 +9,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from models.registry import ConfigError, families_that, family_of
+from models.registry import families_that, family_of
 from pretrain import ds_schema
+from switchyard.errors import ConfigError
 
 
 @dataclass

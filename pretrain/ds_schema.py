@@ -27,7 +27,7 @@ import typing
 import torch
 from pydantic import BaseModel, ValidationError
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------------
 # Switchyard's own sections. DeepSpeed ignores "moe"; it reads "pipeline" too (its pipeline engine's keys are
@@ -73,6 +73,7 @@ def _non_negative_number(value):
 def _deepspeed_schema():
     """Top-level key -> ANY, SUBKEYS_NOT_LISTED, CHECKED_BELOW, a value check (function of the value that
     returns the problem or None), a pydantic model class, or a dict of sub-keys (each again one of these)."""
+    from deepspeed.autotuning.constants import AUTOTUNING
     from deepspeed.comm.config import CommsLoggerConfig
     from deepspeed.compile.config import CompileConfig
     from deepspeed.datastates.config import DATASTATES_CHECKPOINTING
@@ -90,7 +91,6 @@ def _deepspeed_schema():
     from deepspeed.runtime.tensor_parallel.config import TPTrainingConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from deepspeed.utils.config import TIMERS, TIMERS_THROUGHPUT, DeepSpeedThroughputTimerConfig
-    from deepspeed.autotuning.constants import AUTOTUNING
 
     schema = {
         # Scalars read with get_scalar_param in DeepSpeedConfig._initialize_params (deepspeed/runtime/config.py);

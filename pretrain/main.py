@@ -8,11 +8,8 @@ import dataclasses
 import os
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched by path: make the repo importable
-
-from models.registry import ConfigError  # noqa: E402
+from switchyard.errors import ConfigError
 
 EXIT_CONFIG = 2  # bad arguments or configs
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last good checkpoint is untouched
@@ -24,9 +21,8 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: reque
 def prepare(argv):
     """Everything that can be checked without a process group: args, model and DeepSpeed configs, data."""
     from models import load_model_config
-    from pretrain import distributed
+    from pretrain import distributed, run_dir
     from pretrain.args import parse_args
-    from pretrain import run_dir
     from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
     from pretrain.tasks import TASKS
 
@@ -176,6 +172,7 @@ def build_model(args, model_config, ds_config, plan, task):
     The distill task's teacher is not built here: it is loaded whole on every rank before (it is frozen
     and runs outside the engine, so ZeRO-3 could not gather it for its forward)."""
     import torch
+
     from models.registry import family_of
 
     torch.manual_seed(args.seed)
@@ -190,6 +187,7 @@ def build_engine(args, model_config, ds_config, plan, task):
     import deepspeed
     import torch
     import torch.distributed as dist
+
     from models import build_model as build_from_config
     from models.registry import family_of
 
@@ -243,8 +241,8 @@ def run(args, model_config, ds_config, plan, task, signals):
 
     from models import config_to_dict
     from pretrain import distributed, run_dir
-    from pretrain.run_dir import UnsafeCheckpoint
     from pretrain.metrics import MetricsLogger, without_secrets
+    from pretrain.run_dir import UnsafeCheckpoint
     from pretrain.trainer import Trainer, TrainingDiverged
     from pretrain.watchdog import Watchdog, forward_runner_termination
 

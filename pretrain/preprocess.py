@@ -27,11 +27,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from models.registry import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import read_corpus
 from pretrain.data.tokenizer import load_tokenizer
+from switchyard.errors import ConfigError
 
 _tokenizer = None  # one per worker process, loaded by its initializer
 

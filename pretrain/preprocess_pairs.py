@@ -35,12 +35,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from models.registry import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.lm_dataset import field_text, json_field, json_record, read_lines
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.preprocess import bounded
+from switchyard.errors import ConfigError
 
 _tokenizers = None  # (source, target) in each worker process, loaded by its initializer
 

@@ -31,8 +31,9 @@ import time
 import torch
 
 from models import build_model, config_from_dict
-from models.registry import ConfigError, check_architecture, family_of
+from models.registry import check_architecture, family_of
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from switchyard.errors import ConfigError
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"

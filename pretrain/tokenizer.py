@@ -26,9 +26,9 @@ import time
 
 import sentencepiece as spm
 
-from models.registry import ConfigError
 from pretrain.cli import fire_command
 from pretrain.data.lm_dataset import read_corpus
+from switchyard.errors import ConfigError
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 

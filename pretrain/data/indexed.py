@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 MAGIC = b"SWYDIDX1"
 VERSION = 1

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 
 def read_lines(path):

@@ -31,8 +31,8 @@ every rank takes the same number of batches per epoch (``len(batches)``) and ran
 import numpy as np
 import torch
 
-from models.registry import ConfigError
 from pretrain.data.indexed import IndexedTokens
+from switchyard.errors import ConfigError
 
 
 class PairDataset:

@@ -8,7 +8,7 @@ import os
 
 import sentencepiece as spm
 
-from models.registry import ConfigError
+from switchyard.errors import ConfigError
 
 
 class ByteTokenizer:

@@ -21,9 +21,9 @@ loss, so it and val/loss compare with a run trained without the teacher; train/l
 import torch
 import torch.nn.functional as F
 
-from models import ConfigError
 from pretrain.distributed import rank_from_env
 from pretrain.tasks import TASKS, register_task
+from switchyard.errors import ConfigError
 
 IGNORE = -100  # targets the hard loss skips (translation's padding); LM targets have none
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -6,12 +6,12 @@ import numpy as np
 import torch.nn.functional as F
 
 from models import build_model
-from models.registry import ConfigError, check_architecture, family_of
+from models.registry import check_architecture, family_of
 from pretrain.data.indexed import IndexedTokens, prefix_of
-from pretrain.data.lm_dataset import (BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens,
-                                      split_tokens)
+from pretrain.data.lm_dataset import BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
 from pretrain.data.tokenizer import check_fits_model, tokenizer_for_data
 from pretrain.tasks import register_task
+from switchyard.errors import ConfigError
 
 
 def lm_loss(logits, targets):

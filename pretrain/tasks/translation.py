@@ -30,13 +30,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
-from models import ConfigError, build_model
+from models import build_model
+from models.generation import translate_ids
 from models.registry import check_architecture
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
 from pretrain.data.tokenizer import SentencePieceTokenizer, tokenizer_for_data
-from models.generation import translate_ids
 from pretrain.distributed import RankSync, device, rank_from_env
 from pretrain.tasks import register_task
+from switchyard.errors import ConfigError
 
 IGNORE = -100  # F.cross_entropy's ignore_index: padded target positions
 

@@ -8,7 +8,7 @@ import torch
 
 from eval.distill import kept_percent
 from eval.perplexity import evaluate
-from models import ConfigError
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, REPO
 
 

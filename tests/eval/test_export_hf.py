@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models import build_model, config_from_dict
 from pretrain.run_dir import load_model
-from models import ConfigError, build_model, config_from_dict
+from switchyard.errors import ConfigError
 from tests.distributed import REPO
 
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from eval.perplexity import evaluate, windows
-from models import ConfigError
 from pretrain.data.lm_dataset import read_documents
 from pretrain.preprocess import preprocess
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, REPO, start_ranks, wait_ranks
 
 FIGURES = ("loss", "perplexity", "tokens", "bytes", "words", "bits_per_byte", "word_perplexity")

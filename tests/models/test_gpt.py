@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from models import ConfigError, build_model, config_from_dict, load_model_config
+from models import build_model, config_from_dict, load_model_config
 from models.gpt import GPT
+from switchyard.errors import ConfigError
 from tests.distributed import REPO
 
 TINY = {"family": "gpt", "vocab_size": 50, "max_seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64}

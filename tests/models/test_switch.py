@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from models import ConfigError, config_from_dict, config_to_dict
+from models import config_from_dict, config_to_dict
 from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
+from switchyard.errors import ConfigError
 
 
 def switch_config(**over):

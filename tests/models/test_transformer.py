@@ -3,9 +3,10 @@ sizes, the Switch variant and config refusals."""
 import pytest
 import torch
 
-from models import ConfigError, build_model, config_from_dict, load_model_config
+from models import build_model, config_from_dict, load_model_config
 from models.switch import SwitchFFN
 from models.transformer import SwitchTransformer, Transformer
+from switchyard.errors import ConfigError
 
 PAD = 0
 

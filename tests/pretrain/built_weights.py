@@ -6,14 +6,12 @@ rank held right after the model was built (before deepspeed.initialize), into on
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import deepspeed
+import torch
+import torch.distributed as dist
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import pretrain.main  # noqa: E402
-from pretrain import distributed  # noqa: E402
+import pretrain.main
+from pretrain import distributed
 
 
 def main():

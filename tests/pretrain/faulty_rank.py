@@ -5,14 +5,10 @@ out-of-memory error is to the other ranks); "sleep:RANK:STEP:SECONDS" sleeps the
 beats on), while the others wait for it in the step's gradient reduction.
 """
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pretrain.main import main  # noqa: E402
-from pretrain.trainer import Trainer  # noqa: E402
+from pretrain.main import main
+from pretrain.trainer import Trainer
 
 kind, rank, step, *seconds = os.environ["SWITCHYARD_TEST_FAULT"].split(":")
 clean_train_step = Trainer.train_step

@@ -1,13 +1,11 @@
 """A save that finds the disk full says so in one line and leaves the previous checkpoint intact
 (pretrain/checkpoint.py). The disk is a real one: a small tmpfs mounted as the run directory."""
-import os
 import subprocess
-import sys
 
 import pytest
 
 from pretrain.run_dir import damage
-from tests.distributed import REPO, read_metrics, run_ranks, train_args
+from tests.distributed import read_metrics, run_ranks, train_args
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from pretrain.run_dir import load_model
-from models import ConfigError
 from pretrain.main import prepare
+from pretrain.run_dir import load_model
 from pretrain.tasks.distill import soft_target_loss
-from tests.distributed import run_ranks, read_metrics, train_args, translation_args
+from switchyard.errors import ConfigError
+from tests.distributed import read_metrics, run_ranks, train_args, translation_args
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """A DeepSpeed config with a misspelled key or a value that trains silently is refused by load_ds_config, in one line
 that names the file, the key path and the fix; every shipped config passes unchanged."""
-import copy
 import json
 import os
 import subprocess
@@ -8,9 +7,9 @@ import sys
 
 import pytest
 
-from models.registry import ConfigError
 from pretrain import ds_schema
 from pretrain.ds_config import load_ds_config
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, MAIN
 from tests.pretrain.test_errors import DS, MODELS, write
 

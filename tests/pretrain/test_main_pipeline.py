@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models.gpt import GPT
-from pretrain.run_dir import checkpoint_state_dict, read_latest
 from pretrain.main import prepare
-from tests.distributed import REPO, read_metrics, run_ranks, train_args
+from pretrain.run_dir import checkpoint_state_dict, read_latest
+from tests.distributed import read_metrics, run_ranks, train_args
 
 STEPS = 6
 RTOL = 1e-5

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.run_dir import load_model
 from pretrain.main import prepare
+from pretrain.run_dir import load_model
 from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, train_args, translation_args, wait_ranks
 
 HERE = Path(__file__).resolve().parent

@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from models import load_model_config
-from models.registry import ConfigError
 import pretrain.preprocess
+from models import load_model_config
 from pretrain.data.indexed import IndexedTokens, IndexedWriter
 from pretrain.data.lm_dataset import read_text_tokens
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, tokenizer_for_data
 from pretrain.preprocess import chunks, main, preprocess
 from pretrain.tasks.lm import LanguageModelingTask
 from pretrain.tokenizer import train
+from switchyard.errors import ConfigError
 from tests.distributed import MAIN, REPO, read_metrics, run_ranks
 
 SHARED = REPO.parent / "shared" / "data"

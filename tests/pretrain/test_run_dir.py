@@ -11,8 +11,8 @@ import time
 import pytest
 
 from models import load_model_config
-from models.registry import ConfigError
 from pretrain import run_dir
+from switchyard.errors import ConfigError
 from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, stop_ranks, train_args, wait_ranks
 
 MODELS = REPO / "models" / "configs"

@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from models import ConfigError
-from pretrain.run_dir import load_model, run_tokenizer, safe_load
 from pretrain.data.tokenizer import SentencePieceTokenizer
+from pretrain.run_dir import load_model, run_tokenizer, safe_load
 from pretrain.tokenizer import train as train_tokenizer
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, read_metrics
 from tests.trained_runs import RECIPES, lm_task
 

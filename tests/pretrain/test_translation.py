@@ -12,6 +12,7 @@ from pretrain.tasks.translation import IGNORE, label_smoothed_cross_entropy
 from pretrain.tokenizer import train as train_tokenizer
 from tests.distributed import MAIN, REPO, bleu_args, rank_env, read_metrics, run_ranks, translation_args
 
+
 def test_label_smoothing_matches_the_formula():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 7)

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from models.registry import ConfigError
 from pretrain.data.indexed import IndexedTokens, IndexedWriter, prefix_of, token_dtype
+from switchyard.errors import ConfigError
 
 SPEC = {"type": "bytes"}
 

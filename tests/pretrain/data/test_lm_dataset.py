@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import ConfigError
 from pretrain.data.lm_dataset import LMSamples, SeededOrder, micro_batch, read_documents, read_text_tokens
 from pretrain.data.tokenizer import ByteTokenizer
+from switchyard.errors import ConfigError
 
 
 def samples_and_order(n_tokens=1000, seq_len=9, seed=3):

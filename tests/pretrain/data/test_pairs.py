@@ -3,9 +3,9 @@ pair once per epoch, disjoint equal shards per rank, a pure function of (seed, k
 import numpy as np
 import pytest
 
-from models.registry import ConfigError
 from pretrain.data.indexed import IndexedWriter
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
+from switchyard.errors import ConfigError
 
 EOS = 3
 

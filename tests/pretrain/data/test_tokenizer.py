@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from models.registry import ConfigError
 from pretrain.data.tokenizer import load_tokenizer
+from switchyard.errors import ConfigError
 from tests.distributed import CORPUS, MAIN, REPO
 
 NOT_MODELS = {
