@@ -22,7 +22,7 @@ def cosine_lr(step, total):
 
 def test_auto_follows_max_steps_and_a_resume_keeps_or_extends_it(tmp_path):
     run = tmp_path / "run"
-    first = run_ranks(train_args(tmp_path, "zero0.json", "tiny-gpt.json", 14, "--log_interval", 2, save_dir=run),
+    first = run_ranks(train_args(tmp_path, "zero0.json", "tiny-gpt.json", 14, save_dir=run),
                       1, tmp_path / "l1")
     lrs = read_metrics(run, "train/lr")
     assert lrs[14] == LR * COS_MIN and lrs[13] > LR * COS_MIN  # the minimum exactly at --max_steps
