@@ -152,6 +152,20 @@ def load_model_config(path, overrides=None):
     return config_from_dict(raw, where=f"model config {path}")
 
 
+def with_launch_fields(config, **fields):
+    """``config`` with fields that are set at launch (``from_launch`` metadata, e.g. the expert-parallel size from
+    the DeepSpeed config), checked again as a whole."""
+    launch_fields = {f.name for f in dataclasses.fields(config) if f.metadata.get("from_launch")}
+    unknown = set(fields) - launch_fields
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not launch fields of {type(config).__name__}")
+    config = dataclasses.replace(config, **fields)
+    problem = config.problem()
+    if problem:
+        raise ConfigError(f"model config at launch: {problem}")
+    return config
+
+
 def config_to_dict(config, launch_fields=True):
     """The config as JSON-ready dict; without ``launch_fields`` it is a valid model config file again."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)

@@ -41,6 +41,9 @@ def build_parser():
     p.add_argument("--save_dir", required=True, help="run directory: checkpoints, metrics.jsonl, W&B files")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --save_dir")
+    p.add_argument("--extend_schedule", action="store_true",
+                   help="with --resume and a longer --max_steps: stretch the learning-rate schedule's \"auto\" "
+                        "total_num_steps to the new --max_steps (without it the schedule keeps the length the run recorded)")
     p.add_argument("--replace_run", action="store_true",
                    help="start over in a --save_dir that holds a run: its files are moved into SAVE_DIR/replaced/TIMESTAMP/ "
                         "first (a start without --resume or this flag is refused there)")
@@ -83,6 +86,9 @@ def parse_args(argv=None):
         (0 < args.heartbeat_timeout_s < float("inf"), "--heartbeat_timeout_s must be a positive number"),
         (args.keep_checkpoints >= 0, "--keep_checkpoints must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
+        (args.resume or not args.extend_schedule,
+         "--extend_schedule stretches a resumed run's learning-rate schedule; pass it with --resume (a new run's "
+         "\"auto\" schedule follows --max_steps already)"),
         (0.0 <= args.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {args.val_fraction}"),
         (args.seq_len is None or args.seq_len >= 1, "--seq_len must be >= 1"),
         *[(data_exists(path), f"--train_data {path} does not exist; pass a text file or a preprocessed PREFIX")

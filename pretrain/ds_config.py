@@ -1,8 +1,9 @@
 """Read a DeepSpeed JSON config and refuse, in one line, what the launch cannot run.
 
 Everything here runs before torch.distributed starts and before any model is allocated.
-The JSON goes to ``deepspeed.initialize`` as written; Switchyard adds one section of its
-own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
+The JSON goes to ``deepspeed.initialize`` as written, but for one value: a scheduler's
+``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds one
+section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
 """
 import dataclasses
 import json
@@ -138,3 +139,70 @@ def plan_resume(plan, config, path, saved_dp_size, model_config):
                           f"{saved_dp_size * plan.pipeline_stages} ranks")
     config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
     return dataclasses.replace(plan, resume_universal=True), config
+
+
+def _schedule_end(scheduler, total, max_steps):
+    """What a learning-rate schedule of ``total`` steps does in a run that stops at step ``max_steps``."""
+    if max_steps < total:
+        return f"training stops at step {max_steps}, before the learning rate has decayed to the schedule's end"
+    if scheduler["type"] == "WarmupDecayLR":  # its linear decay would go below 0 past the end; DeepSpeed clamps it
+        return f"the learning rate reaches 0 at step {total + 1} and stays there: the steps after it change no weights"
+    return f"steps {total + 1}-{max_steps} train at the schedule's final learning rate (cos_min_ratio x lr)"
+
+
+def resolve_schedule(config, path, max_steps, resume, recorded, extend):
+    """(``config`` with an ``"auto"`` schedule length filled in, a one-line notice or None).
+
+    A new run's ``"auto"`` is its --max_steps. A resumed run keeps the length it recorded (run_config.json holds
+    the resolved config, ``recorded``; None when the run has no record), which the checkpoint's scheduler state
+    continues; ``extend`` (--extend_schedule) makes it this launch's --max_steps. That takes effect although
+    DeepSpeed loads the scheduler's state from the checkpoint: WarmupCosineLR and WarmupDecayLR save only
+    ``last_batch_iteration`` there (deepspeed/runtime/lr_schedules.py), so their length is always the config's.
+    A config that fixes the length keeps it; the notice says where it ends against --max_steps."""
+    scheduler = config.get("scheduler") or {}
+    key = ds_schema.AUTO_STEP_KEYS.get(scheduler.get("type"))
+    total = (scheduler.get("params") or {}).get(key) if key else None
+    if total is None:
+        if extend:
+            raise ConfigError(f"--extend_schedule: DeepSpeed config {path} has no scheduler with a total_num_steps to "
+                              f"stretch ({' or '.join(ds_schema.AUTO_STEP_KEYS)}); drop --extend_schedule")
+        return config, None
+    if total != ds_schema.AUTO:
+        if extend:
+            raise ConfigError(f"--extend_schedule: DeepSpeed config {path} fixes scheduler.params.{key} at {total}; "
+                              f"set it to \"auto\" to let the schedule follow --max_steps")
+        notice = None
+        if total != max_steps:
+            notice = (f"notice: DeepSpeed config {path} fixes the learning-rate schedule at {total} steps and --max_steps "
+                      f"is {max_steps}: {_schedule_end(scheduler, total, max_steps)}; set scheduler.params.{key} to "
+                      f"\"auto\" to make it follow --max_steps")
+        return config, notice
+    recorded_scheduler = (recorded or {}).get("scheduler") or {}
+    recorded_total = ((recorded_scheduler.get("params") or {}).get(key)
+                      if recorded_scheduler.get("type") == scheduler["type"] else None)
+    notice = None
+    if not resume:
+        total = max_steps
+    elif recorded_total is None:  # a checkpoint copied in without its record, or a run that had another scheduler
+        total = max_steps
+        notice = (f"notice: the run records no {scheduler['type']} length to keep; the learning-rate schedule now "
+                  f"ends at this launch's --max_steps {max_steps}")
+    elif extend:
+        if max_steps < recorded_total:
+            raise ConfigError(f"--extend_schedule lengthens the learning-rate schedule, and --max_steps {max_steps} is "
+                              f"shorter than its recorded {recorded_total} steps; drop --extend_schedule (training then "
+                              f"stops at step {max_steps} of the {recorded_total}-step schedule)")
+        total = max_steps
+        if max_steps != recorded_total:
+            notice = (f"notice: --extend_schedule: the learning-rate schedule is stretched from its recorded "
+                      f"{recorded_total} steps to {max_steps}; from the resumed step on the learning rate follows "
+                      f"the {max_steps}-step schedule")
+    else:
+        total = recorded_total
+        if max_steps != recorded_total:
+            stretch = (f"; pass --extend_schedule to stretch it to {max_steps}" if max_steps > recorded_total else "")
+            notice = (f"notice: the learning-rate schedule keeps its recorded length of {recorded_total} steps "
+                      f"(run_config.json) and --max_steps is {max_steps}: "
+                      f"{_schedule_end(scheduler, recorded_total, max_steps)}{stretch}")
+    params = {**scheduler["params"], key: total}
+    return {**config, "scheduler": {**scheduler, "params": params}}, notice

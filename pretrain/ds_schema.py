@@ -411,6 +411,26 @@ def _is_numeric_parameter(parameter):
     return annotation in (int, float)
 
 
+# The scheduler parameters that may be "auto" (as in DeepSpeed's Hugging Face integration): pretrain/ds_config.py's
+# resolve_schedule fills them from the run's --max_steps before DeepSpeed sees the config. Only the schedule's
+# length follows the run: a warm-up is a number of steps in itself (it does not scale with the run), and
+# Switchyard has no flag it could come from, so warmup_num_steps stays a number.
+AUTO = "auto"
+AUTO_STEP_KEYS = {"WarmupCosineLR": "total_num_steps", "WarmupDecayLR": "total_num_steps"}
+
+
+def _auto_problem(name, key, named):
+    """Why scheduler.params.``key`` of scheduler ``name`` (constructor parameters ``named``) cannot be "auto"."""
+    if AUTO_STEP_KEYS.get(name) == key:
+        return None
+    filled = " or ".join(AUTO_STEP_KEYS)
+    if key == "total_num_steps" and key not in named:
+        return (f"is \"auto\", but {name} has no step count to fill from --max_steps; use {filled}, whose "
+                f"total_num_steps follows the run, or drop the key")
+    return (f"cannot be \"auto\": only total_num_steps of {filled} is filled from --max_steps; "
+            f"give {key} a number")
+
+
 def _check_scheduler(section, where):
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: scheduler must be a JSON object, got {section!r}")
@@ -437,9 +457,15 @@ def _check_scheduler(section, where):
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: scheduler.params must be a JSON object, got {params!r}")
     named, required = _constructor_parameters(cls)
+    for key, value in params.items():
+        problem = _auto_problem(name, key, named or {}) if value == AUTO else None
+        if problem:
+            raise ConfigError(f"{where}: scheduler.params.{key} {problem}")
     if named is None:
         return
     for key, value in params.items():
+        if value == AUTO:  # accepted above; resolve_schedule replaces it with a number
+            continue
         if key not in named:
             hint = _did_you_mean(key, named, "scheduler.params.")
             raise ConfigError(f"{where}: scheduler.params.{key} is not a parameter of {name}{hint}; "

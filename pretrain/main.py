@@ -21,9 +21,10 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: reque
 def prepare(argv):
     """Everything that can be checked without a process group: args, model and DeepSpeed configs, data."""
     from models import load_model_config
+    from models.registry import family_of, with_launch_fields
     from pretrain import distributed, run_dir
     from pretrain.args import parse_args
-    from pretrain.ds_config import load_ds_config, plan_launch, plan_resume
+    from pretrain.ds_config import load_ds_config, plan_launch, plan_resume, resolve_schedule
     from pretrain.tasks import TASKS
 
     args = parse_args(argv)
@@ -37,14 +38,19 @@ def prepare(argv):
         if not get_accelerator().is_fp16_supported():
             raise ConfigError(f"DeepSpeed config {args.ds_config} enables fp16, which this device "
                               f"({get_accelerator().device_name()}) does not support; use bf16 (ds_configs/bf16_zero1.json) or fp32")
-    if hasattr(model_config, "expert_parallel_size"):
-        model_config = dataclasses.replace(model_config, expert_parallel_size=plan.expert_parallel_size)
+    if family_of(model_config).experts:
+        model_config = with_launch_fields(model_config, expert_parallel_size=plan.expert_parallel_size)
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
+    recorded = (run_dir.read_run_config(args.save_dir) or {}).get("deepspeed") if args.resume else None
+    ds_config, schedule_notice = resolve_schedule(ds_config, args.ds_config, args.max_steps, args.resume, recorded,
+                                                  args.extend_schedule)
     if args.resume:
         plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
+    notices = [schedule_notice]
     if args.resume:
-        notice = run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task))
+        notices.append(run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task)))
+    for notice in notices:
         if notice and distributed.rank_from_env() == 0:
             print(notice, flush=True)
     return args, model_config, ds_config, plan, task

@@ -1,4 +1,4 @@
-"""Rank 0's metric sinks: one stdout line, one JSON object per line in DIR/metrics.jsonl, and W&B.
+"""Rank 0's metric sinks: one stdout line (with the progress, pretrain/progress.py), one JSON object per line in DIR/metrics.jsonl, and W&B.
 
 Names are grouped (train/, val/, moe/, perf/) so a W&B dashboard reads without editing;
 metrics.jsonl also carries a bare ``step`` and ``loss`` for scripts.
@@ -16,6 +16,7 @@ class MetricsLogger:
         self.is_rank0 = is_rank0
         self.path = os.path.join(save_dir, "metrics.jsonl")
         self.wandb = None
+        self.progress = None  # while the trainer trains, its pretrain.progress.Progress: the step lines go through it
         if not is_rank0:
             return
         os.makedirs(save_dir, exist_ok=True)
@@ -36,7 +37,11 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if not k.startswith("moe/"))
-        print(f"step {step} {shown}", flush=True)
+        line = f"step {step} {shown}"
+        if self.progress is not None:
+            self.progress.log_line(line, metrics)
+        else:
+            print(line, flush=True)
         if self.wandb is not None:
             import wandb
             payload = dict(metrics)

@@ -15,6 +15,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from pretrain import checkpoint
 from pretrain.distributed import device
+from pretrain.progress import Progress, terminal
 
 # bf16 dense peak of known GPUs, TFLOP/s, for MFU when --peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -130,6 +131,7 @@ class Trainer:
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
+        self.progress = None  # rank 0's bar or ETA while train() runs
         # fp32 without ZeRO: DeepSpeed keeps no gradient norm; grad_norm computes it and clip_and_step clips with it.
         self.clips_itself = (plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
                              and getattr(engine, "torch_autocast_z0_gradscaler", None) is None)  # unscaled gradients
@@ -242,7 +244,7 @@ class Trainer:
             why = f"fp16 overflow, loss scale {scale:g}, minimum {floor:g}"
             bad = skipped and scale <= floor
         if skipped and dist.get_rank() == 0:
-            print(f"step {self.step} skipped ({why})", flush=True)
+            self.progress.write(f"step {self.step} skipped ({why})")
         self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if bad else 0
         if self.consecutive_bad_steps < self.args.max_bad_steps:
             return
@@ -252,6 +254,15 @@ class Trainer:
 
     def train(self):
         """Train to --max_steps; returns "done", or the signal's name after a stop signal (checkpoint saved)."""
+        self.progress = Progress(self.step, self.args.max_steps, terminal() if dist.get_rank() == 0 else None)
+        self.logger.progress = self.progress
+        try:
+            return self.train_to_max_steps()
+        finally:
+            self.progress.close()
+            self.logger.progress = None
+
+    def train_to_max_steps(self):
         args = self.args
         signals = self.signals
         window_start, window_steps = time.perf_counter(), 0
@@ -262,6 +273,7 @@ class Trainer:
             self.step += 1
             self.consumed_samples += self.plan.train_batch_size
             window_steps += 1
+            self.progress.advance(self.step)
             step_sums = torch.stack([torch.as_tensor(lm_sum, dtype=torch.float32), torch.as_tensor(aux_sum, dtype=torch.float32)])
             if moe_sum is not None:
                 step_sums = torch.cat([step_sums, moe_sum.flatten()])
@@ -276,8 +288,8 @@ class Trainer:
             if signals.any_rank_received():
                 self.save()
                 if dist.get_rank() == 0:
-                    print(f"stop signal ({signals.received or 'on another rank'}) at step {self.step}: checkpoint "
-                          f"{self.last_saved_step} is the one to resume from; exiting for requeue", flush=True)
+                    self.progress.write(f"stop signal ({signals.received or 'on another rank'}) at step {self.step}: "
+                                        f"checkpoint {self.last_saved_step} is the one to resume from; exiting for requeue")
                 return signals.received or "signal"
             if args.save_interval and self.step % args.save_interval == 0:
                 self.save()

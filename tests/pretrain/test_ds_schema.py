@@ -208,6 +208,18 @@ def test_scheduler_number_given_as_a_string(tmp_path):
     assert "scheduler.params.total_num_steps must be a finite number, got '1000'" in message
 
 
+def test_auto_is_accepted_only_for_a_schedules_length(tmp_path):
+    decay = {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 10}}
+    assert load_ds_config(zero1_changed(tmp_path, lambda c: c.update(scheduler=decay)))["scheduler"] == decay
+    message = refusal(zero1_changed(tmp_path, set_param("scheduler", "warmup_num_steps", "auto")))
+    assert message.endswith("scheduler.params.warmup_num_steps cannot be \"auto\": only total_num_steps of WarmupCosineLR "
+                            "or WarmupDecayLR is filled from --max_steps; give warmup_num_steps a number")
+    warmup_only = {"type": "WarmupLR", "params": {"total_num_steps": "auto"}}
+    message = refusal(zero1_changed(tmp_path, lambda c: c.update(scheduler=warmup_only)))
+    assert message.endswith("scheduler.params.total_num_steps is \"auto\", but WarmupLR has no step count to fill from "
+                            "--max_steps; use WarmupCosineLR or WarmupDecayLR, whose total_num_steps follows the run, or drop the key")
+
+
 def test_scheduler_without_a_required_param(tmp_path):
     message = refusal(zero1_changed(tmp_path, lambda c: c["scheduler"]["params"].pop("total_num_steps")))
     assert "scheduler WarmupCosineLR needs scheduler.params.total_num_steps; add it" in message

@@ -129,6 +129,8 @@ CASES = {
                                          "--seq_len 65 is longer than the 64 learned positions"),
     "lm task with an encoder-decoder": (lambda t: (DS / "zero1.json", MODELS / "tiny-transformer.json", [], 1),
                                         "needs a decoder model (family 'gpt' or 'switch'); this one is a 'transformer'"),
+    "extend schedule without resume": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--extend_schedule"], 1),
+                                       "--extend_schedule stretches a resumed run's learning-rate schedule; pass it with --resume"),
     "missing second blend corpus": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
                                                ["--train_data", CORPUS, t / "none.txt"], 1), "none.txt does not exist"),
 }
