@@ -4,7 +4,6 @@ Arguments and both configs are checked before torch.distributed starts or any mo
 allocated; a problem is one line on stderr and exit code 2.
 """
 import contextlib
-import dataclasses
 import os
 import sys
 import traceback
