@@ -96,8 +96,7 @@ def main():
         trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
 
         def train_step(_):
-            trainer.train_step()
-            trainer.consumed_samples += plan.train_batch_size
+            trainer.take_step()
 
         train_step(0)  # warm-up: first-step allocations
         steps_per_s = rate(train_step, opts.steps, opts.rounds)

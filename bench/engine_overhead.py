@@ -1,4 +1,4 @@
-"""Engine overhead: Switchyard's training step (pretrain/main.py's build_engine + Trainer.train_step,
+"""Engine overhead: Switchyard's training step (pretrain/main.py's build_engine + Trainer.take_step,
 a DeepSpeed engine) against a plain PyTorch loop (torch.optim.AdamW, same model, weights, batches,
 accumulation and clipping), measured in the same run on one process.
 
@@ -89,8 +89,7 @@ def measure(model_name, recipe, opts, workdir):
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
 
     def switchyard_step():
-        trainer.train_step()
-        trainer.consumed_samples += plan.train_batch_size
+        trainer.take_step()
 
     torch.manual_seed(args.seed)
     plain_model = task.build_model()

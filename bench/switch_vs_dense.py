@@ -7,7 +7,7 @@ experts, tokens travel by all-to-all; the shared weights are data parallel).
     python -m bench.switch_vs_dense --profile      # + where the Switch step's time goes (torch.profiler)
     python -m bench.switch_vs_dense --smoke        # a few steps of E = 8 (CI runs this)
 
-Every model runs through pretrain/main.py's code path (prepare, build_engine, Trainer.train_step)
+Every model runs through pretrain/main.py's code path (prepare, build_engine, Trainer.take_step)
 with ZeRO-2 (ds_configs/moe_ep2_zero2.json's recipe) and the same per-rank batch, so on 2 ranks the
 global batch is twice the 1-rank one. One launch per world size builds all models and times them in
 interleaved rounds (best of each), so every model sees the same machine load. Prints a table, then
@@ -19,6 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from models import config_from_dict
+from models.registry import family_of
+from pretrain.local_ranks import start_ranks, wait_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +42,11 @@ def model_configs(opts):
     return configs
 
 
-def ds_config(opts, world_size, switch):
+def ds_config(opts, world_size, experts):
     config = json.loads((REPO / "ds_configs" / "moe_ep2_zero2.json").read_text())
     config.update(train_micro_batch_size_per_gpu=opts.micro_batch, gradient_accumulation_steps=1)
     config.pop("train_batch_size")
-    if switch:
+    if experts:
         config["moe"] = {"expert_parallel_size": world_size}
     else:
         config.pop("moe")
@@ -55,7 +59,8 @@ def write_inputs(opts, world_size, workdir):
     for name, model in model_configs(opts).items():
         model_path, ds_path = workdir / f"{name}.model.json", workdir / f"{name}.ds{world_size}.json"
         model_path.write_text(json.dumps(model))
-        ds_path.write_text(json.dumps(ds_config(opts, world_size, model["family"] == "switch")))
+        experts = family_of(config_from_dict(model)).experts  # the family says whether it needs an expert-parallel group
+        ds_path.write_text(json.dumps(ds_config(opts, world_size, experts)))
         files[name] = (str(model_path), str(ds_path))
     return files
 
@@ -73,8 +78,7 @@ def build_trainer(model_path, ds_path, opts, run_dir):
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
 
     def step():
-        trainer.train_step()
-        trainer.consumed_samples += plan.train_batch_size
+        trainer.take_step()
     return engine, step
 
 
@@ -163,10 +167,6 @@ def rank_main(opts):
 # ---------------------------------------------------------------- the launcher
 
 def run_world(opts, world_size, workdir, argv):
-    # tests/ is not installed: only this launcher, run as `python -m bench.switch_vs_dense` from the repo root, imports it;
-    # the ranks it starts by path do not (moving the launcher into the package is issue 14's bench/ seam).
-    from tests.distributed import start_ranks, wait_ranks
-
     workdir = workdir / f"world{world_size}"
     workdir.mkdir()
     inputs = workdir / "inputs.json"

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pretrain.local_ranks import start_ranks, wait_ranks
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 GIB = 2**30
@@ -97,8 +99,7 @@ def rank_main(opts):
     built = rss_kib("VmHWM")
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
     for _ in range(opts.steps):  # Adam's states appear at the first step; later steps show the steady peak
-        trainer.train_step()
-        trainer.consumed_samples += plan.train_batch_size
+        trainer.take_step()
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     mine = {"before_kib": before, "made_kib": made["kib"], "built_kib": built, "peak_kib": rss_kib("VmHWM"), "params": params}
     ranks = [None] * dist.get_world_size()
@@ -113,10 +114,6 @@ def rank_main(opts):
 # ---------------------------------------------------------------- the launcher
 
 def run_case(opts, stage, precision, workdir, argv):
-    # tests/ is not installed: only this launcher, run as `python -m bench.zero_memory` from the repo root, imports it;
-    # the ranks it starts by path do not (moving the launcher into the package is issue 14's bench/ seam).
-    from tests.distributed import start_ranks, wait_ranks
-
     case = workdir / f"zero{stage}-{precision}"
     case.mkdir()
     model = case / "model.json"

@@ -166,8 +166,17 @@ class Trainer:
         inputs = self.task.inputs(batch)
         return self.engine(*inputs) if isinstance(inputs, tuple) else self.engine(inputs)
 
+    def take_step(self):
+        """One optimizer step on the next global batch, counted: what train() does at each step, without its logging,
+        validation and checkpoints (the benchmarks time this). Returns train_step's sums."""
+        sums = self.train_step()
+        self.step += 1
+        self.consumed_samples += self.plan.train_batch_size
+        return sums
+
     def train_step(self):
-        """One optimizer step; returns the sums of the logged parts over its micro-batches."""
+        """One optimizer step on the batch at ``consumed_samples``, which it does not advance (take_step does);
+        returns the sums of the logged parts over its micro-batches."""
         if self.pipelined:
             return self.pipeline_train_step()
         lm_sum, aux_sum, moe_sum = 0.0, 0.0, None
@@ -269,9 +278,7 @@ class Trainer:
         sums = None
         while self.step < args.max_steps:
             skipped_before = self.skipped_steps()
-            lm_sum, aux_sum, moe_sum = self.train_step()
-            self.step += 1
-            self.consumed_samples += self.plan.train_batch_size
+            lm_sum, aux_sum, moe_sum = self.take_step()
             window_steps += 1
             self.progress.advance(self.step)
             step_sums = torch.stack([torch.as_tensor(lm_sum, dtype=torch.float32), torch.as_tensor(aux_sum, dtype=torch.float32)])
