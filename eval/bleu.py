@@ -31,6 +31,7 @@ from eval.cli import fail, fire_command, print_result, read_lines, write_atomica
 from models.generation import SEARCHES, translate_ids
 from models.registry import family_of
 from models.transformer import TransformerConfig
+from pretrain.distributed import local_device
 from pretrain.run_dir import UnsafeCheckpoint, load_model, recorded_model_config, require_run_config, resolve_tag, run_source_tokenizer
 from pretrain.tasks.translation import encode_sources
 from switchyard.errors import ConfigError
@@ -99,9 +100,8 @@ def search_options(search, beam, lenpen, nbest, min_len, max_len_a, max_len_b, t
     if search == "sample":
         if temperature <= 0 or top_k < 0:
             fail(f"--temperature must be > 0 and --top_k >= 0, got {temperature} and {top_k}")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         return {**options, "temperature": temperature, "top_k": top_k,
-                "generator": torch.Generator(device).manual_seed(seed)}
+                "generator": torch.Generator(local_device()).manual_seed(seed)}
     return options
 
 
@@ -114,7 +114,7 @@ def generate(run_dir, tag, sources, src_path, batch_size, options):
         model, config, src_tokenizer, tgt_tokenizer = translation_model(run_dir, tag)
     except (ConfigError, UnsafeCheckpoint) as e:
         fail(str(e))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     encoded = encode_sources(sources, src_tokenizer, config.max_seq_len, src_path)
     return translate(model.to(device), src_tokenizer, tgt_tokenizer, encoded, batch_size, device, options), tag, encoded
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from eval.cli import EXIT_BAD_INPUT, fire_command, print_result
 from pretrain.data.indexed import IndexedTokens
 from pretrain.data.lm_dataset import read_corpus
-from pretrain.distributed import finish
+from pretrain.distributed import finish, local_device
 from pretrain.run_dir import UnsafeCheckpoint, load_model, resolve_tag
 from switchyard.errors import ConfigError
 
@@ -101,9 +101,7 @@ def nll_sums(model, stream, spans, context, batch_size, rank=0, world_size=1, de
 def start_ranks():
     """(rank, world size, device): one process, or one of the WORLD_SIZE > 1 ranks torchrun or deepspeed started."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = local_device()
     if world_size == 1:
         return 0, 1, device
     if not dist.is_initialized():

@@ -27,7 +27,7 @@ def init(timeout_minutes=60.0):
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank (a no-op on CPU)
+    local_device()  # one GPU per rank (the CPU on CPU)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # The groups DeepSpeed makes (data-, expert-, pipeline-parallel) come from torch's new_group, which takes
     # torch's own default (30 min for gloo, 10 for NCCL) instead of the world group's timeout or DEEPSPEED_TIMEOUT:
@@ -41,6 +41,29 @@ def init(timeout_minutes=60.0):
             raise
         raise ConfigError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another "
                           f"process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)") from None
+
+
+def visible_device_index(local_rank, local_world_size, visible):
+    """Which of the ``visible`` GPUs the rank with ``local_rank`` (of ``local_world_size`` on its node; 0 when the
+    launcher does not say) uses. Launched by torchrun or deepspeed, every rank sees the node's GPUs and takes its
+    LOCAL_RANK-th; under Slurm with --gpus-per-task (or --gpu-bind, or cgroups) each sees only its own, device 0."""
+    if visible > local_rank and visible >= local_world_size:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ConfigError(f"rank {local_rank} of {local_world_size or 'this node'}'s ranks sees {visible} GPUs: give each rank "
+                      f"one GPU of its own (srun --gpus-per-task=1) or every rank all of the node's (one rank per GPU)")
+
+
+def local_device():
+    """This process's device, made current: its GPU among those it sees (visible_device_index), or the CPU."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    index = visible_device_index(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0")),
+                                 accelerator.device_count())
+    accelerator.set_device(index)
+    return torch.device(accelerator.device_name(index))
 
 
 def device():

@@ -15,17 +15,16 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from pretrain import checkpoint
 from pretrain.distributed import device
+from pretrain.peak_flops import peak_tflops
 from pretrain.progress import Progress, terminal
 
-# bf16 dense peak of known GPUs, TFLOP/s, for MFU when --peak_tflops is not given.
-KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
-
-def peak_tflops(requested):
+def device_peak_tflops(requested, precision):
+    """--peak_tflops, else the known peak of this rank's GPU in the run's precision (pretrain/peak_flops.py); None on
+    CPU or an unknown GPU (then MFU is not reported)."""
     if requested is not None or not torch.cuda.is_available():
         return requested
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(), precision, tf32=torch.get_float32_matmul_precision() != "highest")
 
 
 def grad_norm(engine, expert_parallel_size):
@@ -121,7 +120,7 @@ class Trainer:
         self.engine, self.task, self.plan, self.args, self.logger = engine, task, plan, args, logger
         self.signals = signals or StopSignals()
         self.flops_per_token = flops_per_token
-        self.peak = peak_tflops(args.peak_tflops)
+        self.peak = device_peak_tflops(args.peak_tflops, plan.precision)
         self.pipelined = isinstance(engine, PipelineEngine)
         self.dp_rank = engine.grid.data_parallel_id if self.pipelined else dist.get_rank()
         self.step = 0

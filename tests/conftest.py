@@ -1,5 +1,9 @@
 """Session set-up shared by every test that starts DeepSpeed."""
 import os
+
+# The suite is a CPU suite, also on a machine with GPUs: hidden before torch looks, here and in every rank it starts
+# (their environment is this one's). The GPU paths are checked by scripts that run on a GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import random
 import sys
 
