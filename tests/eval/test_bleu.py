@@ -1,12 +1,18 @@
 """eval.bleu: sacreBLEU scoring of files, and translation with a trained checkpoint (dense, 1 rank)
 on the toy language pair of tests/conftest.py; bad input is one line, exit 2."""
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import sacrebleu
+import torch
 
+from eval.checkpoint import load_model
+from models import build_model
+from pretrain.main import prepare
 from tests.distributed import REPO, read_metrics, run_ranks, translation_args
 
 
@@ -163,10 +169,28 @@ def test_translate_mode_refuses_bad_input(tmp_path, translation_run, pair_data):
 
 def test_switch_checkpoint_with_experts_on_two_ranks_translates(tmp_path, pair_data):
     """A Switch encoder-decoder trained at expert-parallel size 2 comes back whole (every expert of the
-    encoder's and the decoder's MoE layers) and translates."""
-    run_ranks(translation_args(tmp_path, pair_data, "moe_ep2_zero2.json", "tiny-switch-transformer.json", 3), 2,
+    encoder's and the decoder's MoE layers, each in its place) and translates. Three steps teach it nothing
+    BLEU could see, so the model eval.bleu loads is checked against the run itself: it reproduces the val/loss
+    the two ranks logged, which a missing, duplicated or misplaced expert changes."""
+    steps = 3
+    run_ranks(translation_args(tmp_path, pair_data, "moe_ep2_zero2.json", "tiny-switch-transformer.json", steps), 2,
               tmp_path / "logs")
     sources, targets = toy_test_files(tmp_path, pair_data)
     src, ref = write(tmp_path / "src", sources[:5]), write(tmp_path / "ref", targets[:5])
     result = last_json(bleu(tmp_path / "run", "--src", src, "--ref", ref, "--hyp_output", tmp_path / "hyps.txt"))
     assert result["sentences"] == 5 and len((tmp_path / "hyps.txt").read_text().splitlines()) == 5
+
+    model, config, _ = load_model(tmp_path / "run")  # as eval.bleu loads it: all 4 experts on one process
+    # The run's validation batches (a one-rank plan shapes them the same; a fresh --save_dir, as prepare() wants).
+    task = prepare([str(a) for a in translation_args(tmp_path / "prepare_only", pair_data, "zero1.json",
+                                                     "tiny-switch-transformer.json", steps)])[-1]
+    # Under expert parallelism each expert had a full token budget's capacity (TranslationTask.build_model); the
+    # same here, so the same tokens reach the experts.
+    full_budget = math.ceil(task.max_tokens * max(config.capacity_factor, config.eval_capacity_factor) / config.num_experts)
+    same_capacity = build_model(dataclasses.replace(config, min_capacity=full_budget)).eval()
+    same_capacity.load_state_dict(model.state_dict())
+    with torch.no_grad():  # what the trainer logs: the mean over both ranks' 4 validation micro-batches
+        losses = [task.loss(same_capacity(*task.inputs(batch)), batch)[1]["lm_loss"]
+                  for rank in range(2) for i in range(4) for batch in [task.val_batch(i, 2, rank, 2)]]
+    logged = read_metrics(tmp_path / "run", "val/loss")[steps]
+    assert float(torch.stack(losses).mean()) == pytest.approx(logged, rel=1e-5)  # test_checkpoint.py's tolerance

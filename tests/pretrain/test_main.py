@@ -2,6 +2,9 @@
 tests/pretrain/test_reliability.py's.)"""
 import math
 
+import torch
+
+from pretrain.checkpoint import safe_load
 from tests.distributed import read_metrics, run_ranks, train_args
 
 STEPS = 6
@@ -29,7 +32,16 @@ def test_switch_expert_parallel_two_ranks_match_one_rank(tmp_path):
 
 
 def test_bf16_trains_on_cpu(tmp_path):
+    """The model trains in bf16 with an fp32 master copy: finite, falling losses alone would also pass in fp32."""
     run_ranks(train_args(tmp_path, "bf16_zero1.json", "tiny-gpt.json", STEPS), 2, tmp_path / "logs")
+    step = tmp_path / "run" / f"global_step{STEPS}"
+    # DeepSpeed saves the module it trained (bf16 here, fp32 in an fp32 run) and, per rank, the fp32 partition
+    # the optimizer updates (its bf16 optimizer's files).
+    module = safe_load(step / "mp_rank_00_model_states.pt")["module"]
+    assert {t.dtype for t in module.values()} == {torch.bfloat16}, {n: t.dtype for n, t in module.items()}
+    for rank in range(2):
+        master = safe_load(step / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        assert {t.dtype for t in master["single_partition_of_fp32_groups"]} == {torch.float32}
     losses = read_metrics(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in losses.values())

@@ -105,14 +105,24 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupt
 
 @pytest.mark.parametrize("ds_config, gas", [("zero0.json", 2), ("zero1.json", 2), ("bf16_zero1.json", 2)])
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, ds_config, gas):
-    env = {"SWITCHYARD_TEST_NAN_STEPS": "3", "SWITCHYARD_TEST_GAS": str(gas)}
-    procs = start_ranks(train_args(tmp_path, ds_config, "tiny-gpt.json", 6), 2, tmp_path / "logs", env, script=HERE / "poisoned_loss.py")
+    """Step 4's loss is NaN on rank 0: every rank skips it, and no weight moves (a skip that still applied the
+    optimizer, with zeroed gradients, would move them by momentum and weight decay and keep the loss finite)."""
+    env = {"SWITCHYARD_TEST_NAN_STEPS": "4", "SWITCHYARD_TEST_GAS": str(gas)}
+    # Validation after every step, on the same micro-batch each time: a function of the weights alone. (A skipped
+    # step is never checkpointed, so the weights are compared through it.)
+    args = train_args(tmp_path, ds_config, "tiny-gpt.json", 6, "--eval_interval", 1, "--eval_iters", 1)
+    procs = start_ranks(args, 2, tmp_path / "logs", env, script=HERE / "poisoned_loss.py")
     results = wait_ranks(procs, tmp_path / "logs")
     assert all(r.returncode == 0 for r in results), results[0].output[-3000:]
     skipped = read_metrics(tmp_path / "run", "train/skipped_steps")
     losses = read_metrics(tmp_path / "run", "train/lm_loss")
-    assert [skipped[s] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
-    assert all(losses[s] == losses[s] for s in (4, 5, 6))  # finite again: the NaN step changed no weight
+    val = read_metrics(tmp_path / "run", "val/loss")
+    assert [skipped[s] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert "step 4 skipped (non-finite loss or gradient norm)" in results[0].output
+    # Bit for bit, the skipped step left the weights as step 3 made them, while the steps on either side
+    # moved them (so the equality is no warm-up step at learning rate 0).
+    assert val[2] != val[3] == val[4] != val[5] != val[6], val
+    assert all(losses[s] == losses[s] for s in (5, 6))
     assert losses[6] < losses[1]
 
 
