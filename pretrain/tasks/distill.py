@@ -13,7 +13,7 @@ recipe (Fedus et al., 2021, sec. 5.1) is the default: alpha = 0.25 (--distill_al
 student starting from the teacher's non-expert weights (every tensor of the same name and shape:
 embeddings, attention, LayerNorms and the dense FFNs; --no-init_from_teacher for a random start).
 
-The teacher is the checkpoint's plain model (eval.checkpoint.load_model: every expert on every
+The teacher is the checkpoint's plain model (pretrain.run_dir.load_model: every expert on every
 rank, so any expert-parallel layout it was trained in works), frozen, in eval mode (its
 evaluation capacity factor) and in the student's precision. Logged: train/lm_loss is the hard
 loss, so it and val/loss compare with a run trained without the teacher; train/loss is the total.

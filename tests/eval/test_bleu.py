@@ -10,9 +10,9 @@ import pytest
 import sacrebleu
 import torch
 
-from eval.checkpoint import load_model
 from models import build_model
 from pretrain.main import prepare
+from pretrain.run_dir import load_model
 from tests.distributed import REPO, read_metrics, run_ranks, translation_args
 
 

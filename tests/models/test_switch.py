@@ -195,5 +195,5 @@ def test_switch_fields_are_declared_once_and_saved_configs_load(family):
     saved = json.loads(json.dumps(config_to_dict(config)))  # as a run records it, with the launch fields
     with pytest.raises(ConfigError, match="'expert_parallel_size' is set at launch"):
         config_from_dict(saved)
-    del saved["expert_parallel_size"]  # what eval/checkpoint.py's loader drops
+    del saved["expert_parallel_size"]  # what pretrain/run_dir.py's loader drops
     assert config_from_dict(saved) == config

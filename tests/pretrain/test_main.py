@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pretrain.checkpoint import safe_load
+from pretrain.run_dir import safe_load
 from tests.distributed import read_metrics, run_ranks, train_args
 
 STEPS = 6
