@@ -141,22 +141,18 @@ class PhaseClock:
 def print_phases(title, engine, switchyard_step, plain_step, steps):
     """Process CPU ms per step in each phase of both loops; an indented phase runs inside the one above it."""
     import pretrain.trainer as trainer_module
+    from switchyard.deepspeed_compat import engine_inner_phases
     rows = []
     with PhaseClock() as clock:
-        optimizer = engine.optimizer
-        zero = hasattr(optimizer, "reduce_gradients")  # ZeRO 1-2
+        in_backward, in_step = engine_inner_phases(engine)
         clock.wrap(engine, "forward", "forward")
         clock.wrap(engine, "backward", "engine.backward")
-        if zero:
-            clock.wrap(optimizer, "reduce_gradients", "  ZeRO gradient reduction")
+        for owner, attribute, name in in_backward:
+            clock.wrap(owner, attribute, "  " + name)
         clock.wrap(trainer_module, "grad_norm", "Switchyard grad_norm")
         clock.wrap(engine, "step", "engine.step")
-        if zero:
-            clock.wrap(optimizer, "scaled_global_norm", "  ZeRO gradient norm")
-            clock.wrap(optimizer.optimizer, "step", "  Adam")
-        else:
-            clock.wrap(engine, "clip_fp32_gradients", "  DeepSpeed clipping")
-            clock.wrap(optimizer, "step", "  Adam")
+        for owner, attribute, name in in_step:
+            clock.wrap(owner, attribute, "  " + name)
         total = time_steps(switchyard_step, steps, 0)[1]
         rows.append(("Switchyard", total, [(n, clock.seconds[n]) for n in clock.names if n in clock.seconds]))
     with PhaseClock() as clock:

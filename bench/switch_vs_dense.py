@@ -111,16 +111,15 @@ def label_switch_parts(engines):
 
     _AllToAll.forward runs in both directions (its backward applies it again), so one label covers both.
     """
-    from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
-    label(_AllToAll, "forward", "all-to-all")
+    from switchyard.deepspeed_compat import moe_all_to_all, moe_gates_and_experts
+    label(moe_all_to_all(), "forward", "all-to-all")
     for engine in engines:
         label(engine, "forward", "forward")
         label(engine, "backward", "backward")
         label(engine, "step", "optimizer")
-        for module in engine.module.modules():
-            if isinstance(module, MOELayer):
-                label(module.gate, "forward", "router")
-                label(module.experts, "forward", "experts")
+        for gate, experts in moe_gates_and_experts(engine.module):
+            label(gate, "forward", "router")
+            label(experts, "forward", "experts")
 
 
 def profile_steps(step, steps):

@@ -78,6 +78,7 @@ def rank_main(opts):
     from pretrain import distributed
     from pretrain.main import build_engine, prepare
     from pretrain.trainer import Trainer
+    from switchyard.deepspeed_compat import full_numel
 
     torch.set_num_threads(1)
     distributed.init()
@@ -100,7 +101,7 @@ def rank_main(opts):
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
     for _ in range(opts.steps):  # Adam's states appear at the first step; later steps show the steady peak
         trainer.take_step()
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    params = sum(full_numel(p) for p in engine.module.parameters())
     mine = {"before_kib": before, "made_kib": made["kib"], "built_kib": built, "peak_kib": rss_kib("VmHWM"), "params": params}
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from models.registry import TRAINING_SETTING, register_model
+from switchyard.deepspeed_compat import stage_layers, tied_modules
 
 
 @dataclass
@@ -255,8 +256,8 @@ class GPTPipe(PipelineModule):
     def load_gpt_state_dict(self, state_dict):
         """Copy this stage's slice of a GPT state_dict into its layers (and its copy of the tied embedding)."""
         prefixes = self.state_dict_prefixes(self.config)
-        layers = [(prefixes[self._local_start + i], f) for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)]
-        layers += [(key + ".", module) for key, module in self.tied_modules.items()]
+        layers = [(prefixes[index], layer) for index, layer in stage_layers(self)]
+        layers += [(key + ".", module) for key, module in tied_modules(self).items()]
         for prefix, layer in layers:
             layer.load_state_dict({k: state_dict[prefix + k] for k in layer.state_dict()})
 

@@ -18,6 +18,7 @@ from deepspeed.moe.layer import MoE
 
 from models.gpt import GPT, Block, GPTConfig, init_linear_
 from models.registry import TRAINING_SETTING, register_model
+from switchyard import deepspeed_compat
 
 
 @dataclass
@@ -108,7 +109,7 @@ class SwitchFFN(nn.Module):
         self.layer_idx = layer_idx
 
     def local_experts(self):
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+        return deepspeed_compat.local_experts(self.moe)
 
     def init_experts(self, seed):
         """DeepSpeed deep-copies one expert, so every expert starts identical: give each its own draw.
@@ -138,7 +139,7 @@ class SwitchFFN(nn.Module):
         num_real = B * T if used is None else used.sum().clamp(min=1)
         if used is not None or self.config.z_loss_coef > 0:
             # Same float32 logits as DeepSpeed's gate computes (TopKGate.forward).
-            logits = F.linear(x.reshape(-1, C).float(), self.moe.deepspeed_moe.gate.wg.weight.float())
+            logits = F.linear(x.reshape(-1, C).float(), deepspeed_compat.gate_weight(self.moe).float())
         if used is not None:
             # DeepSpeed's l_aux is num_experts x sum(mean gate probability x routed count / B*T) with both means
             # over all B x T tokens: padding adds its gate probabilities to the first factor (a gradient that

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, damage, safe_load, sha256
+from switchyard import deepspeed_compat
 from switchyard.errors import ConfigError
 
 
@@ -151,11 +152,11 @@ def load(engine, save_dir, universal=False):
         choice = [_to_universal(save_dir, tag) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(choice, src=0)
         load_tag = choice[0]
-    engine.checkpoint_engine.load = safe_load  # DeepSpeed's engine unpickles with weights_only=False
+    deepspeed_compat.load_checkpoints_through(engine, safe_load)  # DeepSpeed's engine unpickles with weights_only=False
     path, client_state = engine.load_checkpoint(save_dir, tag=load_tag)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, load_tag)}")
-    replay_cpu_adam_bias_correction(engine.optimizer)
+    deepspeed_compat.replay_cpu_adam_bias_correction(engine.optimizer)
     rng_path = _rng_path(os.path.join(save_dir, tag), dist.get_rank())
     if os.path.isfile(rng_path):  # absent for ranks beyond the saved world size
         torch.set_rng_state(safe_load(rng_path)["torch"])
@@ -164,38 +165,3 @@ def load(engine, save_dir, universal=False):
         shutil.rmtree(os.path.join(save_dir, load_tag))
         os.remove(os.path.join(save_dir, "latest_universal"))  # the converter's pointer; ours is ``latest``
     return client_state
-
-
-def replay_cpu_adam_bias_correction(optimizer):
-    """Make DeepSpeed's C++ CPU Adam continue exactly where the saved run stopped.
-
-    The CPU kernels (FusedAdam on the CPU accelerator, DeepSpeedCPUAdam under ZeRO-Offload) keep
-    Adam's bias corrections beta^t as a float32 running product, multiplied by beta once per step,
-    and fall back to pow(beta, t) when the step they are given is not the next one. A resumed
-    process would get pow(beta, t): one ulp off the product, so its updates, and soon its weights,
-    differ from the uninterrupted run's. Calling the kernel on empty tensors for steps 1..t rebuilds
-    the same product without touching a parameter. (CUDA's FusedAdam computes pow every step.)
-    """
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-
-    while not isinstance(optimizer, (FusedAdam, DeepSpeedCPUAdam)) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # ZeRO, bf16 and fp16 wrappers hold the base optimizer
-    cpu_fused = isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu"
-    if not (cpu_fused or isinstance(optimizer, DeepSpeedCPUAdam)):
-        return
-    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
-    if not steps:
-        return
-    empty = torch.empty(0)
-    for step in range(1, max(steps) + 1):
-        for group in optimizer.param_groups:  # the kernel saw one call per group and step
-            beta1, beta2 = group["betas"]
-            bias_correction = 1 if group["bias_correction"] else 0
-            if cpu_fused:
-                optimizer.multi_tensor_adam(0, optimizer._dummy_overflow_buf, [[empty], [empty], [empty], [empty]],
-                                            group["lr"], beta1, beta2, group["eps"], step, optimizer.adam_w_mode,
-                                            bias_correction, group["weight_decay"])
-            else:
-                optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], beta1, beta2, group["eps"],
-                                                  group["weight_decay"], bias_correction, empty, empty, empty, empty)

@@ -64,15 +64,11 @@ def task_tokenizers(task):
     return tokenizers
 
 
-def full_shape(param):
-    """A parameter's shape, also when ZeRO-3 has partitioned it (then ``param`` holds an empty tensor and
-    DeepSpeed keeps the shape in ``ds_shape``)."""
-    return getattr(param, "ds_shape", param.shape)
-
-
 def optimizer_param_groups(model):
     """Weight decay on matrices only (not biases, LayerNorms); MoE params in their own groups for ZeRO."""
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    from switchyard.deepspeed_compat import full_shape
     decay = [p for n, p in model.named_parameters() if len(full_shape(p)) >= 2]
     no_decay = [p for n, p in model.named_parameters() if len(full_shape(p)) < 2]
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
@@ -151,21 +147,18 @@ def zero3_init(ds_config):
     the rest of the process, which a plain build does not."""
     import copy
 
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+    from switchyard.deepspeed_compat import is_partitioned, zero_init
 
-    class PlainBuildInit(deepspeed.zero.Init):
-        def _post_init_method(self, module):
-            for param in module.parameters(recurse=False):
-                if not is_zero_param(param) and param.is_floating_point():
-                    param.data = param.data.to(self.dtype)
-            for name, buffer in module.named_buffers(recurse=False):
-                module._buffers[name] = buffer.to(self.local_device)
-            super()._post_init_method(module)
+    def cast_and_move(module, dtype, device):
+        for param in module.parameters(recurse=False):
+            if not is_partitioned(param) and param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
 
     config = copy.deepcopy(ds_config)
     config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
-    return PlainBuildInit(config_dict_or_path=config, tensor_overrides=[])
+    return zero_init(config, before_partition=cast_and_move)
 
 
 def build_model(args, model_config, ds_config, plan, task):
@@ -195,6 +188,7 @@ def build_engine(args, model_config, ds_config, plan, task):
 
     from models import build_model as build_from_config
     from models.registry import family_of
+    from switchyard.deepspeed_compat import full_numel, local_numel
 
     if plan.zero_stage == 3:  # counted on a copy without memory: zero.Init's partitioned parameters have numel 0
         with torch.device("meta"):
@@ -202,12 +196,12 @@ def build_engine(args, model_config, ds_config, plan, task):
     model = build_model(args, model_config, ds_config, plan, task)
     if plan.zero_stage != 3:
         counted = model
-    elif sum(p.numel() for p in counted.parameters()) != sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()):
+    elif sum(p.numel() for p in counted.parameters()) != sum(full_numel(p) for p in model.parameters()):
         raise RuntimeError(f"task {args.task} builds another model than its config {args.model_config} describes: "
                            "count it from the model it builds")
     total, active = counted.param_counts()
     flops = counted.flops_per_token(task.seq_len)
-    held = sum(p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel() for p in model.parameters())
+    held = sum(local_numel(p) for p in model.parameters())
     if dist.get_rank() == 0:
         print(f"model {family_of(model_config).name}: {total:,} parameters, {active:,} active per token, "
               f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)

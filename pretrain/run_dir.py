@@ -33,6 +33,7 @@ import torch
 from models import build_model, config_from_dict
 from models.registry import check_architecture, family_of
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from switchyard import deepspeed_compat
 from switchyard.errors import ConfigError
 
 RUN_CONFIG = "run_config.json"
@@ -389,20 +390,10 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file would run code outside the allow-list when unpickled."""
 
 
-def _allowed_globals():
-    # The objects DeepSpeed's own files pickle beyond tensors and containers (found by scanning the
-    # checkpoints of every ds_configs/ recipe): loss scalers, the ZeRO stage, fragment addresses.
-    # Anything else in a checkpoint is refused, not executed.
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def safe_load(path, map_location=None):
     """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(deepspeed_compat.checkpoint_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
@@ -505,33 +496,10 @@ def recorded_model_config(run_config, run_dir):
     return config_from_dict(raw, where=f"{os.path.join(run_dir, RUN_CONFIG)} model")
 
 
-@contextlib.contextmanager
-def _loads_through_safe_load(module):
-    """DeepSpeed's zero_to_fp32 calls torch.load(..., weights_only=False); give it safe_load instead.
-
-    Its mmap=True on the optimizer files is dropped with the other arguments: they are read whole.
-    """
-    class SafeTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def load(f, map_location=None, **_):
-            return safe_load(f, map_location)
-
-    module.torch = SafeTorch()
-    try:
-        yield
-    finally:
-        module.torch = torch
-
-
 def zero3_state_dict(run_dir, tag):
-    from deepspeed.utils import zero_to_fp32
-
     # zero_to_fp32 reports progress with print(); stdout is for results.
-    with _loads_through_safe_load(zero_to_fp32), contextlib.redirect_stdout(sys.stderr):
-        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(run_dir, tag)
+    with contextlib.redirect_stdout(sys.stderr):
+        return deepspeed_compat.zero3_fp32_state_dict(run_dir, tag, safe_load)
 
 
 def pipeline_state_dict(directory, config):
@@ -547,12 +515,10 @@ def pipeline_state_dict(directory, config):
 def expert_state_dict(run_dir, tag, config):
     """Every expert of every MoE layer. DeepSpeed numbers MoE layers 0, 1, ... in module order and names
     each file and key by the expert's global index, which is its local index when all experts are local."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     state = {}
     for moe_layer in range(len(config.layers_with_experts())):
         for expert in range(config.num_experts):
-            path = DeepSpeedEngine._get_expert_ckpt_name(run_dir, moe_layer, expert, tag)
+            path = deepspeed_compat.expert_checkpoint_path(run_dir, moe_layer, expert, tag)
             if not os.path.isfile(path):
                 raise ConfigError(f"{path} is missing; the checkpoint lacks expert {expert} of MoE layer {moe_layer}")
             state.update(safe_load(path, map_location="cpu"))

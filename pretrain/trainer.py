@@ -4,19 +4,18 @@ One step = grad_accum_steps micro-batches through engine.forward/backward/step (
 steps the optimizer on the last one), or through one PipelineEngine.train_batch when the model
 is split into pipeline stages; then logging, validation and checkpointing.
 """
-import contextlib
 import math
 import signal
 import time
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from pretrain import checkpoint
 from pretrain.distributed import device
 from pretrain.peak_flops import peak_tflops
 from pretrain.progress import Progress, terminal
+from switchyard import deepspeed_compat
 
 
 def device_peak_tflops(requested, precision):
@@ -73,17 +72,6 @@ def to_device(batch, target):
     return batch
 
 
-@contextlib.contextmanager
-def deepspeed_clipping_off(engine):
-    """engine.step without DeepSpeed's own clipping (fp32 without ZeRO reads it from the config at each step)."""
-    clipping = engine._config.gradient_clipping
-    engine._config.gradient_clipping = 0.0
-    try:
-        yield
-    finally:
-        engine._config.gradient_clipping = clipping
-
-
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient; nothing was saved over the last good checkpoint."""
 
@@ -121,8 +109,8 @@ class Trainer:
         self.signals = signals or StopSignals()
         self.flops_per_token = flops_per_token
         self.peak = device_peak_tflops(args.peak_tflops, plan.precision)
-        self.pipelined = isinstance(engine, PipelineEngine)
-        self.dp_rank = engine.grid.data_parallel_id if self.pipelined else dist.get_rank()
+        self.pipelined = deepspeed_compat.is_pipeline_engine(engine)
+        self.dp_rank = deepspeed_compat.pipeline_data_parallel_rank(engine) if self.pipelined else dist.get_rank()
         self.step = 0
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len
@@ -133,17 +121,16 @@ class Trainer:
         self.progress = None  # rank 0's bar or ETA while train() runs
         # fp32 without ZeRO: DeepSpeed keeps no gradient norm; grad_norm computes it and clip_and_step clips with it.
         self.clips_itself = (plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
-                             and getattr(engine, "torch_autocast_z0_gradscaler", None) is None)  # unscaled gradients
+                             and not deepspeed_compat.uses_autocast_grad_scaler(engine))  # unscaled gradients
         if dist.get_world_size() == 1 and plan.zero_stage == 0 and not self.pipelined:
             # Alone, DeepSpeed's gradient all-reduce flattens every gradient into buckets, all-reduces them
             # with themselves and copies them back: a no-op that cost 12% of the tiny model's step (BENCHMARKS.md).
             # ZeRO 1-3 keep it: their optimizers move the gradients into their partitions there.
-            engine.enable_backward_allreduce = False
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        if plan.precision == "fp16" and scaler is not None:
+            deepspeed_compat.backward_allreduce_off(engine)
+        if plan.precision == "fp16":
             # DeepSpeed raises at the first overflow at the minimum scale; the stop is check_bad_step's,
             # after --max_bad_steps of them, with a message that names the last good checkpoint.
-            scaler.raise_error_at_min_scale = False
+            deepspeed_compat.no_error_at_min_loss_scale(engine)
 
     def state(self):
         return {"step": self.step, "consumed_samples": self.consumed_samples}
@@ -203,7 +190,7 @@ class Trainer:
         them. Drop the gradients instead: the optimizer leaves parameters without a gradient untouched.
         Clipping is off for this one step because DeepSpeed's clip fails on a model with no gradients."""
         self.engine.zero_grad()
-        with deepspeed_clipping_off(self.engine):
+        with deepspeed_compat.gradient_clipping_off(self.engine):
             self.engine.step()
         self.own_skipped_steps += 1
 
@@ -215,7 +202,7 @@ class Trainer:
         if max_norm > 0.0 and max_norm / (self.fp32_grad_norm + 1e-6) < 1.0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, max_norm / (self.fp32_grad_norm + 1e-6))
-        with deepspeed_clipping_off(self.engine):
+        with deepspeed_compat.gradient_clipping_off(self.engine):
             self.engine.step()
 
     def pipeline_train_step(self):
@@ -228,7 +215,7 @@ class Trainer:
         return loss * self.plan.grad_accum_steps, torch.zeros_like(loss), None
 
     def skipped_steps(self):
-        return self.engine.skipped_steps + self.own_skipped_steps
+        return deepspeed_compat.skipped_steps(self.engine) + self.own_skipped_steps
 
     def save(self):
         """Checkpoint this step, unless it ends a run of skipped steps: nothing is saved over the last good one."""
@@ -247,8 +234,8 @@ class Trainer:
         why = "non-finite loss or gradient norm"
         bad = skipped
         if self.plan.precision == "fp16":
-            scale = float(self.engine.optimizer.cur_scale)
-            floor = self.engine._config.float16_config.min_loss_scale
+            scale = deepspeed_compat.loss_scale(self.engine)
+            floor = deepspeed_compat.min_loss_scale(self.engine)
             why = f"fp16 overflow, loss scale {scale:g}, minimum {floor:g}"
             bad = skipped and scale <= floor
         if skipped and dist.get_rank() == 0:
@@ -330,7 +317,7 @@ class Trainer:
                 histograms[f"moe/layer{layer}/expert_fraction"] = row[:-1]
         metrics["train/skipped_steps"] = float(self.skipped_steps())
         if self.plan.precision == "fp16":
-            metrics["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            metrics["train/loss_scale"] = deepspeed_compat.loss_scale(self.engine)
         if self.peak:
             metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / dist.get_world_size() / (self.peak * 1e12)
         self.logger.log(self.step, metrics, histograms)

@@ -9,6 +9,7 @@ import torch
 
 from models import config_from_dict, config_to_dict
 from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
+from switchyard.deepspeed_compat import gate_weight
 from switchyard.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ def routed_layer(**over):
     torch.manual_seed(0)
     layer = SwitchFFN(switch_config(**over), layer_idx=1)
     with torch.no_grad():  # router logits = the first two input features
-        layer.moe.deepspeed_moe.gate.wg.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        gate_weight(layer.moe).copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     return layer
 
 
@@ -60,7 +61,7 @@ def test_dropped_token_passes_through_the_block_residual():
     model = SwitchLM(switch_config(moe_layers=[0], n_layers=1))
     block = model.blocks[0]
     with torch.no_grad():
-        block.ffn.moe.deepspeed_moe.gate.wg.weight.zero_()  # all tokens tie -> argmax picks expert 0
+        gate_weight(block.ffn.moe).zero_()  # all tokens tie -> argmax picks expert 0
     x = torch.randn(1, 6, 4)
     after_attn = x + block.attn(block.ln_attn(x))
     out, _, stats = block(x)
@@ -91,7 +92,7 @@ def test_aux_loss_reaches_the_router_gradient():
     layer = routed_layer()
     _, aux, _ = layer(TOKENS)
     aux.backward()
-    grad = layer.moe.deepspeed_moe.gate.wg.weight.grad
+    grad = gate_weight(layer.moe).grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -179,10 +180,10 @@ def test_aux_and_z_loss_are_those_of_the_real_tokens_alone():
     torch.testing.assert_close(padded, real_only, rtol=1e-6, atol=0)
     # and they reach the router from the real tokens only
     padded.backward()
-    grad = layer.moe.deepspeed_moe.gate.wg.weight.grad.clone()
+    grad = gate_weight(layer.moe).grad.clone()
     layer.zero_grad()
     real_only.backward()
-    torch.testing.assert_close(grad, layer.moe.deepspeed_moe.gate.wg.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, gate_weight(layer.moe).grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["switch", "switch-transformer"])

@@ -6,6 +6,7 @@ import torch
 from models import build_model, config_from_dict, load_model_config
 from models.switch import SwitchFFN
 from models.transformer import SwitchTransformer, Transformer
+from switchyard.deepspeed_compat import gate_weight
 from switchyard.errors import ConfigError
 
 PAD = 0
@@ -132,7 +133,7 @@ def test_switch_transformer_has_experts_in_encoder_and_decoder():
     assert aux_loss.dtype == torch.float32 and aux_loss.item() > 0
     torch.testing.assert_close(aux_loss, sum(layer_aux))  # summed over encoder and decoder layers
     aux_loss.backward()
-    assert all(ffn.moe.deepspeed_moe.gate.wg.weight.grad is not None for ffn in model.switch_layers())
+    assert all(gate_weight(ffn.moe).grad is not None for ffn in model.switch_layers())
 
 
 def test_switch_transformer_counts_one_expert_as_active():
@@ -184,7 +185,7 @@ def test_switch_padding_takes_no_capacity_and_no_stats():
     # (min_capacity 13) holds the 13 real tokens on each side but not them and much padding.
     model = tiny("switch-transformer", num_experts=2, eval_capacity_factor=1.0, min_capacity=13)
     for ffn in model.switch_layers():
-        torch.nn.init.zeros_(ffn.moe.deepspeed_moe.gate.wg.weight)
+        torch.nn.init.zeros_(gate_weight(ffn.moe))
     src, _, tgt = batch(B=2, S=7, T=7)
     src_lengths, tgt_lengths = torch.tensor([7, 6]), torch.tensor([7, 6])
     logits, aux, stats = model(*padded_pair(src, src_lengths, tgt, tgt_lengths, 7))

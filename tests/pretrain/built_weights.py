@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import pretrain.main
 from pretrain import distributed
+from switchyard.deepspeed_compat import full_numel, is_partitioned, local_numel
 
 
 def main():
@@ -23,10 +24,9 @@ def main():
 
     def recording_build_model(*args, **kwargs):
         model = build_model(*args, **kwargs)
-        held["values"] = sum(p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
-                             for p in model.parameters())
-        held["full"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        held["partitioned"] = sum(hasattr(p, "ds_id") for p in model.parameters())
+        held["values"] = sum(local_numel(p) for p in model.parameters())
+        held["full"] = sum(full_numel(p) for p in model.parameters())
+        held["partitioned"] = sum(is_partitioned(p) for p in model.parameters())
         held["tensors"] = len(list(model.parameters()))
         return model
 
