@@ -18,6 +18,7 @@ come first: the manifest, the allow-listed unpickler, the recorded tokenizer.
 """
 import contextlib
 import datetime
+import enum
 import hashlib
 import json
 import os
@@ -390,10 +391,22 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file would run code outside the allow-list when unpickled."""
 
 
+def _enum_member(enum_class, name):
+    """Stands in for ``getattr`` while a checkpoint is unpickled: Python 3.11.0-3.11.4 pickle an enum member as
+    ``getattr(EnumClass, "name")`` (later versions as ``EnumClass(value)``), so a checkpoint saved there holds
+    DeepSpeed's ZeroStageEnum that way. Only members of the allow-listed enums are looked up; any other getattr
+    is refused."""
+    allowed = deepspeed_compat.checkpoint_allowed_globals()
+    if not (isinstance(enum_class, type) and issubclass(enum_class, enum.Enum) and enum_class in allowed):
+        raise pickle.UnpicklingError(f"GLOBAL builtins.getattr on {enum_class!r}, which is not an allow-listed enum")
+    return enum_class[name]
+
+
 def safe_load(path, map_location=None):
     """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
     try:
-        with torch.serialization.safe_globals(deepspeed_compat.checkpoint_allowed_globals()):
+        with torch.serialization.safe_globals([*deepspeed_compat.checkpoint_allowed_globals(),
+                                               (_enum_member, "builtins.getattr")]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))

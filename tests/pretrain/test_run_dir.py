@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from models import load_model_config
 from pretrain import run_dir
@@ -259,3 +260,27 @@ def test_model_config_fields_that_a_resume_may_change():
     assert weights == [("num_experts", 8, switch.num_experts)]
     assert sorted(name for name, _, _ in settings) == ["aux_loss_coef", "capacity_factor"]
     assert resume_differences({"family": "gpt"}, switch)[0] == [("family", "gpt", "switch")]
+
+
+class PickledByGetattr:
+    """Pickles as ``getattr(owner, name)``: how Python 3.11.0-3.11.4 pickle an enum member (Debian 12's 3.11.2
+    writes DeepSpeed's ZeroStageEnum into every ZeRO optimizer file so); this Python pickles it by value."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_an_enum_member_pickled_by_name_loads_and_no_other_getattr_does(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pretrain.run_dir import UnsafeCheckpoint, safe_load
+
+    torch.save({"zero_stage": PickledByGetattr(ZeroStageEnum, "optimizer_states")}, tmp_path / "optim_states.pt")
+    assert safe_load(tmp_path / "optim_states.pt")["zero_stage"] is ZeroStageEnum.optimizer_states
+    torch.save({"x": PickledByGetattr(LossScaler, "__init__")}, tmp_path / "hostile.pt")  # an allowed class, not an enum
+    with pytest.raises(UnsafeCheckpoint, match="asks to run builtins.getattr"):
+        safe_load(tmp_path / "hostile.pt")
