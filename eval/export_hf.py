@@ -21,6 +21,7 @@ A Switch LM has no transformers counterpart: its consolidated fp32 weights, ever
 expert-parallel rank gathered, go to DIR/model.safetensors with the Switchyard model config in
 DIR/switchyard_config.json, so models.build_model + load_state_dict restores it.
 """
+import functools
 import json
 import os
 import shutil
@@ -160,8 +161,8 @@ def write_switchyard(state, config, tokenizer, directory):
 
 # What a family's ``export(config)`` may name (models/registry.py ModelFamily), and how it is written.
 EXPORTERS = {
-    "gpt2": lambda state, config, tokenizer, directory: write_transformers(state, config, tokenizer, directory, gpt2_state_dict),
-    "gpt_neox": lambda state, config, tokenizer, directory: write_transformers(state, config, tokenizer, directory, neox_state_dict),
+    "gpt2": functools.partial(write_transformers, convert=gpt2_state_dict),
+    "gpt_neox": functools.partial(write_transformers, convert=neox_state_dict),
     "switchyard-switch": write_switchyard,
 }
 
