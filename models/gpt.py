@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from models.registry import TRAINING_SETTING, register_model
-from switchyard.deepspeed_compat import stage_layers, tied_modules
+from switchyard.deepspeed_compat import full_numel, stage_layers, tied_modules, whole_fp32_on_cpu
 
 
 @dataclass
@@ -64,14 +64,14 @@ def init_weights_(model, init_scale):
     model is the same whatever the expert-parallel size."""
     own = {id(m) for owner in model.modules() if getattr(owner, "own_init", False) for m in owner.modules()}
     for module in model.modules():
-        if id(module) in own:
+        if id(module) in own or not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        if isinstance(module, nn.Linear):
+        # Built under deepspeed.zero.Init (ZeRO-3), every module is partitioned by the time its model's __init__
+        # calls this: each is gathered whole, fp32 on the CPU, while it is drawn, so the draws are a plain build's.
+        with whole_fp32_on_cpu(module.parameters(recurse=False)):
             init_linear_(module.weight, init_scale)
-            if module.bias is not None:
+            if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init_linear_(module.weight, init_scale)
 
 
 def rotary_tables(seq_len, head_dim, device):
@@ -174,8 +174,8 @@ class GPT(nn.Module):
         return logits, aux_loss, stats
 
     def param_counts(self):
-        """(total parameters, parameters active per token); the position table is a lookup, not compute."""
-        total = sum(p.numel() for p in self.parameters())
+        """(total parameters, parameters active per token), also when ZeRO-3 has partitioned them."""
+        total = sum(full_numel(p) for p in self.parameters())
         return total, total
 
     def flops_per_token(self, seq_len):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from models.gpt import FeedForward, init_weights_
 from models.registry import TRAINING_SETTING, register_model
 from models.switch import SwitchFFN, SwitchSettings
+from switchyard.deepspeed_compat import full_numel
 
 
 @dataclass
@@ -233,8 +234,8 @@ class Transformer(nn.Module):
         return logits, enc_aux + dec_aux, enc_stats + dec_stats
 
     def param_counts(self):
-        """(total parameters, parameters active per token)."""
-        total = sum(p.numel() for p in self.parameters())
+        """(total parameters, parameters active per token), also when ZeRO-3 has partitioned them."""
+        total = sum(full_numel(p) for p in self.parameters())
         return total, total
 
     def flops_per_token(self, seq_len):
@@ -245,7 +246,7 @@ class Transformer(nn.Module):
         c = self.config
         _, active = self.param_counts()
         lookup_tables = ("src_pos", "tgt_pos") if c.share_all_embeddings else ("src_emb", "src_pos", "tgt_pos")
-        matmul = active - sum(p.numel() for name, p in self.named_parameters() if name.startswith(lookup_tables))
+        matmul = active - sum(full_numel(p) for name, p in self.named_parameters() if name.startswith(lookup_tables))
         return 6 * matmul + 12 * (c.encoder_layers + 2 * c.decoder_layers) * c.d_model * seq_len
 
 

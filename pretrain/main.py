@@ -3,7 +3,6 @@
 Arguments and both configs are checked before torch.distributed starts or any model is
 allocated; a problem is one line on stderr and exit code 2.
 """
-import contextlib
 import os
 import sys
 import traceback
@@ -77,63 +76,6 @@ def optimizer_param_groups(model):
     return groups
 
 
-@contextlib.contextmanager
-def whole_fp32_on_cpu(params):
-    """Inside: ``params`` (ZeRO-3 partitioned or not) whole, as fp32 CPU tensors, as a plain build holds
-    them before DeepSpeed casts and moves them; on exit what was written goes back into them (cast) and
-    rank 0's values are re-partitioned to every rank."""
-    import deepspeed
-    import torch
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        gathered = [p.data for p in params]
-        for p in params:
-            p.data = p.data.to("cpu", torch.float32)
-        try:
-            yield
-        finally:
-            for p, data in zip(params, gathered):
-                data.copy_(p.data)
-                p.data = data
-
-
-@contextlib.contextmanager
-def init_weights_module_by_module(model_cls):
-    """While it is on: ``model_cls.init_weights``, which the model calls at the end of its ``__init__``,
-    sees each module's own parameters whole (``whole_fp32_on_cpu``) while its walk of ``self.modules()``
-    is at that module, one module at a time.
-
-    Under ``deepspeed.zero.Init`` every submodule has been partitioned by then (its parameters are empty
-    tensors); this is what DeepSpeed does for ``Module.apply`` (``override_module_apply``), for the
-    ``model.modules()`` walk our models' ``init_weights_`` makes. The draws are a plain build's: the same
-    global RNG, the same order, fp32 on the CPU."""
-    original = model_cls.init_weights
-    own = "init_weights" in model_cls.__dict__
-
-    def init_weights(self):
-        walk = self.modules
-
-        def modules_whole():
-            for module in walk():
-                with whole_fp32_on_cpu(list(module.parameters(recurse=False))):
-                    yield module
-
-        self.modules = modules_whole  # an instance attribute: shadows nn.Module.modules for this call only
-        try:
-            original(self)
-        finally:
-            del self.modules
-
-    model_cls.init_weights = init_weights
-    try:
-        yield
-    finally:
-        if own:
-            model_cls.init_weights = original
-        else:
-            del model_cls.init_weights
-
-
 def zero3_init(ds_config):
     """``deepspeed.zero.Init`` that builds the model a plain build would, partitioned as each module is made.
 
@@ -171,12 +113,10 @@ def build_model(args, model_config, ds_config, plan, task):
     and runs outside the engine, so ZeRO-3 could not gather it for its forward)."""
     import torch
 
-    from models.registry import family_of
-
     torch.manual_seed(args.seed)
     if plan.zero_stage != 3:
         return task.build_model()
-    with zero3_init(ds_config), init_weights_module_by_module(family_of(model_config).model_cls):
+    with zero3_init(ds_config):
         return task.build_model()
 
 
@@ -186,21 +126,12 @@ def build_engine(args, model_config, ds_config, plan, task):
     import torch
     import torch.distributed as dist
 
-    from models import build_model as build_from_config
     from models.registry import family_of
-    from switchyard.deepspeed_compat import full_numel, local_numel
+    from switchyard.deepspeed_compat import local_numel
 
-    if plan.zero_stage == 3:  # counted on a copy without memory: zero.Init's partitioned parameters have numel 0
-        with torch.device("meta"):
-            counted = build_from_config(model_config)
     model = build_model(args, model_config, ds_config, plan, task)
-    if plan.zero_stage != 3:
-        counted = model
-    elif sum(p.numel() for p in counted.parameters()) != sum(full_numel(p) for p in model.parameters()):
-        raise RuntimeError(f"task {args.task} builds another model than its config {args.model_config} describes: "
-                           "count it from the model it builds")
-    total, active = counted.param_counts()
-    flops = counted.flops_per_token(task.seq_len)
+    total, active = model.param_counts()  # of the whole model, also when ZeRO-3 has partitioned it
+    flops = model.flops_per_token(task.seq_len)
     held = sum(local_numel(p) for p in model.parameters())
     if dist.get_rank() == 0:
         print(f"model {family_of(model_config).name}: {total:,} parameters, {active:,} active per token, "

@@ -43,6 +43,8 @@ ZeRO-3 (pretrain/main.py, bench/zero_memory.py)
   zero_init                     ``zero.Init._post_init_method(module)``, called after each module's constructor and
                                 before it is partitioned; ``Init.dtype`` and ``Init.local_device``
   is_partitioned                ``runtime.zero.partition_parameters.is_zero_param``
+  whole_fp32_on_cpu             ``is_partitioned``, then the documented ``zero.GatheredParameters`` (models/gpt.py's
+                                ``init_weights_``, which every family's initialisation runs)
   full_shape, full_numel, local_numel
                                 the ``ds_shape``, ``ds_numel`` and ``ds_tensor`` attributes of a partitioned parameter
 Models (models/switch.py, models/gpt.py)
@@ -225,6 +227,30 @@ def is_partitioned(param):
     """Whether ZeRO-3 has taken ``param`` over (partitioned it or will)."""
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
     return is_zero_param(param)
+
+
+@contextlib.contextmanager
+def whole_fp32_on_cpu(params):
+    """Inside: ``params`` whole, as fp32 CPU tensors, as a plain build holds them before DeepSpeed casts and
+    moves them; on exit what was written goes back into them (cast) and rank 0's values are re-partitioned to
+    every rank. Nothing happens when none of them is ZeRO-3's (a plain build). Every rank enters it together
+    (it gathers)."""
+    import deepspeed
+
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gathered = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to("cpu", torch.float32)
+        try:
+            yield
+        finally:
+            for p, data in zip(params, gathered):
+                data.copy_(p.data)
+                p.data = data
 
 
 def full_shape(param):
