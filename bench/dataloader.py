@@ -12,6 +12,7 @@ fp32, micro-batch --micro_batch, accumulation --accumulation). Prints batches/s 
 and the step rate, then the ratios last: loader micro-batches/s / micro-batches the step consumes
 per second (above 1: the loader keeps up with room to spare).
 """
+
 import argparse
 import contextlib
 import io
@@ -52,9 +53,20 @@ def prepared(workdir, opts, *train_data):
     ds.pop("train_batch_size", None)
     ds_path = Path(workdir) / "ds.json"
     ds_path.write_text(json.dumps(ds))
-    argv = ["--ds_config", str(ds_path), "--model_config", str(REPO / "models" / "configs" / "tiny-gpt.json"),
-            "--train_data", *map(str, train_data), "--max_steps", "1", "--save_dir", str(Path(workdir) / "run"),
-            "--seq_len", str(opts.seq_len)]
+    argv = [
+        "--ds_config",
+        str(ds_path),
+        "--model_config",
+        str(REPO / "models" / "configs" / "tiny-gpt.json"),
+        "--train_data",
+        *map(str, train_data),
+        "--max_steps",
+        "1",
+        "--save_dir",
+        str(Path(workdir) / "run"),
+        "--seq_len",
+        str(opts.seq_len),
+    ]
     if len(train_data) > 1:
         argv += ["--train_data_weights", "0.7", "0.3"]
     with contextlib.redirect_stdout(io.StringIO()):  # the blend's share lines
@@ -103,8 +115,7 @@ def main():
         consumed_per_s = steps_per_s * plan.grad_accum_steps  # micro-batches the training step takes per second
 
         blended = prepared(workdir, opts, SHAKESPEARE, SHAKESPEARE)[-1]
-        budget = TokenBudgetBatches(PairDataset(Path(workdir) / "pairs"), opts.max_tokens, max_positions=256, pad_id=0,
-                                    bos_id=256, seed=1)
+        budget = TokenBudgetBatches(PairDataset(Path(workdir) / "pairs"), opts.max_tokens, max_positions=256, pad_id=0, bos_id=256, seed=1)
         mbs = plan.micro_batch_size
         loaders = {
             "lm": lambda i: task.train_batch(i * mbs, 0, mbs, 0, 1),
@@ -112,14 +123,20 @@ def main():
             "pairs": lambda i: budget.batch(i),
         }
         loader_rates = {name: rate(make, opts.batches, opts.rounds) for name, make in loaders.items()}
-    print(f"tiny-gpt step (seq {task.seq_len}, micro-batch {mbs} x {plan.grad_accum_steps}): {steps_per_s:.1f} steps/s, "
-          f"{consumed_per_s:.1f} micro-batches/s")
-    print(f"pairs: {pairs_name}, max_tokens {opts.max_tokens}: {len(budget)} batches, "
-          f"padding {budget.padding_fraction:.1%}, {budget.skipped} pairs over 256 tokens skipped")
+    print(
+        f"tiny-gpt step (seq {task.seq_len}, micro-batch {mbs} x {plan.grad_accum_steps}): {steps_per_s:.1f} steps/s, "
+        f"{consumed_per_s:.1f} micro-batches/s"
+    )
+    print(
+        f"pairs: {pairs_name}, max_tokens {opts.max_tokens}: {len(budget)} batches, "
+        f"padding {budget.padding_fraction:.1%}, {budget.skipped} pairs over 256 tokens skipped"
+    )
     for name, batches_per_s in loader_rates.items():
         print(f"{name:12s} {batches_per_s:10.0f} batches/s")
-    print(f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
-          f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)")
+    print(
+        f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)"
+    )
     print("\nratios (loader batches/s / micro-batches/s the training step consumes):")
     for name, batches_per_s in loader_rates.items():
         print(f"{name}: {batches_per_s / consumed_per_s:.1f}")

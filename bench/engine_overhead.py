@@ -12,6 +12,7 @@ the process's CPU time (time.process_time), which other processes' load on a sha
 far less than the wall clock (it still counts gloo's threads; both loops run in this one process). The 125M shape runs at
 seq 128 and micro-batch 2 so a CPU finishes it (the tiny one at its own max_seq_len, 64); on a GPU pass --seq_len 2048 --micro_batch 8.
 """
+
 import argparse
 import collections
 import contextlib
@@ -29,8 +30,12 @@ from pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny-gpt.json", "125m-shape": "gpt-125m.json"}
-RECIPES = {"zero0-fp32": ("zero0.json", None), "zero1-fp32": ("zero1.json", None),
-           "zero0-bf16": ("zero0.json", "bf16"), "zero1-bf16": ("zero1.json", "bf16")}
+RECIPES = {
+    "zero0-fp32": ("zero0.json", None),
+    "zero1-fp32": ("zero1.json", None),
+    "zero0-bf16": ("zero0.json", "bf16"),
+    "zero1-bf16": ("zero1.json", "bf16"),
+}
 
 
 def ds_config_file(base, precision, micro_batch, accumulation, workdir):
@@ -58,8 +63,9 @@ def plain_loop(model, task, plan, lr, precision):
     """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8
+    )
     consumed = [0]
 
     def step():
@@ -72,6 +78,7 @@ def plain_loop(model, task, plan, lr, precision):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         consumed[0] += plan.train_batch_size
+
     step.model, step.optimizer = model, optimizer  # for --phases
     return step
 
@@ -81,9 +88,20 @@ def measure(model_name, recipe, opts, workdir):
     ds = ds_config_file(base, precision, opts.micro_batch, opts.accumulation, workdir)
     model_config = REPO / "models" / "configs" / MODELS[model_name]
     seq_len = min(opts.seq_len, json.loads(model_config.read_text())["max_seq_len"])
-    argv = ["--ds_config", str(ds), "--model_config", str(model_config),
-            "--train_data", str(REPO / "data" / "tinyshakespeare.txt"), "--max_steps", "1",
-            "--save_dir", str(Path(workdir) / "run"), "--seq_len", str(seq_len)]
+    argv = [
+        "--ds_config",
+        str(ds),
+        "--model_config",
+        str(model_config),
+        "--train_data",
+        str(REPO / "data" / "tinyshakespeare.txt"),
+        "--max_steps",
+        "1",
+        "--save_dir",
+        str(Path(workdir) / "run"),
+        "--seq_len",
+        str(seq_len),
+    ]
     args, model_config, ds_config, plan, task = prepare(argv)
     engine, _ = build_engine(args, model_config, ds_config, plan, task)
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
@@ -128,6 +146,7 @@ class PhaseClock:
                 return original(*args, **kwargs)
             finally:
                 self.seconds[name] += time.process_time() - start
+
         setattr(owner, attr, timed)
         self.undo.callback(lambda: setattr(owner, attr, original) if had_own else delattr(owner, attr))
 
@@ -142,6 +161,7 @@ def print_phases(title, engine, switchyard_step, plain_step, steps):
     """Process CPU ms per step in each phase of both loops; an indented phase runs inside the one above it."""
     import pretrain.trainer as trainer_module
     from switchyard.deepspeed_compat import engine_inner_phases
+
     rows = []
     with PhaseClock() as clock:
         in_backward, in_step = engine_inner_phases(engine)
@@ -172,6 +192,7 @@ def print_phases(title, engine, switchyard_step, plain_step, steps):
 def print_profile(title, step, steps):
     """The operators that take the most time in `steps` steps, self time first (where the time really goes)."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -204,8 +225,7 @@ def main():
                 plain, ours = measure(model_name, recipe, opts, workdir)
                 rows.append((model_name, recipe, plain, ours))
     print(f"\n{'':25s} {'wall clock':>29s} {'process CPU time':>29s}")
-    print(f"{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}"
-          f" {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
+    print(f"{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
     for model_name, recipe, plain, ours in rows:
         print(f"{model_name:12s} {recipe:12s} {plain[0]:12.1f} {ours[0]:17.1f} {plain[1]:12.1f} {ours[1]:17.1f}")
     print("\nratios by process CPU time (switchyard / plain PyTorch, target >= 0.95):")

@@ -10,6 +10,7 @@ Every sentence is made to run to the full output length (EOS forbidden by min_le
 generate the same number of tokens and the figure is tokens/s over out_len tokens per sentence.
 Prints a table, then the ratios (incremental tokens/s / full recomputation tokens/s) last.
 """
+
 import argparse
 import time
 from pathlib import Path

@@ -10,6 +10,7 @@ paired with the next. Without --tokenizer a BPE sentencepiece model is trained o
 first (not timed). Rounds alternate 1 and N workers so both see the same machine load; the best
 round of each counts. Prints MB/s and tokens/s per case, then the ratios (N workers / 1 worker) last.
 """
+
 import argparse
 import contextlib
 import io
@@ -66,10 +67,13 @@ def main():
                 train(str(SHAKESPEARE), vocab_size=2000, output=str(Path(workdir) / "bpe"), num_threads=os.cpu_count())
             tokenizer = str(Path(workdir) / "bpe.model")
         cases = {
-            "lm": (corpus.stat().st_size, lambda workers, out: preprocess(
-                str(corpus), tokenizer=tokenizer, output_prefix=out, workers=workers)),
-            "pairs": (source.stat().st_size + target.stat().st_size, lambda workers, out: preprocess_pairs(
-                source=str(source), target=str(target), tokenizer=tokenizer, output_prefix=out, workers=workers)),
+            "lm": (corpus.stat().st_size, lambda workers, out: preprocess(str(corpus), tokenizer=tokenizer, output_prefix=out, workers=workers)),
+            "pairs": (
+                source.stat().st_size + target.stat().st_size,
+                lambda workers, out: preprocess_pairs(
+                    source=str(source), target=str(target), tokenizer=tokenizer, output_prefix=out, workers=workers
+                ),
+            ),
         }
         print(f"input: {opts.mb:g} MB of Tiny Shakespeare, tokenizer {Path(tokenizer).name}, {os.cpu_count()} CPUs visible")
         print(f"\n{'case':8s} {'workers':>7s} {'MB/s':>8s} {'tokens/s':>12s}")
@@ -82,12 +86,13 @@ def main():
                     best[workers] = min(best.get(workers, float("inf")), timed(lambda: run(workers, out)))
             for workers, seconds in best.items():
                 out = Path(workdir) / f"{name}.w{workers}"
-                tokens = sum(IndexedTokens(f"{out}{side}").footer["num_tokens"]
-                             for side in ([""] if name == "lm" else [".src", ".tgt"]))
+                tokens = sum(IndexedTokens(f"{out}{side}").footer["num_tokens"] for side in ([""] if name == "lm" else [".src", ".tgt"]))
                 print(f"{name:8s} {workers:7d} {nbytes / 1e6 / seconds:8.2f} {tokens / seconds:12,.0f}")
             ratios[name] = best[1] / best[opts.workers]
-    print(f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
-          f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)")
+    print(
+        f"load average over the last 1/5/15 minutes: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"on {os.cpu_count()} CPUs (a shared machine makes the figures noisy)"
+    )
     print(f"\nratios (MB/s with {opts.workers} workers / MB/s with 1 worker):")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}")

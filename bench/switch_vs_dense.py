@@ -13,6 +13,7 @@ global batch is twice the 1-rank one. One launch per world size builds all model
 interleaved rounds (best of each), so every model sees the same machine load. Prints a table, then
 the ratios (Switch step time / dense step time at the same world size) last.
 """
+
 import argparse
 import json
 import sys
@@ -33,8 +34,16 @@ PROFILE_PARTS = ["forward", "router", "all-to-all", "experts", "backward", "opti
 
 
 def model_configs(opts):
-    dense = {"family": "gpt", "vocab_size": 320, "max_seq_len": opts.seq_len, "d_model": opts.d_model,
-             "n_layers": opts.n_layers, "n_heads": opts.n_heads, "d_ff": 4 * opts.d_model, "dropout": 0.0}
+    dense = {
+        "family": "gpt",
+        "vocab_size": 320,
+        "max_seq_len": opts.seq_len,
+        "d_model": opts.d_model,
+        "n_layers": opts.n_layers,
+        "n_heads": opts.n_heads,
+        "d_ff": 4 * opts.d_model,
+        "dropout": 0.0,
+    }
     configs = {"dense": dense}
     for experts in opts.experts:
         # init_scale 1.0 as the dense model: the step time does not depend on it, the comparison stays like for like.
@@ -67,24 +76,39 @@ def write_inputs(opts, world_size, workdir):
 
 # ---------------------------------------------------------------- one rank
 
+
 def build_trainer(model_path, ds_path, opts, run_dir):
     from pretrain.main import build_engine, prepare
     from pretrain.trainer import Trainer
 
-    argv = ["--ds_config", ds_path, "--model_config", model_path, "--train_data", str(REPO / "data" / "tinyshakespeare.txt"),
-            "--max_steps", "1", "--save_dir", str(run_dir), "--seq_len", str(opts.seq_len)]
+    argv = [
+        "--ds_config",
+        ds_path,
+        "--model_config",
+        model_path,
+        "--train_data",
+        str(REPO / "data" / "tinyshakespeare.txt"),
+        "--max_steps",
+        "1",
+        "--save_dir",
+        str(run_dir),
+        "--seq_len",
+        str(opts.seq_len),
+    ]
     args, model_config, ds, plan, task = prepare(argv)
     engine, _ = build_engine(args, model_config, ds, plan, task)
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
 
     def step():
         trainer.take_step()
+
     return engine, step
 
 
 def time_steps(step, steps, warmup):
     """Seconds per step; barriers around the timed steps so the slowest rank sets the time."""
     import torch.distributed as dist
+
     for _ in range(warmup):
         step()
     dist.barrier()
@@ -98,11 +122,13 @@ def time_steps(step, steps, warmup):
 def label(owner, attribute, name):
     """Wrap owner.attribute (a method) in a profiler label."""
     from torch.profiler import record_function
+
     original = getattr(owner, attribute)
 
     def labelled(*args, **kwargs):
         with record_function(name):
             return original(*args, **kwargs)
+
     setattr(owner, attribute, labelled)
 
 
@@ -112,6 +138,7 @@ def label_switch_parts(engines):
     _AllToAll.forward runs in both directions (its backward applies it again), so one label covers both.
     """
     from switchyard.deepspeed_compat import moe_all_to_all, moe_gates_and_experts
+
     label(moe_all_to_all(), "forward", "all-to-all")
     for engine in engines:
         label(engine, "forward", "forward")
@@ -125,6 +152,7 @@ def label_switch_parts(engines):
 def profile_steps(step, steps):
     """Milliseconds per step in each labelled part, and the whole step, from torch.profiler on this rank."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -146,8 +174,7 @@ def rank_main(opts):
     distributed.init()
     files = json.loads(Path(opts.inputs).read_text())
     workdir = Path(opts.inputs).parent
-    built = {name: build_trainer(model_path, ds_path, opts, workdir / f"run-{name}")
-             for name, (model_path, ds_path) in files.items()}
+    built = {name: build_trainer(model_path, ds_path, opts, workdir / f"run-{name}") for name, (model_path, ds_path) in files.items()}
     seconds = {name: float("inf") for name in built}
     for _ in range(opts.rounds):
         for name, (_, step) in built.items():
@@ -165,14 +192,14 @@ def rank_main(opts):
 
 # ---------------------------------------------------------------- the launcher
 
+
 def run_world(opts, world_size, workdir, argv):
     workdir = workdir / f"world{world_size}"
     workdir.mkdir()
     inputs = workdir / "inputs.json"
     inputs.write_text(json.dumps(write_inputs(opts, world_size, workdir)))
     result = workdir / "result.json"
-    procs = start_ranks([*argv, "--rank_inputs", inputs, "--rank_result", result], world_size, workdir / "logs",
-                        script=Path(__file__).resolve())
+    procs = start_ranks([*argv, "--rank_inputs", inputs, "--rank_result", result], world_size, workdir / "logs", script=Path(__file__).resolve())
     for rank in wait_ranks(procs, workdir / "logs", timeout=opts.timeout):
         if rank.returncode != 0:
             sys.exit(f"error: rank {rank.rank} of {world_size} exited {rank.returncode}:\n{rank.output[-3000:]}")
@@ -181,8 +208,10 @@ def run_world(opts, world_size, workdir, argv):
 
 def print_report(results, opts):
     names = list(model_configs(opts))
-    print(f"\nd_model {opts.d_model}, d_ff {4 * opts.d_model}, {opts.n_layers} layers (experts in every other), "
-          f"seq {opts.seq_len}, micro-batch {opts.micro_batch} per rank, ZeRO-2, fp32, best of {opts.rounds} rounds")
+    print(
+        f"\nd_model {opts.d_model}, d_ff {4 * opts.d_model}, {opts.n_layers} layers (experts in every other), "
+        f"seq {opts.seq_len}, micro-batch {opts.micro_batch} per rank, ZeRO-2, fp32, best of {opts.rounds} rounds"
+    )
     print(f"{'model':12s} {'ranks':>5s} {'step ms':>9s} {'tokens/s':>10s}")
     tokens_per_rank = opts.micro_batch * opts.seq_len
     for world_size, result in results.items():
@@ -190,15 +219,16 @@ def print_report(results, opts):
             ms = result["step_ms"][name]
             print(f"{name:12s} {world_size:5d} {ms:9.1f} {world_size * tokens_per_rank / ms * 1e3:10.0f}")
     if opts.profile:
-        print("\nprofile, rank 0, ms per step (router and experts: forward only; all-to-all: both directions;"
-              " rest = step - router - all-to-all - experts)")
+        print(
+            "\nprofile, rank 0, ms per step (router and experts: forward only; all-to-all: both directions;"
+            " rest = step - router - all-to-all - experts)"
+        )
         print(f"{'model':12s} {'ranks':>5s} {'step':>8s} " + " ".join(f"{p:>10s}" for p in PROFILE_PARTS) + f" {'rest':>8s}")
         for world_size, result in results.items():
             for name in names:
                 parts = result["profile"][name]
                 rest = parts["step"] - parts["router"] - parts["all-to-all"] - parts["experts"]
-                print(f"{name:12s} {world_size:5d} {parts['step']:8.1f} "
-                      + " ".join(f"{parts[p]:10.1f}" for p in PROFILE_PARTS) + f" {rest:8.1f}")
+                print(f"{name:12s} {world_size:5d} {parts['step']:8.1f} " + " ".join(f"{parts[p]:10.1f}" for p in PROFILE_PARTS) + f" {rest:8.1f}")
     print("\nratios (switch step time / dense step time, same ranks; 1.0 = experts cost nothing extra):")
     for world_size, result in results.items():
         for name in names[1:]:

@@ -25,6 +25,7 @@ The formula (ZeRO paper, sec. 3.1 and fig. 1), Psi parameters, N = 2 data-parall
   ZeRO-3 also the weights. Activations and buffers are not in the formula.
 Prints a table, then the ratios (measured / formula) last.
 """
+
 import argparse
 import json
 import sys
@@ -63,6 +64,7 @@ def ds_config(stage, precision, micro_batch):
 
 # ---------------------------------------------------------------- one rank
 
+
 def rss_kib(field):
     """VmRSS (now) or VmHWM (high-water mark) of this process, in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -82,8 +84,20 @@ def rank_main(opts):
 
     torch.set_num_threads(1)
     distributed.init()
-    argv = ["--ds_config", opts.ds, "--model_config", opts.model, "--train_data", str(REPO / "data" / "tinyshakespeare.txt"),
-            "--max_steps", "1", "--save_dir", str(Path(opts.result).parent / "run"), "--seq_len", str(opts.seq_len)]
+    argv = [
+        "--ds_config",
+        opts.ds,
+        "--model_config",
+        opts.model,
+        "--train_data",
+        str(REPO / "data" / "tinyshakespeare.txt"),
+        "--max_steps",
+        "1",
+        "--save_dir",
+        str(Path(opts.result).parent / "run"),
+        "--seq_len",
+        str(opts.seq_len),
+    ]
     args, model_config, ds, plan, task = prepare(argv)
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -114,17 +128,30 @@ def rank_main(opts):
 
 # ---------------------------------------------------------------- the launcher
 
+
 def run_case(opts, stage, precision, workdir, argv):
     case = workdir / f"zero{stage}-{precision}"
     case.mkdir()
     model = case / "model.json"
-    model.write_text(json.dumps({"family": "gpt", "vocab_size": 320, "max_seq_len": opts.seq_len, "d_model": opts.d_model,
-                                 "n_layers": opts.n_layers, "n_heads": opts.n_heads, "d_ff": 4 * opts.d_model}))
+    model.write_text(
+        json.dumps(
+            {
+                "family": "gpt",
+                "vocab_size": 320,
+                "max_seq_len": opts.seq_len,
+                "d_model": opts.d_model,
+                "n_layers": opts.n_layers,
+                "n_heads": opts.n_heads,
+                "d_ff": 4 * opts.d_model,
+            }
+        )
+    )
     ds = case / "ds.json"
     ds.write_text(json.dumps(ds_config(stage, precision, opts.micro_batch)))
     result = case / "result.json"
-    procs = start_ranks([*argv, "--rank_model", model, "--rank_ds", ds, "--rank_result", result], WORLD_SIZE,
-                        case / "logs", script=Path(__file__).resolve())
+    procs = start_ranks(
+        [*argv, "--rank_model", model, "--rank_ds", ds, "--rank_result", result], WORLD_SIZE, case / "logs", script=Path(__file__).resolve()
+    )
     for rank in wait_ranks(procs, case / "logs", timeout=opts.timeout):
         if rank.returncode != 0:
             sys.exit(f"error: rank {rank.rank} of zero{stage} {precision} exited {rank.returncode}:\n{rank.output[-3000:]}")
@@ -133,18 +160,24 @@ def run_case(opts, stage, precision, workdir, argv):
 
 def print_report(rows, opts):
     params = rows[0][2][0]["params"]
-    print(f"\nGPT d_model {opts.d_model}, {opts.n_layers} layers, Psi = {params:,} parameters; {WORLD_SIZE} ranks, "
-          f"micro-batch {opts.micro_batch}, seq {opts.seq_len}, {opts.steps} steps")
+    print(
+        f"\nGPT d_model {opts.d_model}, {opts.n_layers} layers, Psi = {params:,} parameters; {WORLD_SIZE} ranks, "
+        f"micro-batch {opts.micro_batch}, seq {opts.seq_len}, {opts.steps} steps"
+    )
     print("GiB per rank; added = RSS high-water mark - RSS before the model was built; formula = model states only")
     print(f"{'precision':9s} {'stage':>5s} {'formula':>8s} {'added r0':>9s} {'added r1':>9s} {'peak r0':>8s} {'peak r1':>8s} {'before r0':>10s}")
     for precision, stage, ranks in rows:
         formula = model_state_bytes(params, precision, stage) / GIB
         added = [(r["peak_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
         peak = [r["peak_kib"] * 1024 / GIB for r in ranks]
-        print(f"{precision:9s} {stage:5d} {formula:8.3f} {added[0]:9.3f} {added[1]:9.3f} {peak[0]:8.3f} {peak[1]:8.3f} "
-              f"{ranks[0]['before_kib'] * 1024 / GIB:10.3f}")
-    print("\nmade, built = the RSS high-water mark right after the task made the model / after build_engine "
-          "(deepspeed.initialize done, no step yet) - RSS before; GiB per rank; 4Psi = the whole model in fp32")
+        print(
+            f"{precision:9s} {stage:5d} {formula:8.3f} {added[0]:9.3f} {added[1]:9.3f} {peak[0]:8.3f} {peak[1]:8.3f} "
+            f"{ranks[0]['before_kib'] * 1024 / GIB:10.3f}"
+        )
+    print(
+        "\nmade, built = the RSS high-water mark right after the task made the model / after build_engine "
+        "(deepspeed.initialize done, no step yet) - RSS before; GiB per rank; 4Psi = the whole model in fp32"
+    )
     print(f"{'stage':5s} {'precision':9s} {'4Psi':>8s} {'made r0':>8s} {'made r1':>8s} {'built r0':>9s} {'built r1':>9s}")
     for precision, stage, ranks in rows:
         made = [(r["made_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
@@ -179,8 +212,7 @@ def parse(argv=None):
     p.add_argument("--rank_result", dest="result", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.smoke:
-        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = \
-            [0, 3], ["fp32"], 64, 4, 2, 32, 1
+        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = [0, 3], ["fp32"], 64, 4, 2, 32, 1
     return opts
 
 
@@ -190,8 +222,7 @@ def main():
     if opts.model:
         return rank_main(opts)
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [(precision, stage, run_case(opts, stage, precision, Path(workdir), argv))
-                for precision in opts.precisions for stage in opts.stages]
+        rows = [(precision, stage, run_case(opts, stage, precision, Path(workdir), argv)) for precision in opts.precisions for stage in opts.stages]
     print_report(rows, opts)
 
 

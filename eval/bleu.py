@@ -19,6 +19,7 @@ temporary name; with --nbest N, beam search's N best per line also go to --nbest
 positions is cut to fit, with a warning naming it. A language-model checkpoint, empty or
 line-misaligned files are refused with one line (exit code 2).
 """
+
 import functools
 import os
 import sys
@@ -51,9 +52,15 @@ def read_references(paths, num_lines, what):
 def score(hypotheses, references, tokenize="13a", lowercase=False):
     bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
     result = bleu.corpus_score(hypotheses, references)
-    return {"bleu": result.score, "signature": str(bleu.get_signature()), "precisions": result.precisions,
-            "brevity_penalty": result.bp, "hyp_len": result.sys_len, "ref_len": result.ref_len,
-            "sentences": len(hypotheses)}
+    return {
+        "bleu": result.score,
+        "signature": str(bleu.get_signature()),
+        "precisions": result.precisions,
+        "brevity_penalty": result.bp,
+        "hyp_len": result.sys_len,
+        "ref_len": result.ref_len,
+        "sentences": len(hypotheses),
+    }
 
 
 @torch.no_grad()
@@ -61,9 +68,18 @@ def translate(model, src_tokenizer, tgt_tokenizer, encoded, batch_size, device, 
     """For each entry of ``encoded`` its hypotheses as (detokenized text, score), best first ([] for None), in order;
     sentences of similar length share a batch."""
     progress = functools.partial(tqdm, desc="translate", unit="batch", file=sys.stderr)
-    hypotheses = translate_ids(model, encoded, src_tokenizer.sp.pad_id(), tgt_tokenizer.sp.bos_id(), tgt_tokenizer.eos_id,
-                               batch_size=batch_size, device=device, progress=progress,
-                               vocab_size=tgt_tokenizer.vocab_size, **options)
+    hypotheses = translate_ids(
+        model,
+        encoded,
+        src_tokenizer.sp.pad_id(),
+        tgt_tokenizer.sp.bos_id(),
+        tgt_tokenizer.eos_id,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        vocab_size=tgt_tokenizer.vocab_size,
+        **options,
+    )
     return [[(tgt_tokenizer.decode(h.tokens), h.score) for h in hyps] for hyps in hypotheses]
 
 
@@ -73,8 +89,10 @@ def translation_model(run_dir, tag):
     run_config = require_run_config(run_dir)
     config = recorded_model_config(run_config, run_dir)
     if not isinstance(config, TransformerConfig):
-        raise ConfigError(f"{run_dir} holds a {family_of(config).name!r} language model, not a translation model; "
-                          f"pass the --save_dir of a pretrain/main.py --task translation run")
+        raise ConfigError(
+            f"{run_dir} holds a {family_of(config).name!r} language model, not a translation model; "
+            f"pass the --save_dir of a pretrain/main.py --task translation run"
+        )
     model, config, tgt_tokenizer = load_model(run_dir, tag)
     src_tokenizer = run_source_tokenizer(run_dir)
     for tokenizer in (src_tokenizer, tgt_tokenizer):
@@ -88,8 +106,10 @@ def search_options(search, beam, lenpen, nbest, min_len, max_len_a, max_len_b, t
     if search not in SEARCHES:
         fail(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
     if beam < 1 or batch_size < 1 or nbest < 1 or min_len < 0 or max_len_a < 0 or max_len_b < 0:
-        fail(f"--beam, --batch_size and --nbest must be >= 1 and --min_len, --max_len_a, --max_len_b >= 0, got {beam}, "
-             f"{batch_size}, {nbest}, {min_len}, {max_len_a}, {max_len_b}")
+        fail(
+            f"--beam, --batch_size and --nbest must be >= 1 and --min_len, --max_len_a, --max_len_b >= 0, got {beam}, "
+            f"{batch_size}, {nbest}, {min_len}, {max_len_a}, {max_len_b}"
+        )
     options = dict(search=search, min_len=min_len, max_len_a=max_len_a, max_len_b=max_len_b)
     if search == "beam":
         if nbest > beam:
@@ -100,8 +120,7 @@ def search_options(search, beam, lenpen, nbest, min_len, max_len_a, max_len_b, t
     if search == "sample":
         if temperature <= 0 or top_k < 0:
             fail(f"--temperature must be > 0 and --top_k >= 0, got {temperature} and {top_k}")
-        return {**options, "temperature": temperature, "top_k": top_k,
-                "generator": torch.Generator(local_device()).manual_seed(seed)}
+        return {**options, "temperature": temperature, "top_k": top_k, "generator": torch.Generator(local_device()).manual_seed(seed)}
     return options
 
 
@@ -119,9 +138,29 @@ def generate(run_dir, tag, sources, src_path, batch_size, options):
     return translate(model.to(device), src_tokenizer, tgt_tokenizer, encoded, batch_size, device, options), tag, encoded
 
 
-def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, search="beam", beam=5, lenpen=1.0, nbest=1, min_len=1,
-         max_len_a=1.2, max_len_b=10, temperature=1.0, top_k=0, seed=0, batch_size=64, hyp_output=None,
-         nbest_output=None, tokenize="13a", lowercase=False, output=None):
+def main(
+    run_dir=None,
+    hyp=None,
+    src=None,
+    ref=(),
+    tag=None,
+    search="beam",
+    beam=5,
+    lenpen=1.0,
+    nbest=1,
+    min_len=1,
+    max_len_a=1.2,
+    max_len_b=10,
+    temperature=1.0,
+    top_k=0,
+    seed=0,
+    batch_size=64,
+    hyp_output=None,
+    nbest_output=None,
+    tokenize="13a",
+    lowercase=False,
+    output=None,
+):
     """Score --hyp against --ref, or translate --src with the checkpoint in RUN_DIR and score it; prints one JSON object.
 
     Args:
@@ -162,8 +201,7 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, search="beam", beam
         return
     if src is None or hyp is not None:
         fail("translate mode takes RUN_DIR --src FILE --ref FILE (--hyp is for scoring a file without a model)")
-    options = search_options(search, beam, lenpen, nbest, min_len, max_len_a, max_len_b, temperature, top_k, seed,
-                             batch_size)
+    options = search_options(search, beam, lenpen, nbest, min_len, max_len_a, max_len_b, temperature, top_k, seed, batch_size)
     run_dir, src = str(run_dir), str(src)
     sources = read_lines(src, "source")
     if not sources:
@@ -176,13 +214,23 @@ def main(run_dir=None, hyp=None, src=None, ref=(), tag=None, search="beam", beam
     result = score(hypotheses, references, tokenize, lowercase)
     if nbest > 1:
         nbest_output = str(nbest_output) if nbest_output is not None else os.path.join(run_dir, f"nbest.{tag}.tsv")
-        write_atomically(nbest_output, "".join(f"{line}\t{rank}\t{score:.6f}\t{text}\n"
-                                               for line, hyps in enumerate(nbest_lists, 1)
-                                               for rank, (text, score) in enumerate(hyps, 1)))
+        write_atomically(
+            nbest_output,
+            "".join(
+                f"{line}\t{rank}\t{score:.6f}\t{text}\n" for line, hyps in enumerate(nbest_lists, 1) for rank, (text, score) in enumerate(hyps, 1)
+            ),
+        )
         result["nbest_output"] = nbest_output
-    result.update(run_dir=run_dir, tag=tag, src=src, ref=refs, hyp_output=hyp_output,
-                  **{k: v for k, v in options.items() if k != "generator"}, **({"seed": seed} if search == "sample" else {}),
-                  empty_source_lines=sum(ids is None for ids in encoded))
+    result.update(
+        run_dir=run_dir,
+        tag=tag,
+        src=src,
+        ref=refs,
+        hyp_output=hyp_output,
+        **{k: v for k, v in options.items() if k != "generator"},
+        **({"seed": seed} if search == "sample" else {}),
+        empty_source_lines=sum(ids is None for ids in encoded),
+    )
     print_result(result, output)
 
 

@@ -1,5 +1,6 @@
 """What every eval command shares: one-line errors and the fire entry point (pretrain/cli.py, which the pretrain
 commands share too), atomic output files, the JSON last line."""
+
 import json
 import os
 
@@ -31,6 +32,6 @@ def read_lines(path, what):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         fail(f"{what} file {path} is not UTF-8 (line {line}); convert it, e.g. iconv -t UTF-8")
     return text.splitlines()

@@ -16,6 +16,7 @@ of the teacher's improvement over the baseline in held-out loss, with each model
 perplexity and parameters (total, and active per token) and the student's compression (its
 parameters / the teacher's). Printed as one JSON object last.
 """
+
 import math
 
 import torch
@@ -31,8 +32,10 @@ from switchyard.errors import ConfigError
 def kept_percent(baseline_loss, student_loss, teacher_loss):
     gain = baseline_loss - teacher_loss
     if gain <= 0:
-        raise ConfigError(f"the teacher (held-out loss {teacher_loss:.4f}) is no better than the baseline "
-                          f"({baseline_loss:.4f}); there is no gain to keep: train the teacher longer")
+        raise ConfigError(
+            f"the teacher (held-out loss {teacher_loss:.4f}) is no better than the baseline "
+            f"({baseline_loss:.4f}); there is no gain to keep: train the teacher longer"
+        )
     return 100 * (baseline_loss - student_loss) / gain
 
 
@@ -46,10 +49,13 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
     model, config, src_tokenizer, tgt_tokenizer = translation_model(run_dir, None)
     pairs = PairDataset(prefix)
     if (pairs.src_tokenizer_spec, pairs.tgt_tokenizer_spec) != (src_tokenizer.spec, tgt_tokenizer.spec):
-        raise ConfigError(f"{prefix} was made with other tokenizers than {run_dir}'s; preprocess it with "
-                          f"{src_tokenizer.model_path} (source) and {tgt_tokenizer.model_path} (target)")
-    batches = TokenBudgetBatches(pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tgt_tokenizer.sp.pad_id(),
-                                 tgt_tokenizer.sp.bos_id(), seed=0)
+        raise ConfigError(
+            f"{prefix} was made with other tokenizers than {run_dir}'s; preprocess it with "
+            f"{src_tokenizer.model_path} (source) and {tgt_tokenizer.model_path} (target)"
+        )
+    batches = TokenBudgetBatches(
+        pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tgt_tokenizer.sp.pad_id(), tgt_tokenizer.sp.bos_id(), seed=0
+    )
     nll, tokens = 0.0, 0
     for k in range(len(batches)):  # one epoch on one rank: every pair that fits, once
         batch = batches.batch(k)
@@ -57,8 +63,7 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
         real = ~positions_past(batch["tgt_lengths"], batch["tgt_out"].shape[1])
         nll += F.cross_entropy(logits[real], batch["tgt_out"][real], reduction="sum").item()
         tokens += int(real.sum())
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens, "data": str(prefix),
-            "skipped_pairs": batches.skipped}
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens, "data": str(prefix), "skipped_pairs": batches.skipped}
 
 
 def parameter_counts(run_dir):
@@ -73,15 +78,38 @@ def report(teacher, student, baseline, pairs=None, **data):
     for role, run in (("teacher", teacher), ("student", student), ("baseline", baseline)):
         total, active = parameter_counts(str(run))
         figures = pair_loss(str(run), str(pairs)) if pairs is not None else evaluate(str(run), **data)
-        rows[role] = {"run_dir": str(run), "loss": figures["loss"], "perplexity": figures["perplexity"],
-                      "parameters": total, "active_parameters": active}
-    return {**rows, "tokens": figures["tokens"], "data": figures["data"],
-            "kept_percent": kept_percent(rows["baseline"]["loss"], rows["student"]["loss"], rows["teacher"]["loss"]),
-            "compression_percent": 100 * (1 - rows["student"]["parameters"] / rows["teacher"]["parameters"])}
+        rows[role] = {
+            "run_dir": str(run),
+            "loss": figures["loss"],
+            "perplexity": figures["perplexity"],
+            "parameters": total,
+            "active_parameters": active,
+        }
+    return {
+        **rows,
+        "tokens": figures["tokens"],
+        "data": figures["data"],
+        "kept_percent": kept_percent(rows["baseline"]["loss"], rows["student"]["loss"], rows["teacher"]["loss"]),
+        "compression_percent": 100 * (1 - rows["student"]["parameters"] / rows["teacher"]["parameters"]),
+    }
 
 
-def main(teacher, student, baseline, text=None, tokens=None, dataset=None, pairs=None, split="validation", field="text",
-         per_line=False, context=None, stride=None, batch_size=8, output=None):
+def main(
+    teacher,
+    student,
+    baseline,
+    text=None,
+    tokens=None,
+    dataset=None,
+    pairs=None,
+    split="validation",
+    field="text",
+    per_line=False,
+    context=None,
+    stride=None,
+    batch_size=8,
+    output=None,
+):
     """Score the three runs on the same held-out data; prints one JSON object last.
 
     Args:
@@ -92,9 +120,17 @@ def main(teacher, student, baseline, text=None, tokens=None, dataset=None, pairs
         pairs: a preprocessed PREFIX of held-out sentence pairs (translation models).
         output: also write the JSON object to this file.
     """
-    data = dict(text=None if text is None else str(text), tokens=None if tokens is None else str(tokens),
-                dataset=dataset, split=split, field=field, per_line=per_line, context=context, stride=stride,
-                batch_size=batch_size)
+    data = dict(
+        text=None if text is None else str(text),
+        tokens=None if tokens is None else str(tokens),
+        dataset=dataset,
+        split=split,
+        field=field,
+        per_line=per_line,
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+    )
     try:
         result = report(teacher, student, baseline, None if pairs is None else str(pairs), **data)
     except (ConfigError, UnsafeCheckpoint) as e:

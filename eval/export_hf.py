@@ -21,6 +21,7 @@ A Switch LM has no transformers counterpart: its consolidated fp32 weights, ever
 expert-parallel rank gathered, go to DIR/model.safetensors with the Switchyard model config in
 DIR/switchyard_config.json, so models.build_model + load_state_dict restores it.
 """
+
 import functools
 import json
 import os
@@ -38,8 +39,12 @@ from switchyard.errors import ConfigError
 
 def gpt2_state_dict(state, config):
     """Switchyard GPT (learned positions) -> GPT2LMHeadModel names. Conv1D stores (in, out)."""
-    out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
-           "transformer.ln_f.weight": state["ln_f.weight"], "transformer.ln_f.bias": state["ln_f.bias"]}
+    out = {
+        "transformer.wte.weight": state["tok_emb.weight"],
+        "transformer.wpe.weight": state["pos_emb.weight"],
+        "transformer.ln_f.weight": state["ln_f.weight"],
+        "transformer.ln_f.bias": state["ln_f.bias"],
+    }
     for i in range(config.n_layers):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
         for a, b in (("ln_attn", "ln_1"), ("ln_ffn", "ln_2")):
@@ -58,12 +63,20 @@ def neox_state_dict(state, config):
     def per_head(t):
         return t.reshape(3, heads, head_dim, *t.shape[1:]).transpose(0, 1).reshape(3 * d_model, *t.shape[1:])
 
-    out = {"gpt_neox.embed_in.weight": state["tok_emb.weight"],
-           "gpt_neox.final_layer_norm.weight": state["ln_f.weight"], "gpt_neox.final_layer_norm.bias": state["ln_f.bias"]}
+    out = {
+        "gpt_neox.embed_in.weight": state["tok_emb.weight"],
+        "gpt_neox.final_layer_norm.weight": state["ln_f.weight"],
+        "gpt_neox.final_layer_norm.bias": state["ln_f.bias"],
+    }
     for i in range(config.n_layers):
         ours, theirs = f"blocks.{i}.", f"gpt_neox.layers.{i}."
-        for a, b in (("ln_attn", "input_layernorm"), ("ln_ffn", "post_attention_layernorm"), ("attn.proj", "attention.dense"),
-                     ("ffn.fc", "mlp.dense_h_to_4h"), ("ffn.proj", "mlp.dense_4h_to_h")):
+        for a, b in (
+            ("ln_attn", "input_layernorm"),
+            ("ln_ffn", "post_attention_layernorm"),
+            ("attn.proj", "attention.dense"),
+            ("ffn.fc", "mlp.dense_h_to_4h"),
+            ("ffn.proj", "mlp.dense_4h_to_h"),
+        ):
             out[f"{theirs}{b}.weight"], out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.weight"], state[f"{ours}{a}.bias"]
         out[f"{theirs}attention.query_key_value.weight"] = per_head(state[f"{ours}attn.qkv.weight"])
         out[f"{theirs}attention.query_key_value.bias"] = per_head(state[f"{ours}attn.qkv.bias"])
@@ -72,19 +85,40 @@ def neox_state_dict(state, config):
 
 def hf_config(config, eos_id):
     """The transformers config.json of a dense GPT."""
-    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": True, "eos_token_id": eos_id,
-              "bos_token_id": eos_id, "torch_dtype": "float32"}
+    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": True, "eos_token_id": eos_id, "bos_token_id": eos_id, "torch_dtype": "float32"}
     if config.positions == "learned":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": config.d_model,
-                "n_layer": config.n_layers, "n_head": config.n_heads, "n_inner": config.d_ff,
-                "n_positions": config.max_seq_len, "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
-    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": config.d_model,
-            "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-            "intermediate_size": config.d_ff, "max_position_embeddings": config.max_seq_len, "hidden_act": "gelu",
-            "use_parallel_residual": False, "layer_norm_eps": 1e-5, "attention_bias": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
-            "hidden_dropout": 0.0, "attention_dropout": 0.0, **common}
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": config.d_model,
+            "n_layer": config.n_layers,
+            "n_head": config.n_heads,
+            "n_inner": config.d_ff,
+            "n_positions": config.max_seq_len,
+            "activation_function": "gelu",
+            "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            **common,
+        }
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "intermediate_size": config.d_ff,
+        "max_position_embeddings": config.max_seq_len,
+        "hidden_act": "gelu",
+        "use_parallel_residual": False,
+        "layer_norm_eps": 1e-5,
+        "attention_bias": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        **common,
+    }
 
 
 def hf_tokenizer(tokenizer):
@@ -108,8 +142,9 @@ def hf_tokenizer(tokenizer):
         proto.ParseFromString(f.read())
     model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[proto.trainer_spec.model_type]
     if model_type not in ("bpe", "unigram"):
-        raise ConfigError(f"a sentencepiece {model_type} model has no transformers fast tokenizer here; export a run "
-                          f"trained with a bpe or unigram tokenizer")
+        raise ConfigError(
+            f"a sentencepiece {model_type} model has no transformers fast tokenizer here; export a run trained with a bpe or unigram tokenizer"
+        )
     extracted = SentencePieceExtractor(tokenizer.model_path).extract(BPE if model_type == "bpe" else Unigram)
     if model_type == "bpe":
         fast = Tokenizer(BPE(extracted["vocab"], extracted["merges"], unk_token="<unk>", fuse_unk=True))
@@ -175,8 +210,10 @@ def export(run_dir, output, tag=None):
     family = family_of(config)
     if family.export is None:  # before any weight is read
         exporting = families_that(lambda f: f.export is not None)
-        raise ConfigError(f"eval.export_hf of {run_dir}: the {family.name!r} family has no export format (families "
-                          f"that export: {', '.join(repr(f) for f in exporting)})")
+        raise ConfigError(
+            f"eval.export_hf of {run_dir}: the {family.name!r} family has no export format (families "
+            f"that export: {', '.join(repr(f) for f in exporting)})"
+        )
     kind = family.export(config)
     tag = resolve_tag(str(run_dir), tag)
     model, config, tokenizer = load_model(str(run_dir), tag)
@@ -187,8 +224,7 @@ def export(run_dir, output, tag=None):
     EXPORTERS[kind](state, config, tokenizer, tmp)
     write_tokenizer(tokenizer, tmp)
     os.rename(tmp, output)
-    return {"output": str(output), "format": kind, "run_dir": str(run_dir), "tag": tag,
-            "parameters": sum(t.numel() for name, t in state.items())}
+    return {"output": str(output), "format": kind, "run_dir": str(run_dir), "tag": tag, "parameters": sum(t.numel() for name, t in state.items())}
 
 
 def main(run_dir, output, tag=None):

@@ -27,6 +27,7 @@ Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) batches are formed fir
 to ranks, and the NLL sums are all-reduced, so the figures equal one rank's: a Switch layer's
 capacity depends on the tokens of its forward pass, so every batch must be the same at any rank count.
 """
+
 import math
 import os
 import sys
@@ -45,8 +46,7 @@ from pretrain.run_dir import UnsafeCheckpoint, load_model, resolve_tag
 from switchyard.errors import ConfigError
 
 
-def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",
-                 per_line=False):
+def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text", per_line=False):
     """(EOS + the documents' tokens, each ending with EOS; {"bytes", "words"} of the text, or None for --tokens)."""
     if sum(source is not None for source in (text, tokens, dataset)) != 1:
         raise ConfigError("pass one of --text FILE, --tokens PREFIX or --dataset NAME_OR_DIR")
@@ -55,8 +55,10 @@ def token_stream(tokenizer, text=None, tokens=None, dataset=None, dataset_config
         data = IndexedTokens(tokens)
         spec = data.tokenizer_spec
         if (spec["type"], spec.get("sha256")) != (tokenizer.spec["type"], tokenizer.spec.get("sha256")):
-            raise ConfigError(f"{data.idx_path} was made with tokenizer {spec.get('path', spec['type'])}, not the one the "
-                              f"checkpoint was trained with; preprocess the data with the run's tokenizer")
+            raise ConfigError(
+                f"{data.idx_path} was made with tokenizer {spec.get('path', spec['type'])}, not the one the "
+                f"checkpoint was trained with; preprocess the data with the run's tokenizer"
+            )
         return np.concatenate([np.array([eos], data.dtype), data.tokens]), None  # in memory, in the file's dtype
     ids, counts = [eos], {"bytes": 0, "words": 0}
     for document, _ in read_corpus([text] if text is not None else (), dataset, dataset_config, split, field, per_line):
@@ -87,8 +89,8 @@ def nll_sums(model, stream, spans, context, batch_size, rank=0, world_size=1, de
     totals = torch.zeros(2, dtype=torch.float64)
     num_batches = math.ceil(len(spans) / batch_size)
     for b in tqdm(range(rank, num_batches, world_size), desc="perplexity", unit="batch", disable=rank != 0):
-        chunk = spans[b * batch_size:(b + 1) * batch_size]
-        rows = torch.stack([torch.from_numpy(stream[start:start + length + 1].astype(np.int64)) for start, _ in chunk])
+        chunk = spans[b * batch_size : (b + 1) * batch_size]
+        rows = torch.stack([torch.from_numpy(stream[start : start + length + 1].astype(np.int64)) for start, _ in chunk])
         rows = rows.to(device)
         logits = model(rows[:, :-1])[0]
         nll = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")  # (batch, length)
@@ -110,8 +112,20 @@ def start_ranks():
     return dist.get_rank(), world_size, device
 
 
-def evaluate(run_dir, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",
-             per_line=False, tag=None, context=None, stride=None, batch_size=8):
+def evaluate(
+    run_dir,
+    text=None,
+    tokens=None,
+    dataset=None,
+    dataset_config=None,
+    split="validation",
+    field="text",
+    per_line=False,
+    tag=None,
+    context=None,
+    stride=None,
+    batch_size=8,
+):
     """The figures as a dict (see the module docstring); every rank returns them."""
     run_dir = str(run_dir)
     tag = resolve_tag(run_dir, tag)
@@ -140,14 +154,27 @@ def evaluate(run_dir, text=None, tokens=None, dataset=None, dataset_config=None,
     nll, scored = totals.tolist()
     result = {"loss": nll / scored, "perplexity": math.exp(nll / scored), "tokens": int(scored)}
     if counts is not None:
-        result.update(counts, bits_per_byte=nll / (counts["bytes"] * math.log(2)),
-                      word_perplexity=math.exp(nll / counts["words"]))
+        result.update(counts, bits_per_byte=nll / (counts["bytes"] * math.log(2)), word_perplexity=math.exp(nll / counts["words"]))
     result.update(run_dir=run_dir, tag=tag, data=str(text or tokens or dataset), context=context, stride=stride)
     return result
 
 
-def main(run_dir, text=None, tokens=None, dataset=None, dataset_config=None, split="validation", field="text",
-         per_line=False, tag=None, context=None, stride=None, batch_size=8, output=None, local_rank=None):
+def main(
+    run_dir,
+    text=None,
+    tokens=None,
+    dataset=None,
+    dataset_config=None,
+    split="validation",
+    field="text",
+    per_line=False,
+    tag=None,
+    context=None,
+    stride=None,
+    batch_size=8,
+    output=None,
+    local_rank=None,
+):
     """Loss and perplexity of the checkpoint in RUN_DIR; prints one JSON object (rank 0).
 
     Args:
@@ -169,8 +196,7 @@ def main(run_dir, text=None, tokens=None, dataset=None, dataset_config=None, spl
     # fire turns a file named 2024 into an int
     text, tokens, dataset = (None if path is None else str(path) for path in (text, tokens, dataset))
     try:
-        result = evaluate(run_dir, text, tokens, dataset, dataset_config, split, field, per_line, tag, context, stride,
-                          batch_size)
+        result = evaluate(run_dir, text, tokens, dataset, dataset_config, split, field, per_line, tag, context, stride, batch_size)
     except (ConfigError, UnsafeCheckpoint) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem; one line is enough
             print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ tokens/s; one line per run, labelled with its directory name. --smooth N draws t
 loss and tokens/s as a trailing mean over N logged points, the raw values faint behind it.
 Prints one JSON object last: the output path and how many points each panel drew per run.
 """
+
 import json
 import os
 
@@ -18,8 +19,12 @@ import numpy as np
 
 from eval.cli import fail, fire_command, print_result
 
-PANELS = (("train/loss", "training loss", True), ("val/loss", "validation loss", False),
-          ("train/lr", "learning rate", False), ("perf/tokens_per_s", "tokens/s", True))
+PANELS = (
+    ("train/loss", "training loss", True),
+    ("val/loss", "validation loss", False),
+    ("train/lr", "learning rate", False),
+    ("perf/tokens_per_s", "tokens/s", True),
+)
 
 
 def read_series(run_dir):
@@ -65,7 +70,7 @@ def plot(runs, output, smooth=1):
             if not values:
                 continue
             if smoothable and smooth > 1:
-                line, = ax.plot(steps, values, alpha=0.25)
+                (line,) = ax.plot(steps, values, alpha=0.25)
                 ax.plot(steps, trailing_mean(values, smooth), color=line.get_color(), label=label)
             else:
                 ax.plot(steps, values, marker="o" if len(values) < 30 else None, label=label)

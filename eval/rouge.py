@@ -27,6 +27,7 @@ Printed last, as one JSON object: rouge1, rouge2, rougeL, rougeLsum (F-measure x
 bootstrap's mid estimate, which is the mean over summaries), and for each a [low, high] interval
 (--confidence, --bootstrap resamples, --seed), precision and recall x 100, and the counts.
 """
+
 import json
 import os
 import re
@@ -57,8 +58,10 @@ def _json_records(path, lines, needs):
 
 def _field_references(record, fields, path, line):
     if not isinstance(record, dict):
-        fail(f"{path} line {line} is a JSON {type(record).__name__}, not an object with --ref_fields; drop --ref_fields "
-             f"for a file of JSON lists of references (PREFIX.refs.jsonl of pretrain.preprocess_pairs)")
+        fail(
+            f"{path} line {line} is a JSON {type(record).__name__}, not an object with --ref_fields; drop --ref_fields "
+            f"for a file of JSON lists of references (PREFIX.refs.jsonl of pretrain.preprocess_pairs)"
+        )
     references = []
     for field in fields:
         if field not in record:
@@ -92,11 +95,15 @@ def _file_references(path):
     rows = []
     for line, record in _json_records(path, lines, "a .jsonl --ref file must be JSON Lines"):
         if isinstance(record, dict):
-            fail(f"reference file {path} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming the fields that hold "
-                 f"the references (line {line} has: {', '.join(record)})")
+            fail(
+                f"reference file {path} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming the fields that hold "
+                f"the references (line {line} has: {', '.join(record)})"
+            )
         if not isinstance(record, list) or not record or not all(isinstance(r, str) for r in record):
-            fail(f"{path} line {line} is not a JSON list of reference strings (the PREFIX.refs.jsonl format of "
-                 f"pretrain.preprocess_pairs) nor a JSON object (pass --ref_fields for those)")
+            fail(
+                f"{path} line {line} is not a JSON list of reference strings (the PREFIX.refs.jsonl format of "
+                f"pretrain.preprocess_pairs) nor a JSON object (pass --ref_fields for those)"
+            )
         rows.append(record)
     return rows
 
@@ -108,13 +115,17 @@ def read_references(paths, fields=None):
         if len(paths) != 1:
             fail("--ref_fields reads the references of each summary from one JSON Lines --ref file; pass exactly one")
         lines = read_lines(paths[0], "reference")
-        return [_field_references(record, fields, paths[0], line)
-                for line, record in _json_records(paths[0], lines, "--ref_fields needs a JSON Lines file")]
+        return [
+            _field_references(record, fields, paths[0], line)
+            for line, record in _json_records(paths[0], lines, "--ref_fields needs a JSON Lines file")
+        ]
     files = [_file_references(path) for path in paths]
     for path, rows in zip(paths[1:], files[1:]):
         if len(rows) != len(files[0]):
-            fail(f"reference files {paths[0]} ({len(files[0])} lines) and {path} ({len(rows)} lines) differ in length; "
-                 f"each must hold one line per summary")
+            fail(
+                f"reference files {paths[0]} ({len(files[0])} lines) and {path} ({len(rows)} lines) differ in length; "
+                f"each must hold one line per summary"
+            )
     return [[ref for refs in row for ref in refs] for row in zip(*files)]
 
 
@@ -130,8 +141,9 @@ def score(hypotheses, references, stem=True, bootstrap=1000, confidence=0.95, se
     result["interval"] = {key: [100 * aggregate[key].low.fmeasure, 100 * aggregate[key].high.fmeasure] for key in ROUGE_TYPES}
     result["precision"] = {key: 100 * aggregate[key].mid.precision for key in ROUGE_TYPES}
     result["recall"] = {key: 100 * aggregate[key].mid.recall for key in ROUGE_TYPES}
-    result.update(summaries=len(hypotheses), references_per_summary=max(len(r) for r in references), stemming=stem,
-                  bootstrap=bootstrap, confidence=confidence)
+    result.update(
+        summaries=len(hypotheses), references_per_summary=max(len(r) for r in references), stemming=stem, bootstrap=bootstrap, confidence=confidence
+    )
     return result
 
 
@@ -164,9 +176,26 @@ def summarize(run_dir, src, src_field, tag, batch_size, options, hyp_output):
     return summaries, tag, output
 
 
-def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=None, tag=None, beam=4, lenpen=1.0,
-         max_len_a=0.0, max_len_b=100, batch_size=16, hyp_output=None, stem=True, bootstrap=1000, confidence=0.95, seed=0,
-         output=None):
+def main(
+    run_dir=None,
+    hyp=None,
+    src=None,
+    src_field=None,
+    ref=(),
+    ref_fields=None,
+    tag=None,
+    beam=4,
+    lenpen=1.0,
+    max_len_a=0.0,
+    max_len_b=100,
+    batch_size=16,
+    hyp_output=None,
+    stem=True,
+    bootstrap=1000,
+    confidence=0.95,
+    seed=0,
+    output=None,
+):
     """Score a hypothesis file against references, or summarize --src with RUN_DIR first; prints one JSON object last.
 
     Args:
@@ -199,16 +228,17 @@ def main(run_dir=None, hyp=None, src=None, src_field=None, ref=(), ref_fields=No
     generated = {}
     if run_dir is not None:
         hypotheses, tag, hyp = summarize(str(run_dir), str(src), src_field, tag, batch_size, options, hyp_output)
-        generated = dict(run_dir=str(run_dir), tag=tag, src=str(src), beam=beam, lenpen=lenpen, max_len_a=max_len_a,
-                         max_len_b=max_len_b)
+        generated = dict(run_dir=str(run_dir), tag=tag, src=str(src), beam=beam, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b)
     else:
         hypotheses = read_lines(str(hyp), "hypothesis")
         if not hypotheses:
             fail(f"hypothesis file {hyp} is empty; it must hold one summary per line")
     if len(references) != len(hypotheses):
-        fail(f"{'source' if run_dir else 'hypothesis'} file {src if run_dir else hyp} has {len(hypotheses)} "
-             f"{'documents' if run_dir else 'lines'} but the references ({', '.join(map(str, ref))}) have "
-             f"{len(references)}; they must be line-aligned")
+        fail(
+            f"{'source' if run_dir else 'hypothesis'} file {src if run_dir else hyp} has {len(hypotheses)} "
+            f"{'documents' if run_dir else 'lines'} but the references ({', '.join(map(str, ref))}) have "
+            f"{len(references)}; they must be line-aligned"
+        )
     result = score(hypotheses, references, stem, bootstrap, confidence, seed)
     result.update(hyp=str(hyp), ref=[str(r) for r in ref], **generated)
     print_result(result, output)

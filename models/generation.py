@@ -19,6 +19,7 @@ expert parallelism every forward holds an all-to-all and under ZeRO-3 every modu
 gathers its parameters, so each rank must run as many encoder and decoder steps as every other,
 even once its own sentences are done. ``translate_ids`` drives batches of sentences the same way.
 """
+
 from dataclasses import dataclass
 from typing import List
 
@@ -42,8 +43,7 @@ class StepDecoder:
         self.src_pad_mask = src_pad_mask.repeat_interleave(rows_per_sentence, dim=0)
         if incremental:
             # Once per sentence, then shared by its rows: rows only ever move within their sentence (reorder).
-            self.cross_kv = [tuple(t.repeat_interleave(rows_per_sentence, dim=0) for t in kv)
-                             for kv in model.cross_keys_values(memory)]
+            self.cross_kv = [tuple(t.repeat_interleave(rows_per_sentence, dim=0) for t in kv) for kv in model.cross_keys_values(memory)]
             self.caches = [{} for _ in model.decoder]
         else:
             self.memory = memory.repeat_interleave(rows_per_sentence, dim=0)
@@ -102,8 +102,23 @@ def constrain(lprobs, step, min_len, row_max_lens, bos, eos, pad, vocab_size=Non
 
 
 @torch.no_grad()
-def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200,
-                nbest=1, vocab_size=None, incremental=True, sync=None):
+def beam_search(
+    model,
+    src,
+    src_pad_mask,
+    bos,
+    eos,
+    pad,
+    beam=5,
+    lenpen=1.0,
+    min_len=1,
+    max_len_a=0.0,
+    max_len_b=200,
+    nbest=1,
+    vocab_size=None,
+    incremental=True,
+    sync=None,
+):
     """src (B, S), src_pad_mask (B, S) True at padding -> for each sentence its best ``nbest`` Hypothesis."""
     B, K = src.shape[0], beam
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
@@ -129,8 +144,13 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
         for b, j in ending.nonzero().tolist():
             if len(finished[b]) < K:
                 row = int(cand_rows[b, j])
-                finished[b].append(Hypothesis(tokens[row, 1:].tolist(), cand_scores[b, j].item() / (step + 1) ** lenpen,
-                                              positional[row].tolist() + [cand_lprobs[b, j].item()]))
+                finished[b].append(
+                    Hypothesis(
+                        tokens[row, 1:].tolist(),
+                        cand_scores[b, j].item() / (step + 1) ** lenpen,
+                        positional[row].tolist() + [cand_lprobs[b, j].item()],
+                    )
+                )
         done |= torch.tensor([len(f) >= K for f in finished])
         if all_done(bool(done.all()), sync):
             break
@@ -146,8 +166,7 @@ def beam_search(model, src, src_pad_mask, bos, eos, pad, beam=5, lenpen=1.0, min
     return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]
 
 
-def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental,
-              sync):
+def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental, sync):
     """Greedy or sampled decoding: one hypothesis per sentence, next token = choose(log-probs)."""
     B = src.shape[0]
     max_lens = max_lengths(model, src_pad_mask, max_len_a, max_len_b)
@@ -167,22 +186,37 @@ def _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_
     for b in range(B):
         generated = tokens[b, 1:].tolist()
         length = generated.index(eos) if eos in generated else len(generated)
-        positional = step_lprobs[b, :length + 1].tolist()
+        positional = step_lprobs[b, : length + 1].tolist()
         hypotheses.append([Hypothesis(generated[:length], sum(positional), positional)])
     return hypotheses
 
 
 @torch.no_grad()
-def greedy(model, src, src_pad_mask, bos, eos, pad, min_len=1, max_len_a=0.0, max_len_b=200, vocab_size=None,
-           incremental=True, sync=None):
+def greedy(model, src, src_pad_mask, bos, eos, pad, min_len=1, max_len_a=0.0, max_len_b=200, vocab_size=None, incremental=True, sync=None):
     """The most likely token at each step; per sentence a list of one Hypothesis."""
-    return _one_path(model, src, src_pad_mask, bos, eos, pad, lambda lprobs: lprobs.argmax(dim=-1),
-                     min_len, max_len_a, max_len_b, vocab_size, incremental, sync)
+    return _one_path(
+        model, src, src_pad_mask, bos, eos, pad, lambda lprobs: lprobs.argmax(dim=-1), min_len, max_len_a, max_len_b, vocab_size, incremental, sync
+    )
 
 
 @torch.no_grad()
-def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, generator=None, min_len=1,
-           max_len_a=0.0, max_len_b=200, vocab_size=None, incremental=True, sync=None):
+def sample(
+    model,
+    src,
+    src_pad_mask,
+    bos,
+    eos,
+    pad,
+    temperature=1.0,
+    top_k=0,
+    generator=None,
+    min_len=1,
+    max_len_a=0.0,
+    max_len_b=200,
+    vocab_size=None,
+    incremental=True,
+    sync=None,
+):
     """Tokens drawn from softmax(log-probs / temperature), from the top_k most likely only when top_k > 0.
     Scores are the model's own log-probabilities of the drawn tokens (before temperature and top-k)."""
     if temperature <= 0:
@@ -195,16 +229,14 @@ def sample(model, src, src_pad_mask, bos, eos, pad, temperature=1.0, top_k=0, ge
             logits = logits.masked_fill(logits < kth, -torch.inf)
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
-    return _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size,
-                     incremental, sync)
+    return _one_path(model, src, src_pad_mask, bos, eos, pad, choose, min_len, max_len_a, max_len_b, vocab_size, incremental, sync)
 
 
 SEARCHES = {"beam": beam_search, "greedy": greedy, "sample": sample}
 
 
 @torch.no_grad()
-def translate_ids(model, encoded, pad, bos, eos, search="beam", batch_size=64, device="cpu", sync=None, progress=iter,
-                  **options):
+def translate_ids(model, encoded, pad, bos, eos, search="beam", batch_size=64, device="cpu", sync=None, progress=iter, **options):
     """For each entry of ``encoded`` (token ids, EOS included; None for an empty line, which gets []) its
     Hypothesis list from ``search`` (a SEARCHES name, given ``options``: beam, lenpen, nbest, min_len, max_len_a,
     max_len_b, vocab_size, temperature, top_k, generator, as that function takes them), in order. Sentences
@@ -212,7 +244,7 @@ def translate_ids(model, encoded, pad, bos, eos, search="beam", batch_size=64, d
     fewer batches decode a one-token sentence until every rank is done."""
     outputs = [[] for _ in encoded]
     order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     num_batches = len(batches) if sync is None else sync.most(len(batches))
     for b in progress(range(num_batches)):
         rows = batches[b] if b < len(batches) else None
@@ -220,7 +252,7 @@ def translate_ids(model, encoded, pad, bos, eos, search="beam", batch_size=64, d
         width = max(len(ids) for ids in sentences)
         src = torch.full((len(sentences), width), pad, dtype=torch.long)
         for row, ids in enumerate(sentences):
-            src[row, :len(ids)] = torch.tensor(ids)
+            src[row, : len(ids)] = torch.tensor(ids)
         src_pad_mask = torch.arange(width)[None, :] >= torch.tensor([len(ids) for ids in sentences])[:, None]
         hypotheses = SEARCHES[search](model, src.to(device), src_pad_mask.to(device), bos, eos, pad, sync=sync, **options)
         for i, hyps in zip(rows or [], hypotheses):

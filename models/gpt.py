@@ -4,6 +4,7 @@ Read top to bottom: config, attention, feed-forward, block, model, then the same
 into pipeline stages. The Switch LM (models/switch.py) reuses everything here and swaps the
 feed-forward of chosen layers.
 """
+
 import math
 from dataclasses import dataclass, field
 
@@ -201,6 +202,7 @@ def training_flops_per_token(config, active_params, seq_len):
 # checkpoint, which DeepSpeed writes as one layer_XX-model_states.pt per layer, converts back
 # (pretrain/run_dir.py pipeline_state_dict).
 
+
 class Positions(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -270,5 +272,4 @@ class GPTPipe(PipelineModule):
 
 # Registered here, below its pipeline form, which the registration names. Its export is the transformers
 # architecture it is exactly (eval/export_hf.py): GPT-2 with learned positions, GPT-NeoX with rotary ones.
-register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe,
-               export=lambda config: "gpt2" if config.positions == "learned" else "gpt_neox")(GPT)
+register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe, export=lambda config: "gpt2" if config.positions == "learned" else "gpt_neox")(GPT)

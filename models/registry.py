@@ -3,6 +3,7 @@
 A family pairs a config dataclass with the nn.Module built from it, as fairseq's
 ``register_model`` does. Model config files name their family in a ``"family"`` key.
 """
+
 import dataclasses
 import difflib
 import json
@@ -42,6 +43,7 @@ class ModelFamily:
     ``export``: ``export(config)`` names what eval.export_hf writes for this config (a key of its EXPORTERS,
     e.g. "gpt2" or "gpt_neox" for a transformers architecture), or None when the family does not export.
     """
+
     name: str
     config_cls: type
     model_cls: type
@@ -53,6 +55,7 @@ class ModelFamily:
 
 def register_model(name, config_cls, architecture, experts=False, pipeline=None, export=None):
     """Register the decorated nn.Module class as family ``name``, built from ``config_cls`` (see ModelFamily)."""
+
     def wrap(model_cls):
         if name in MODEL_FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
@@ -60,6 +63,7 @@ def register_model(name, config_cls, architecture, experts=False, pipeline=None,
             raise ValueError(f"model family {name!r}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         MODEL_FAMILIES[name] = ModelFamily(name, config_cls, model_cls, architecture, experts, pipeline, export)
         return model_cls
+
     return wrap
 
 
@@ -81,8 +85,10 @@ def check_architecture(config, architecture, what):
     family = family_of(config)
     if family.architecture != architecture:
         fitting = families_that(lambda f: f.architecture == architecture)
-        raise ConfigError(f"{what} needs {'an' if architecture[0] in 'aeiou' else 'a'} {architecture} model (family {' or '.join(repr(f) for f in fitting)}); "
-                          f"this one is a {family.name!r} {family.architecture} model")
+        raise ConfigError(
+            f"{what} needs {'an' if architecture[0] in 'aeiou' else 'a'} {architecture} model (family {' or '.join(repr(f) for f in fitting)}); "
+            f"this one is a {family.name!r} {family.architecture} model"
+        )
 
 
 def _closest(name, candidates):
@@ -120,8 +126,9 @@ def config_from_dict(raw, where="model config"):
     raw = dict(raw)
     family = raw.pop("family", None)
     if family not in MODEL_FAMILIES:
-        raise ConfigError(f"{where}: 'family' must be one of {sorted(MODEL_FAMILIES)}, got {family!r}"
-                          + (_closest(str(family), MODEL_FAMILIES) if family else ""))
+        raise ConfigError(
+            f"{where}: 'family' must be one of {sorted(MODEL_FAMILIES)}, got {family!r}" + (_closest(str(family), MODEL_FAMILIES) if family else "")
+        )
     config_cls = MODEL_FAMILIES[family].config_cls
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls) if not f.metadata.get("from_launch")}
@@ -168,8 +175,7 @@ def with_launch_fields(config, **fields):
 
 def config_to_dict(config, launch_fields=True):
     """The config as JSON-ready dict; without ``launch_fields`` it is a valid model config file again."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if launch_fields or not f.metadata.get("from_launch")}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if launch_fields or not f.metadata.get("from_launch")}
     return {"family": family_of(config).name, **values}
 
 

@@ -7,6 +7,7 @@ reduced init (init_scale 0.1 in the presets) and each expert initialized on its 
 DeepSpeed's gate already computes the router in float32 whatever the model's dtype
 (TopKGate.forward casts input and weight), which is the paper's selective precision.
 """
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -27,6 +28,7 @@ class SwitchSettings:
     (models/transformer.py); SwitchFFN reads them. A config inherits it before its dense base class,
     ``class C(SwitchSettings, DenseConfig)``, so that its init_scale replaces the dense default while
     the field order stays the dense fields, then these."""
+
     init_scale: float = field(default=0.1, metadata=TRAINING_SETTING)
     num_experts: int = 4
     # Layers whose FFN is a Switch layer (the encoder-decoder: indices within each stack, applied to both);
@@ -52,8 +54,7 @@ class SwitchSettings:
         if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
             return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
         if self.num_experts % self.expert_parallel_size:
-            return (f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size "
-                    f"({self.expert_parallel_size}); change one of them")
+            return f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size ({self.expert_parallel_size}); change one of them"
         return None
 
 
@@ -193,7 +194,6 @@ class SwitchLM(GPT):
 
     def param_counts(self):
         here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
-        per_expert = [sum(p.numel() for p in b.ffn.local_experts()[0].parameters())
-                      for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
+        per_expert = [sum(p.numel() for p in b.ffn.local_experts()[0].parameters()) for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
         shared = here - sum(n * (self.config.num_experts // self.config.expert_parallel_size) for n in per_expert)
         return shared + self.config.num_experts * sum(per_expert), shared + sum(per_expert)  # k=1: one expert active

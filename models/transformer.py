@@ -9,6 +9,7 @@ is set. The decoder's input embedding is always tied with its output projection;
 ``share_all_embeddings`` ties the encoder's embedding as well (one joint vocabulary, as the paper's
 English-German model). Masks follow fairseq: ``src_pad_mask`` is True at padding positions.
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,8 +47,10 @@ class TransformerConfig:
         if self.tgt_vocab_size is not None and self.tgt_vocab_size <= 0:
             return f"tgt_vocab_size must be positive (or null for a shared vocabulary), got {self.tgt_vocab_size}"
         if self.share_all_embeddings and self.target_vocab_size != self.vocab_size:
-            return (f"share_all_embeddings needs one vocabulary, but vocab_size is {self.vocab_size} and tgt_vocab_size "
-                    f"{self.tgt_vocab_size}; set share_all_embeddings to false or drop tgt_vocab_size")
+            return (
+                f"share_all_embeddings needs one vocabulary, but vocab_size is {self.vocab_size} and tgt_vocab_size "
+                f"{self.tgt_vocab_size}; set share_all_embeddings to false or drop tgt_vocab_size"
+            )
         if self.d_model % self.n_heads:
             return f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
         if self.positions not in ("sinusoidal", "learned"):
@@ -98,8 +101,9 @@ class Attention(nn.Module):
     def forward(self, x, k, v, attend_mask=None, is_causal=False):
         """x (B, T, C) attends to k, v (B, H, S, D); attend_mask (B, 1, 1, S) is True where a key may be seen."""
         B, T, C = x.shape
-        y = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=attend_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            self.heads(self.q(x)), k, v, attn_mask=attend_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -169,8 +173,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(config, self.make_ffn(config, i)) for i in range(config.encoder_layers))
         self.ln_enc = nn.LayerNorm(config.d_model)
-        self.decoder = nn.ModuleList(DecoderLayer(config, self.make_ffn(config, config.encoder_layers + i))
-                                     for i in range(config.decoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config, self.make_ffn(config, config.encoder_layers + i)) for i in range(config.decoder_layers))
         self.ln_dec = nn.LayerNorm(config.d_model)
         self.init_weights()
 
@@ -229,8 +232,7 @@ class Transformer(nn.Module):
         Padding (src_pad_mask, tgt_pad_mask: True there; tgt_pad_mask None: no target padding) takes no
         Switch expert capacity and counts in neither the aux loss nor the stats."""
         memory, enc_aux, enc_stats = self.encode(src, src_pad_mask)
-        logits, dec_aux, dec_stats = self.decode(tgt_in, self.cross_keys_values(memory), src_pad_mask,
-                                                 tgt_pad_mask=tgt_pad_mask)
+        logits, dec_aux, dec_stats = self.decode(tgt_in, self.cross_keys_values(memory), src_pad_mask, tgt_pad_mask=tgt_pad_mask)
         return logits, enc_aux + dec_aux, enc_stats + dec_stats
 
     def param_counts(self):
@@ -255,6 +257,7 @@ class Transformer(nn.Module):
 # Switch layer (models/switch.py: deepspeed.moe.layer.MoE, k=1), configured by the same Switch
 # fields as the Switch LM (SwitchSettings).
 
+
 @dataclass
 class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
     def problem(self):
@@ -270,8 +273,10 @@ class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
 
     def layers_with_experts(self):
         """Global layer indices (encoder 0..E-1, then decoder E..E+D-1) with a Switch FFN, in module order."""
+
         def chosen(n):
             return range(1, n, 2) if self.moe_layers is None else self.moe_layers
+
         return [i for i in chosen(self.encoder_layers)] + [self.encoder_layers + i for i in chosen(self.decoder_layers)]
 
 

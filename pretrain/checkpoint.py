@@ -7,6 +7,7 @@ either the previous checkpoint or the new one as ``latest``, never half of one. 
 checkpoint whose files do not match its manifest is skipped, with a warning, for the previous one.
 Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint.
 """
+
 import errno
 import json
 import os
@@ -89,17 +90,18 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
         if why is None:
             raise
         previous = complete_tags(save_dir)
-        raise DiskFull(f"no space left for checkpoint {tag} in {save_dir} ({why}); the previous checkpoint "
-                       f"{previous[0] if previous else '(none: this was the first)'} is intact and is what --resume continues "
-                       f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume") from e
+        raise DiskFull(
+            f"no space left for checkpoint {tag} in {save_dir} ({why}); the previous checkpoint "
+            f"{previous[0] if previous else '(none: this was the first)'} is intact and is what --resume continues "
+            f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume"
+        ) from e
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
         manifest = {}
         for rel, path in _files(partial_dir):
             _fsync(path)
             manifest[rel] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
-        _write_atomically(os.path.join(partial_dir, MANIFEST),
-                          json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
+        _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
         final_dir = os.path.join(save_dir, tag)
         if os.path.isdir(final_dir):
             shutil.rmtree(final_dir)
@@ -114,11 +116,25 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
 def _to_universal(save_dir, tag):
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent) beside it."""
     universal = f"{tag}_universal"
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder", os.path.join(save_dir, tag), "--output_folder", os.path.join(save_dir, universal),
-                    "--num_extract_workers", "1", "--num_merge_workers", "1",
-                    # DeepSpeed's converter wants Megatron's universal_checkpoint_info; a plain module needs none.
-                    "--inject_missing_state"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            os.path.join(save_dir, tag),
+            "--output_folder",
+            os.path.join(save_dir, universal),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            # DeepSpeed's converter wants Megatron's universal_checkpoint_info; a plain module needs none.
+            "--inject_missing_state",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return universal
 
 
@@ -138,11 +154,12 @@ def load(engine, save_dir, universal=False):
                 choice[0] = tag
                 break
             damaged.append(f"{tag}: {problem}")
-            print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one",
-                  file=sys.stderr, flush=True)
+            print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one", file=sys.stderr, flush=True)
         if choice[0] is None:
-            choice[0] = ConfigError(f"--resume: every checkpoint in {save_dir} is damaged ({'; '.join(damaged) or 'none found'}); "
-                                    f"nothing intact to resume from: restore one from a backup, or start a new run")
+            choice[0] = ConfigError(
+                f"--resume: every checkpoint in {save_dir} is damaged ({'; '.join(damaged) or 'none found'}); "
+                f"nothing intact to resume from: restore one from a backup, or start a new run"
+            )
     dist.broadcast_object_list(choice, src=0)
     tag = choice[0]
     if isinstance(tag, ConfigError):

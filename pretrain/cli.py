@@ -1,5 +1,6 @@
 """What every fire command line shares (pretrain.tokenizer, pretrain.preprocess*, the eval commands): one-line
 errors with the bad-input exit code, unknown flags refused before anything runs, flags that may be repeated."""
+
 import difflib
 import functools
 import inspect
@@ -47,7 +48,7 @@ def check_flags(fn, argv, name):
     TypeError from the call or, for a function of ``*args``, silently leave the flag unused."""
     flags, separator = list(argv), "--"
     if separator in flags:  # what follows fire's separator is fire's own flags (--help, --trace, ...)
-        flags = flags[:len(flags) - 1 - flags[::-1].index(separator)]
+        flags = flags[: len(flags) - 1 - flags[::-1].index(separator)]
     if any(arg in HELP_FLAGS for arg in flags):
         return
     params = inspect.signature(fn).parameters.values()
@@ -56,13 +57,15 @@ def check_flags(fn, argv, name):
     names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
     for arg in filter(_is_flag, flags):
         key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
-        if (key in names or (key.startswith("no") and key[2:] in names)  # --noflag sets a boolean flag False
-                or (len(key) == 1 and any(n.startswith(key) for n in names))):  # -x is the flag starting with x
+        if (
+            key in names
+            or (key.startswith("no") and key[2:] in names)  # --noflag sets a boolean flag False
+            or (len(key) == 1 and any(n.startswith(key) for n in names))
+        ):  # -x is the flag starting with x
             continue
         match = difflib.get_close_matches(key, names, n=1)
         hint = f" (did you mean --{match[0]}?)" if match else ""
-        fail(f"unknown flag {arg.split('=', 1)[0]}{hint}; {name} takes {', '.join('--' + n for n in names)} "
-             f"(python -m {name} --help)")
+        fail(f"unknown flag {arg.split('=', 1)[0]}{hint}; {name} takes {', '.join('--' + n for n in names)} (python -m {name} --help)")
 
 
 def fire_command(fn, name, argv=None, repeated=()):

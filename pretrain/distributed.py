@@ -1,4 +1,5 @@
 """Process-group start and the clean end of a rank."""
+
 import datetime
 import os
 import socket
@@ -25,8 +26,7 @@ def init(timeout_minutes=60.0):
     """Start torch.distributed: gloo on CPU, NCCL on GPUs (DeepSpeed's accelerator picks), every collective bounded
     by ``timeout_minutes`` (pretrain/watchdog.py says why it is long)."""
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_device()  # one GPU per rank (the CPU on CPU)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # The groups DeepSpeed makes (data-, expert-, pipeline-parallel) come from torch's new_group, which takes
@@ -39,8 +39,10 @@ def init(timeout_minutes=60.0):
     except dist.DistNetworkError as e:
         if "EADDRINUSE" not in str(e):
             raise
-        raise ConfigError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another "
-                          f"process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)") from None
+        raise ConfigError(
+            f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another "
+            f"process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)"
+        ) from None
 
 
 def visible_device_index(local_rank, local_world_size, visible):
@@ -51,8 +53,10 @@ def visible_device_index(local_rank, local_world_size, visible):
         return local_rank
     if visible == 1:
         return 0
-    raise ConfigError(f"rank {local_rank} of {local_world_size or 'this node'}'s ranks sees {visible} GPUs: give each rank "
-                      f"one GPU of its own (srun --gpus-per-task=1) or every rank all of the node's (one rank per GPU)")
+    raise ConfigError(
+        f"rank {local_rank} of {local_world_size or 'this node'}'s ranks sees {visible} GPUs: give each rank "
+        f"one GPU of its own (srun --gpus-per-task=1) or every rank all of the node's (one rank per GPU)"
+    )
 
 
 def local_device():
@@ -60,8 +64,7 @@ def local_device():
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
-    index = visible_device_index(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0")),
-                                 accelerator.device_count())
+    index = visible_device_index(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0")), accelerator.device_count())
     accelerator.set_device(index)
     return torch.device(accelerator.device_name(index))
 

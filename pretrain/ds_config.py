@@ -5,6 +5,7 @@ The JSON goes to ``deepspeed.initialize`` as written, but for one value: a sched
 ``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds one
 section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
 """
+
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ from switchyard.errors import ConfigError
 @dataclass
 class LaunchPlan:
     """What the config and world size imply, derived the way DeepSpeed derives it."""
+
     world_size: int
     dp_size: int
     train_batch_size: int
@@ -71,30 +73,41 @@ def plan_launch(config, path, world_size, model_config):
         raise ConfigError(f"DeepSpeed config {path}: pipeline.stages must be a positive integer, got {stages!r}")
     if stages > 1:
         if stage >= 2:
-            raise ConfigError(f"DeepSpeed config {path}: pipeline parallelism runs with ZeRO stage 0 or 1 only "
-                              f"(DeepSpeed partitions gradients across micro-batches otherwise); set zero_optimization.stage to 0 or 1")
+            raise ConfigError(
+                f"DeepSpeed config {path}: pipeline parallelism runs with ZeRO stage 0 or 1 only "
+                f"(DeepSpeed partitions gradients across micro-batches otherwise); set zero_optimization.stage to 0 or 1"
+            )
         if family.pipeline is None:
-            raise ConfigError(f"DeepSpeed config {path}: pipeline stages need a family with a pipeline form "
-                              f"({', '.join(repr(f) for f in families_that(lambda f: f.pipeline))}); "
-                              f"use a config without 'pipeline' for a {family.name!r} model")
+            raise ConfigError(
+                f"DeepSpeed config {path}: pipeline stages need a family with a pipeline form "
+                f"({', '.join(repr(f) for f in families_that(lambda f: f.pipeline))}); "
+                f"use a config without 'pipeline' for a {family.name!r} model"
+            )
         if world_size % stages:
-            raise ConfigError(f"DeepSpeed config {path}: {stages} pipeline stages do not divide the world size {world_size}; "
-                              f"launch a multiple of {stages} ranks")
+            raise ConfigError(
+                f"DeepSpeed config {path}: {stages} pipeline stages do not divide the world size {world_size}; launch a multiple of {stages} ranks"
+            )
 
     ep_size = (config.get("moe") or {}).get("expert_parallel_size", 1)
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size must be a positive integer, got {ep_size!r}")
     if family.experts:
         if stage == 3:
-            raise ConfigError(f"DeepSpeed config {path}: DeepSpeed 0.19's MoE layer does not run under ZeRO-3 "
-                              f"(it points to AutoEP, which needs a Hugging Face model); use ZeRO stage 0, 1 or 2 for "
-                              f"a {family.name!r} model")
+            raise ConfigError(
+                f"DeepSpeed config {path}: DeepSpeed 0.19's MoE layer does not run under ZeRO-3 "
+                f"(it points to AutoEP, which needs a Hugging Face model); use ZeRO stage 0, 1 or 2 for "
+                f"a {family.name!r} model"
+            )
         if world_size % ep_size:
-            raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide the world size "
-                              f"{world_size}; launch a multiple of {ep_size} ranks or lower expert_parallel_size")
+            raise ConfigError(
+                f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide the world size "
+                f"{world_size}; launch a multiple of {ep_size} ranks or lower expert_parallel_size"
+            )
         if model_config.num_experts % ep_size:
-            raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide num_experts "
-                              f"{model_config.num_experts}; pick an expert-parallel size that divides it")
+            raise ConfigError(
+                f"DeepSpeed config {path}: moe.expert_parallel_size {ep_size} does not divide num_experts "
+                f"{model_config.num_experts}; pick an expert-parallel size that divides it"
+            )
 
     dp = world_size // stages
     tbs = _positive_int(config, "train_batch_size", path)
@@ -104,13 +117,17 @@ def plan_launch(config, path, world_size, model_config):
         raise ConfigError(f"DeepSpeed config {path} sets neither train_batch_size nor train_micro_batch_size_per_gpu; set at least one")
     if tbs is not None and mbs is not None and gas is None:
         if tbs % (mbs * dp):
-            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by train_micro_batch_size_per_gpu "
-                              f"{mbs} x {dp} data-parallel ranks; set train_batch_size to a multiple of {mbs * dp} or launch another number of ranks")
+            raise ConfigError(
+                f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by train_micro_batch_size_per_gpu "
+                f"{mbs} x {dp} data-parallel ranks; set train_batch_size to a multiple of {mbs * dp} or launch another number of ranks"
+            )
         gas = tbs // (mbs * dp)
     elif tbs is not None and gas is not None and mbs is None:
         if tbs % (gas * dp):
-            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by gradient_accumulation_steps "
-                              f"{gas} x {dp} data-parallel ranks; set train_batch_size to a multiple of {gas * dp}")
+            raise ConfigError(
+                f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by gradient_accumulation_steps "
+                f"{gas} x {dp} data-parallel ranks; set train_batch_size to a multiple of {gas * dp}"
+            )
         mbs = tbs // (gas * dp)
     elif tbs is None:
         gas = gas or 1
@@ -118,14 +135,26 @@ def plan_launch(config, path, world_size, model_config):
     elif mbs is None:
         gas = 1
         if tbs % dp:
-            raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by {dp} data-parallel ranks; "
-                              f"set it to a multiple of {dp}")
+            raise ConfigError(
+                f"DeepSpeed config {path}: train_batch_size {tbs} is not divisible by {dp} data-parallel ranks; set it to a multiple of {dp}"
+            )
         mbs = tbs // dp
     elif tbs != mbs * gas * dp:
-        raise ConfigError(f"DeepSpeed config {path}: train_batch_size {tbs} != train_micro_batch_size_per_gpu {mbs} x "
-                          f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks; drop one of the three and let it be derived")
-    return LaunchPlan(world_size=world_size, dp_size=dp, train_batch_size=tbs, micro_batch_size=mbs, grad_accum_steps=gas,
-                      zero_stage=stage, precision=precision, pipeline_stages=stages, expert_parallel_size=ep_size)
+        raise ConfigError(
+            f"DeepSpeed config {path}: train_batch_size {tbs} != train_micro_batch_size_per_gpu {mbs} x "
+            f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks; drop one of the three and let it be derived"
+        )
+    return LaunchPlan(
+        world_size=world_size,
+        dp_size=dp,
+        train_batch_size=tbs,
+        micro_batch_size=mbs,
+        grad_accum_steps=gas,
+        zero_stage=stage,
+        precision=precision,
+        pipeline_stages=stages,
+        expert_parallel_size=ep_size,
+    )
 
 
 def plan_resume(plan, config, path, saved_dp_size, model_config):
@@ -134,9 +163,11 @@ def plan_resume(plan, config, path, saved_dp_size, model_config):
     if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
         return plan, config
     if family_of(model_config).experts or plan.pipeline_stages > 1:
-        raise ConfigError(f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "
-                          f"only dense models without pipeline stages resume at another data-parallel size; launch "
-                          f"{saved_dp_size * plan.pipeline_stages} ranks")
+        raise ConfigError(
+            f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "
+            f"only dense models without pipeline stages resume at another data-parallel size; launch "
+            f"{saved_dp_size * plan.pipeline_stages} ranks"
+        )
     config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
     return dataclasses.replace(plan, resume_universal=True), config
 
@@ -164,45 +195,58 @@ def resolve_schedule(config, path, max_steps, resume, recorded, extend):
     total = (scheduler.get("params") or {}).get(key) if key else None
     if total is None:
         if extend:
-            raise ConfigError(f"--extend_schedule: DeepSpeed config {path} has no scheduler with a total_num_steps to "
-                              f"stretch ({' or '.join(ds_schema.AUTO_STEP_KEYS)}); drop --extend_schedule")
+            raise ConfigError(
+                f"--extend_schedule: DeepSpeed config {path} has no scheduler with a total_num_steps to "
+                f"stretch ({' or '.join(ds_schema.AUTO_STEP_KEYS)}); drop --extend_schedule"
+            )
         return config, None
     if total != ds_schema.AUTO:
         if extend:
-            raise ConfigError(f"--extend_schedule: DeepSpeed config {path} fixes scheduler.params.{key} at {total}; "
-                              f"set it to \"auto\" to let the schedule follow --max_steps")
+            raise ConfigError(
+                f"--extend_schedule: DeepSpeed config {path} fixes scheduler.params.{key} at {total}; "
+                f'set it to "auto" to let the schedule follow --max_steps'
+            )
         notice = None
         if total != max_steps:
-            notice = (f"notice: DeepSpeed config {path} fixes the learning-rate schedule at {total} steps and --max_steps "
-                      f"is {max_steps}: {_schedule_end(scheduler, total, max_steps)}; set scheduler.params.{key} to "
-                      f"\"auto\" to make it follow --max_steps")
+            notice = (
+                f"notice: DeepSpeed config {path} fixes the learning-rate schedule at {total} steps and --max_steps "
+                f"is {max_steps}: {_schedule_end(scheduler, total, max_steps)}; set scheduler.params.{key} to "
+                f'"auto" to make it follow --max_steps'
+            )
         return config, notice
     recorded_scheduler = (recorded or {}).get("scheduler") or {}
-    recorded_total = ((recorded_scheduler.get("params") or {}).get(key)
-                      if recorded_scheduler.get("type") == scheduler["type"] else None)
+    recorded_total = (recorded_scheduler.get("params") or {}).get(key) if recorded_scheduler.get("type") == scheduler["type"] else None
     notice = None
     if not resume:
         total = max_steps
     elif recorded_total is None:  # a checkpoint copied in without its record, or a run that had another scheduler
         total = max_steps
-        notice = (f"notice: the run records no {scheduler['type']} length to keep; the learning-rate schedule now "
-                  f"ends at this launch's --max_steps {max_steps}")
+        notice = (
+            f"notice: the run records no {scheduler['type']} length to keep; the learning-rate schedule now "
+            f"ends at this launch's --max_steps {max_steps}"
+        )
     elif extend:
         if max_steps < recorded_total:
-            raise ConfigError(f"--extend_schedule lengthens the learning-rate schedule, and --max_steps {max_steps} is "
-                              f"shorter than its recorded {recorded_total} steps; drop --extend_schedule (training then "
-                              f"stops at step {max_steps} of the {recorded_total}-step schedule)")
+            raise ConfigError(
+                f"--extend_schedule lengthens the learning-rate schedule, and --max_steps {max_steps} is "
+                f"shorter than its recorded {recorded_total} steps; drop --extend_schedule (training then "
+                f"stops at step {max_steps} of the {recorded_total}-step schedule)"
+            )
         total = max_steps
         if max_steps != recorded_total:
-            notice = (f"notice: --extend_schedule: the learning-rate schedule is stretched from its recorded "
-                      f"{recorded_total} steps to {max_steps}; from the resumed step on the learning rate follows "
-                      f"the {max_steps}-step schedule")
+            notice = (
+                f"notice: --extend_schedule: the learning-rate schedule is stretched from its recorded "
+                f"{recorded_total} steps to {max_steps}; from the resumed step on the learning rate follows "
+                f"the {max_steps}-step schedule"
+            )
     else:
         total = recorded_total
         if max_steps != recorded_total:
-            stretch = (f"; pass --extend_schedule to stretch it to {max_steps}" if max_steps > recorded_total else "")
-            notice = (f"notice: the learning-rate schedule keeps its recorded length of {recorded_total} steps "
-                      f"(run_config.json) and --max_steps is {max_steps}: "
-                      f"{_schedule_end(scheduler, recorded_total, max_steps)}{stretch}")
+            stretch = f"; pass --extend_schedule to stretch it to {max_steps}" if max_steps > recorded_total else ""
+            notice = (
+                f"notice: the learning-rate schedule keeps its recorded length of {recorded_total} steps "
+                f"(run_config.json) and --max_steps is {max_steps}: "
+                f"{_schedule_end(scheduler, recorded_total, max_steps)}{stretch}"
+            )
     params = {**scheduler["params"], key: total}
     return {**config, "scheduler": {**scheduler, "params": params}}, notice

@@ -18,6 +18,7 @@ Where the keys come from, so that they follow the installed DeepSpeed (0.19.8) r
 Nothing here starts a process group, builds a model or calls ``deepspeed.initialize``; it only imports
 DeepSpeed's config modules and optimizer/scheduler classes (which ``import deepspeed`` loads anyway).
 """
+
 import difflib
 import inspect
 import math
@@ -52,8 +53,7 @@ REFUSED_KEYS = {
     # AutoEP replaces Hugging Face MoE blocks it finds by preset; Switchyard's Switch layer is DeepSpeed's MoE
     # layer itself, which AutoEP does not look for (README, "Expert parallelism"): at best it warns and does
     # nothing, while the user believes the experts are split.
-    "expert_parallel": "AutoEP does not apply to Switchyard models; set expert parallelism with "
-                       "\"moe\": {\"expert_parallel_size\": N}",
+    "expert_parallel": 'AutoEP does not apply to Switchyard models; set expert parallelism with "moe": {"expert_parallel_size": N}',
 }
 
 # A leaf whose value DeepSpeed (or plan_launch) checks, or that may be anything; and a section whose
@@ -95,25 +95,44 @@ def _deepspeed_schema():
     schema = {
         # Scalars read with get_scalar_param in DeepSpeedConfig._initialize_params (deepspeed/runtime/config.py);
         # the batch sizes are checked by plan_launch, which derives them as DeepSpeed does.
-        c.TRAIN_BATCH_SIZE: ANY, c.TRAIN_MICRO_BATCH_SIZE_PER_GPU: ANY, c.GRADIENT_ACCUMULATION_STEPS: ANY,
-        c.MANAGED_GRADIENT_ACCUMULATION: ANY, c.STEPS_PER_PRINT: ANY, c.DUMP_STATE: ANY, c.DISABLE_PYTHON_GC: ANY,
-        c.DISABLE_ALLGATHER: ANY, c.COMMUNICATION_DATA_TYPE: ANY, c.SEQ_PARALLEL_COMMUNICATION_DATA_TYPE: ANY,
-        c.PRESCALE_GRADIENTS: ANY, c.GRADIENT_PREDIVIDE_FACTOR: ANY, c.GRADIENT_ALLREDUCE_OP: ANY,
-        c.ZERO_ALLOW_UNTESTED_OPTIMIZER: ANY, c.ZERO_FORCE_DS_CPU_OPTIMIZER: ANY, c.WALL_CLOCK_BREAKDOWN: ANY,
-        c.MEMORY_BREAKDOWN: ANY, c.USE_DATA_BEFORE_EXPERT_PARALLEL: ANY, c.DATALOADER_DROP_LAST: ANY,
-        c.LOG_LEVEL: ANY, c.VOCABULARY_SIZE: ANY,
+        c.TRAIN_BATCH_SIZE: ANY,
+        c.TRAIN_MICRO_BATCH_SIZE_PER_GPU: ANY,
+        c.GRADIENT_ACCUMULATION_STEPS: ANY,
+        c.MANAGED_GRADIENT_ACCUMULATION: ANY,
+        c.STEPS_PER_PRINT: ANY,
+        c.DUMP_STATE: ANY,
+        c.DISABLE_PYTHON_GC: ANY,
+        c.DISABLE_ALLGATHER: ANY,
+        c.COMMUNICATION_DATA_TYPE: ANY,
+        c.SEQ_PARALLEL_COMMUNICATION_DATA_TYPE: ANY,
+        c.PRESCALE_GRADIENTS: ANY,
+        c.GRADIENT_PREDIVIDE_FACTOR: ANY,
+        c.GRADIENT_ALLREDUCE_OP: ANY,
+        c.ZERO_ALLOW_UNTESTED_OPTIMIZER: ANY,
+        c.ZERO_FORCE_DS_CPU_OPTIMIZER: ANY,
+        c.WALL_CLOCK_BREAKDOWN: ANY,
+        c.MEMORY_BREAKDOWN: ANY,
+        c.USE_DATA_BEFORE_EXPERT_PARALLEL: ANY,
+        c.DATALOADER_DROP_LAST: ANY,
+        c.LOG_LEVEL: ANY,
+        c.VOCABULARY_SIZE: ANY,
         # A clipping of -1 or "1.0" reaches torch's clip_grad_norm_ only at the first step; refuse it now.
         c.GRADIENT_CLIPPING: _non_negative_number,
         # Read by deepspeed/__init__.py (initialize) and deepspeed/runtime/config.py for the Ulysses mesh.
-        "sequence_parallel_size": ANY, "data_parallel_size": ANY,
+        "sequence_parallel_size": ANY,
+        "data_parallel_size": ANY,
         c.OPTIMIZER: CHECKED_BELOW,
         c.SCHEDULER: CHECKED_BELOW,
         # Sections DeepSpeed parses with its pydantic models (all DeepSpeedConfigModel: extra="forbid").
         "zero_optimization": DeepSpeedZeroConfig,  # runtime/zero/config.py get_zero_config
-        "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config,  # runtime/precision_config.py
+        "fp16": DeepSpeedFP16Config,
+        "bf16": DeepSpeedBF16Config,  # runtime/precision_config.py
         "comms_logger": CommsLoggerConfig,  # comm/config.py DeepSpeedCommsConfig
         # monitor/config.py get_monitor_config reads these four top-level keys into one model each.
-        "tensorboard": TensorBoardConfig, "wandb": WandbConfig, "csv_monitor": CSVConfig, "comet": CometConfig,
+        "tensorboard": TensorBoardConfig,
+        "wandb": WandbConfig,
+        "csv_monitor": CSVConfig,
+        "comet": CometConfig,
         "hybrid_engine": HybridEngineConfig,  # runtime/config.py get_hybrid_engine_config
         "compile": CompileConfig,  # runtime/config.py: CompileConfig(**param_dict.get('compile', {}))
         "weight_quantization": WeightQuantConfig,  # runtime/config.py
@@ -121,25 +140,42 @@ def _deepspeed_schema():
         TIMERS: {TIMERS_THROUGHPUT: DeepSpeedThroughputTimerConfig},  # utils/config.py get_timers_config
         # Sections DeepSpeed reads by hand (get_scalar_param / dict.get on a fixed set of names).
         ACT_CHKPT: {key: ANY for key in ACT_CHKPT_DEFAULT},  # runtime/activation_checkpointing/config.py
-        flops.FLOPS_PROFILER: {key: ANY for key in (  # profiling/config.py DeepSpeedFlopsProfilerConfig._initialize
-            flops.FLOPS_PROFILER_ENABLED, flops.FLOPS_PROFILER_RECOMPUTE_FWD_FACTOR, flops.FLOPS_PROFILER_PROFILE_STEP,
-            flops.FLOPS_PROFILER_MODULE_DEPTH, flops.FLOPS_PROFILER_TOP_MODULES, flops.FLOPS_PROFILER_DETAILED,
-            flops.FLOPS_PROFILER_OUTPUT_FILE)},
+        flops.FLOPS_PROFILER: {
+            key: ANY
+            for key in (  # profiling/config.py DeepSpeedFlopsProfilerConfig._initialize
+                flops.FLOPS_PROFILER_ENABLED,
+                flops.FLOPS_PROFILER_RECOMPUTE_FWD_FACTOR,
+                flops.FLOPS_PROFILER_PROFILE_STEP,
+                flops.FLOPS_PROFILER_MODULE_DEPTH,
+                flops.FLOPS_PROFILER_TOP_MODULES,
+                flops.FLOPS_PROFILER_DETAILED,
+                flops.FLOPS_PROFILER_OUTPUT_FILE,
+            )
+        },
         AIO: {key: ANY for key in AIO_DEFAULT_DICT},  # runtime/swap_tensor/aio_config.py get_aio_config
         c.CHECKPOINT: {  # runtime/config.py (_initialize_params) and runtime/model_checkpointing/config.py
-            c.CHECKPOINT_TAG_VALIDATION: ANY, c.LOAD_UNIVERSAL_CHECKPOINT: ANY, c.USE_NODE_LOCAL_STORAGE_CHECKPOINT: ANY,
+            c.CHECKPOINT_TAG_VALIDATION: ANY,
+            c.LOAD_UNIVERSAL_CHECKPOINT: ANY,
+            c.USE_NODE_LOCAL_STORAGE_CHECKPOINT: ANY,
             c.CHECKPOINT_PARALLEL_WRITE: {c.CHECKPOINT_PARALLEL_WRITE_PIPELINE_STAGE: ANY},
             ckpt.CHECKPOINT_SERIALIZATION: ANY,
-            ckpt.CHECKPOINT_WRITER: {key: ANY for key in (
-                ckpt.CHECKPOINT_WRITER_TYPE, ckpt.CHECKPOINT_IO_BUFFER_SIZE, ckpt.CHECKPOINT_IO_BUFFER_DOUBLE,
-                ckpt.CHECKPOINT_IO_STATISTICS, ckpt.CHECKPOINT_DATA_PARALLEL, ckpt.CHECKPOINT_WRITER_DECOUPLED,
-                ckpt.CHECKPOINT_IO_MULTIPLIER)},
+            ckpt.CHECKPOINT_WRITER: {
+                key: ANY
+                for key in (
+                    ckpt.CHECKPOINT_WRITER_TYPE,
+                    ckpt.CHECKPOINT_IO_BUFFER_SIZE,
+                    ckpt.CHECKPOINT_IO_BUFFER_DOUBLE,
+                    ckpt.CHECKPOINT_IO_STATISTICS,
+                    ckpt.CHECKPOINT_DATA_PARALLEL,
+                    ckpt.CHECKPOINT_WRITER_DECOUPLED,
+                    ckpt.CHECKPOINT_IO_MULTIPLIER,
+                )
+            },
         },
         # runtime/config.py _initialize_params reads these from "data_types".
         c.DATA_TYPES: {c.GRAD_ACCUM_DTYPE: ANY, c.PARAM_DTYPE: ANY, c.BUFFER_DTYPE: ANY, c.KEEP_IN_FP32_MODULES: ANY},
         # runtime/config.py get_torch_autocast_*.
-        c.TORCH_AUTOCAST: {c.TORCH_AUTOCAST_ENABLED: ANY, c.TORCH_AUTOCAST_DTYPE: ANY,
-                           c.TORCH_AUTOCAST_LOWER_PRECISION_SAFE_MODULES: ANY},
+        c.TORCH_AUTOCAST: {c.TORCH_AUTOCAST_ENABLED: ANY, c.TORCH_AUTOCAST_DTYPE: ANY, c.TORCH_AUTOCAST_LOWER_PRECISION_SAFE_MODULES: ANY},
         # runtime/config.py get_pipeline_config's defaults, plus "use_reentrant" (runtime/pipe/engine.py).
         "pipeline": {**{key: ANY for key in get_pipeline_config({})}, "use_reentrant": ANY},
         AUTOTUNING: SUBKEYS_NOT_LISTED,  # autotuning/config.py: a tree of tuner settings
@@ -155,6 +191,7 @@ def _deepspeed_schema():
 # --------------------------------------------------------------------------------------------------------
 # Small helpers: numbers as JSON has them (a bool is not a number, a quoted "1e-3" is not either), and
 # did-you-mean as models/registry.py suggests model-config keys.
+
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -172,17 +209,21 @@ def _did_you_mean(name, candidates, prefix=""):
 
 
 def _unknown_key(where, key_path, key, candidates):
-    prefix = key_path[:len(key_path) - len(key)]
+    prefix = key_path[: len(key_path) - len(key)]
     hint = _did_you_mean(key, candidates, prefix)
     if not hint:
         listed = sorted(candidates)
-        hint = (f"; {prefix.rstrip('.') or 'the top level'} takes {', '.join(listed)}" if len(listed) <= 12
-                else "; DeepSpeed 0.19 and Switchyard do not read it: remove it")
+        hint = (
+            f"; {prefix.rstrip('.') or 'the top level'} takes {', '.join(listed)}"
+            if len(listed) <= 12
+            else "; DeepSpeed 0.19 and Switchyard do not read it: remove it"
+        )
     return ConfigError(f"{where}: unknown key {key_path!r}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------------
 # Walking the schema.
+
 
 def _check_section(value, spec, key_path, where):
     if spec in (ANY, SUBKEYS_NOT_LISTED, CHECKED_BELOW):
@@ -213,8 +254,7 @@ def _model_at(model, loc):
         if part not in fields:
             return None
         annotation = fields[part].annotation
-        models = [a for a in (typing.get_args(annotation) or (annotation,))
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        models = [a for a in (typing.get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not models:
             return None
         model = models[0]
@@ -249,6 +289,7 @@ def _check_with_model(value, model, key_path, where):
 # builds (DeepSpeedEngine._configure_basic_optimizer in deepspeed/runtime/engine.py passes them as **kwargs,
 # so a misspelled one is a TypeError only once the model exists).
 
+
 def _cpu_offloaded(config):
     """Whether DeepSpeed builds its CPU optimizers (engine.zero_use_cpu_optimizer: offload to cpu or nvme)."""
     offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
@@ -267,29 +308,36 @@ def _optimizer_class(name, params, config, where):
             return (torch.optim.AdamW if adam_w else torch.optim.Adam), adam_keys, set()
         if _cpu_offloaded(config):  # ZenFlow's CPU Adam takes the same parameters (it passes them on)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
+
             return DeepSpeedCPUAdam, adam_keys, {"adamw_mode"}
         from deepspeed.ops.adam import FusedAdam
+
         return FusedAdam, adam_keys, set()
     if name == dsc.ADAGRAD_OPTIMIZER:
         if _cpu_offloaded(config):
             from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
             return DeepSpeedCPUAdagrad, set(), set()
         return torch.optim.Adagrad, set(), set()
     if name == dsc.LAMB_OPTIMIZER:
         from deepspeed.ops.lamb import FusedLamb
+
         return FusedLamb, set(), set()
     if name == dsc.LION_OPTIMIZER:
         if _cpu_offloaded(config):
             from deepspeed.ops.lion import DeepSpeedCPULion
+
             return DeepSpeedCPULion, set(), set()
         from deepspeed.ops.lion import FusedLion
+
         return FusedLion, set(), set()
     if name in (dsc.MUADAM_OPTIMIZER, dsc.MUADAMW_OPTIMIZER, dsc.MUSGD_OPTIMIZER):
         try:
             import mup
         except ImportError:
-            raise ConfigError(f"{where}: optimizer.type {name!r} needs the mup package, which is not installed; "
-                              f"pip install mup or use AdamW") from None
+            raise ConfigError(
+                f"{where}: optimizer.type {name!r} needs the mup package, which is not installed; pip install mup or use AdamW"
+            ) from None
         return getattr(mup, {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}[name]), set(), set()
     return getattr(torch.optim, name), set(), set()  # engine: getattr(torch.optim, optimizer_name())
 
@@ -309,12 +357,21 @@ def _constructor_parameters(cls):
 def _optimizer_keys(name, params, config, where):
     """The keys optimizer.params may have, and the class they go to (for the message)."""
     from deepspeed.runtime.config import MUON_OPTIMIZER
+
     if name == MUON_OPTIMIZER:
         from deepspeed.runtime.engine import DeepSpeedEngine
+
         # engine._muon_param_groups: each half's keys, muon_lr / adam_lr overriding lr; plus the Adam keys popped
         # by get_optimizer_configuration.
-        keys = {*DeepSpeedEngine._MUON_HALF_KEYS, *DeepSpeedEngine._ADAM_HALF_KEYS, "muon_lr", "adam_lr",
-                "adam_w_mode", "torch_adam", "fp32_optimizer_states"}
+        keys = {
+            *DeepSpeedEngine._MUON_HALF_KEYS,
+            *DeepSpeedEngine._ADAM_HALF_KEYS,
+            "muon_lr",
+            "adam_lr",
+            "adam_w_mode",
+            "torch_adam",
+            "fp32_optimizer_states",
+        }
         return keys, "DeepSpeed's Muon (deepspeed/runtime/engine.py)"
     cls, deepspeed_keys, passed_by_deepspeed = _optimizer_class(name, params, config, where)
     named, _ = _constructor_parameters(cls)
@@ -326,8 +383,10 @@ def _optimizer_keys(name, params, config, where):
 def _optimizer_types():
     """optimizer.type values DeepSpeed builds: its own (any case) and torch.optim's classes (exact name)."""
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-    torch_names = {n for n, v in vars(torch.optim).items()
-                   if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer}
+
+    torch_names = {
+        n for n, v in vars(torch.optim).items() if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer
+    }
     return list(DEEPSPEED_OPTIMIZERS), sorted(torch_names)
 
 
@@ -344,22 +403,20 @@ def _check_hyperparameters(params, prefix, where):
             raise ConfigError(f"{where}: {prefix}.eps must be a finite number > 0, got {_shown(eps)}")
     if "betas" in params:
         betas = params["betas"]
-        if (not isinstance(betas, list) or len(betas) != 2
-                or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
-            raise ConfigError(f"{where}: {prefix}.betas must be a pair of numbers in [0, 1), e.g. [0.9, 0.95], "
-                              f"got {_shown(betas)}")
+        if not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"{where}: {prefix}.betas must be a pair of numbers in [0, 1), e.g. [0.9, 0.95], got {_shown(betas)}")
 
 
 def _check_optimizer(section, config, where):
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: optimizer must be a JSON object, got {section!r}")
     from deepspeed.runtime import constants as c
+
     for key in section:
         if key not in (c.TYPE, c.OPTIMIZER_PARAMS, c.LEGACY_FUSION):
             raise _unknown_key(where, f"optimizer.{key}", key, (c.TYPE, c.OPTIMIZER_PARAMS, c.LEGACY_FUSION))
     if c.TYPE not in section:
-        raise ConfigError(f"{where}: optimizer has no 'type' (DeepSpeed would build no optimizer); set optimizer.type, "
-                          f"e.g. \"AdamW\"")
+        raise ConfigError(f"{where}: optimizer has no 'type' (DeepSpeed would build no optimizer); set optimizer.type, e.g. \"AdamW\"")
     given = section[c.TYPE]
     deepspeed_names, torch_names = _optimizer_types()
     if isinstance(given, str) and given.lower() in deepspeed_names:
@@ -368,23 +425,29 @@ def _check_optimizer(section, config, where):
         name = given
     else:
         # DeepSpeed's names compare lower-cased, torch's as written: a case slip of a torch name first ("sgd").
-        hint = (_did_you_mean(str(given), [n for n in torch_names if n.lower() == str(given).lower()])
-                or _did_you_mean(str(given).lower(), deepspeed_names) or _did_you_mean(str(given), torch_names))
-        raise ConfigError(f"{where}: optimizer.type {given!r} is not an optimizer DeepSpeed builds{hint}; use one of "
-                          f"{', '.join(deepspeed_names)} (any case) or a torch.optim class name")
+        hint = (
+            _did_you_mean(str(given), [n for n in torch_names if n.lower() == str(given).lower()])
+            or _did_you_mean(str(given).lower(), deepspeed_names)
+            or _did_you_mean(str(given), torch_names)
+        )
+        raise ConfigError(
+            f"{where}: optimizer.type {given!r} is not an optimizer DeepSpeed builds{hint}; use one of "
+            f"{', '.join(deepspeed_names)} (any case) or a torch.optim class name"
+        )
     params = section.get(c.OPTIMIZER_PARAMS, {})
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: optimizer.params must be a JSON object, got {params!r}")
     if c.MAX_GRAD_NORM in params:  # DeepSpeed refuses it at initialize; say so now
-        raise ConfigError(f"{where}: optimizer.params.max_grad_norm is not read by DeepSpeed; "
-                          f"set the top-level \"gradient_clipping\" instead")
+        raise ConfigError(f'{where}: optimizer.params.max_grad_norm is not read by DeepSpeed; set the top-level "gradient_clipping" instead')
     keys, built = _optimizer_keys(name, params, config, where)
     if keys is not None:
         for key in params:
             if key not in keys:
                 hint = _did_you_mean(key, keys, "optimizer.params.")
-                raise ConfigError(f"{where}: optimizer.params.{key} is not a parameter of {built}, which DeepSpeed "
-                                  f"builds for optimizer.type {given!r}{hint}; it takes {', '.join(sorted(keys))}")
+                raise ConfigError(
+                    f"{where}: optimizer.params.{key} is not a parameter of {built}, which DeepSpeed "
+                    f"builds for optimizer.type {given!r}{hint}; it takes {', '.join(sorted(keys))}"
+                )
     _check_hyperparameters(params, "optimizer.params", where)
 
 
@@ -392,11 +455,16 @@ def _check_optimizer(section, config, where):
 # The scheduler: DeepSpeedEngine._scheduler_from_config looks the type up in deepspeed.runtime.lr_schedules
 # (exact name), then in torch.optim.lr_scheduler, and calls it with (optimizer, **params).
 
+
 def _scheduler_types():
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
     from torch.optim import lr_scheduler
-    torch_names = {n for n, v in vars(lr_scheduler).items() if isinstance(v, type)
-                   and issubclass(v, lr_scheduler.LRScheduler) and v is not lr_scheduler.LRScheduler}
+
+    torch_names = {
+        n
+        for n, v in vars(lr_scheduler).items()
+        if isinstance(v, type) and issubclass(v, lr_scheduler.LRScheduler) and v is not lr_scheduler.LRScheduler
+    }
     return list(VALID_LR_SCHEDULES), sorted(torch_names)
 
 
@@ -425,10 +493,10 @@ def _auto_problem(name, key, named):
         return None
     filled = " or ".join(AUTO_STEP_KEYS)
     if key == "total_num_steps" and key not in named:
-        return (f"is \"auto\", but {name} has no step count to fill from --max_steps; use {filled}, whose "
-                f"total_num_steps follows the run, or drop the key")
-    return (f"cannot be \"auto\": only total_num_steps of {filled} is filled from --max_steps; "
-            f"give {key} a number")
+        return (
+            f'is "auto", but {name} has no step count to fill from --max_steps; use {filled}, whose total_num_steps follows the run, or drop the key'
+        )
+    return f'cannot be "auto": only total_num_steps of {filled} is filled from --max_steps; give {key} a number'
 
 
 def _check_scheduler(section, where):
@@ -437,12 +505,12 @@ def _check_scheduler(section, where):
     from deepspeed.runtime import constants as c
     from deepspeed.runtime import lr_schedules
     from torch.optim import lr_scheduler
+
     for key in section:
         if key not in (c.TYPE, c.SCHEDULER_PARAMS):
             raise _unknown_key(where, f"scheduler.{key}", key, (c.TYPE, c.SCHEDULER_PARAMS))
     if c.TYPE not in section:
-        raise ConfigError(f"{where}: scheduler has no 'type' (DeepSpeed would keep the lr constant); "
-                          f"set scheduler.type, e.g. \"WarmupCosineLR\"")
+        raise ConfigError(f"{where}: scheduler has no 'type' (DeepSpeed would keep the lr constant); set scheduler.type, e.g. \"WarmupCosineLR\"")
     name = section[c.TYPE]
     deepspeed_names, torch_names = _scheduler_types()
     if name in deepspeed_names:
@@ -451,8 +519,10 @@ def _check_scheduler(section, where):
         cls = getattr(lr_scheduler, name)
     else:
         hint = _did_you_mean(str(name), deepspeed_names + torch_names)
-        raise ConfigError(f"{where}: scheduler.type {name!r} is not a scheduler DeepSpeed builds{hint}; use one of "
-                          f"{', '.join(deepspeed_names)} or a torch.optim.lr_scheduler class name (the case matters)")
+        raise ConfigError(
+            f"{where}: scheduler.type {name!r} is not a scheduler DeepSpeed builds{hint}; use one of "
+            f"{', '.join(deepspeed_names)} or a torch.optim.lr_scheduler class name (the case matters)"
+        )
     params = section.get(c.SCHEDULER_PARAMS, {})
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: scheduler.params must be a JSON object, got {params!r}")
@@ -468,8 +538,7 @@ def _check_scheduler(section, where):
             continue
         if key not in named:
             hint = _did_you_mean(key, named, "scheduler.params.")
-            raise ConfigError(f"{where}: scheduler.params.{key} is not a parameter of {name}{hint}; "
-                              f"it takes {', '.join(named)}")
+            raise ConfigError(f"{where}: scheduler.params.{key} is not a parameter of {name}{hint}; it takes {', '.join(named)}")
         if _is_numeric_parameter(named[key]) and value is not None and (not _is_number(value) or not math.isfinite(value)):
             raise ConfigError(f"{where}: scheduler.params.{key} must be a finite number, got {_shown(value)}")
     missing = sorted(required - set(params))
@@ -478,6 +547,7 @@ def _check_scheduler(section, where):
 
 
 # --------------------------------------------------------------------------------------------------------
+
 
 def check(config, path):
     """Refuse, as one ConfigError line, what DeepSpeed would ignore or refuse only after the model exists."""
@@ -488,8 +558,7 @@ def check(config, path):
     for key in config:
         # DeepSpeed's own words for features it removed (it raises them at initialize, after the model exists).
         if key in _REMOVED_TOP_LEVEL_CONFIG_KEYS:
-            raise ConfigError(f"{where}: {key!r} is a removed DeepSpeed feature; remove it. "
-                              f"{_REMOVED_TOP_LEVEL_CONFIG_KEYS[key].strip()}")
+            raise ConfigError(f"{where}: {key!r} is a removed DeepSpeed feature; remove it. {_REMOVED_TOP_LEVEL_CONFIG_KEYS[key].strip()}")
         if key in REFUSED_KEYS:
             raise ConfigError(f"{where}: {key!r}: {REFUSED_KEYS[key]}")
         if key not in schema:
@@ -498,8 +567,7 @@ def check(config, path):
     if isinstance(zero, dict):
         for key, message in _REMOVED_ZERO_CONFIG_KEYS.items():
             if key in zero:
-                raise ConfigError(f"{where}: 'zero_optimization.{key}' is a removed DeepSpeed feature; remove it. "
-                                  f"{message.strip()}")
+                raise ConfigError(f"{where}: 'zero_optimization.{key}' is a removed DeepSpeed feature; remove it. {message.strip()}")
         # plan_launch words this one for Switchyard (the stages it runs); say it the same way before pydantic does.
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3) or isinstance(stage, bool):

@@ -4,6 +4,7 @@ Each rank is its own process (gloo over 127.0.0.1), with RANK/WORLD_SIZE/LOCAL_R
 environment, following the pattern of DeepSpeed's DistributedTest. Every rank is started in a new session, so on
 a time-out the caller kills exactly the process groups it started. The tests and the benchmarks launch with it.
 """
+
 import os
 import signal
 import socket
@@ -25,12 +26,21 @@ def free_port():
 
 def rank_env(rank, world_size, port, extra=None):
     env = dict(os.environ)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-               WANDB_MODE="offline", WANDB_SILENT="true",
-               # The venv's ninja first, always: torch's JIT cache is keyed by the ninja that built it.
-               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        # The venv's ninja first, always: torch's JIT cache is keyed by the ninja that built it.
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+    )
     env.pop("WANDB_API_KEY", None)
     env.update(extra or {})
     return env
@@ -50,9 +60,19 @@ def start_ranks(args, world_size, log_dir, extra_env=None, script=MAIN):
     procs = []
     for rank in range(world_size):
         log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO,
-                                       env=rank_env(rank, world_size, port, extra_env),
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(script), *map(str, args)],
+                    cwd=REPO,
+                    env=rank_env(rank, world_size, port, extra_env),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                log,
+            )
+        )
     return procs
 
 

@@ -3,6 +3,7 @@
 Arguments and both configs are checked before torch.distributed starts or any model is
 allocated; a problem is one line on stderr and exit code 2.
 """
+
 import os
 import sys
 import traceback
@@ -33,15 +34,17 @@ def prepare(argv):
     plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config)
     if plan.precision == "fp16":
         from deepspeed.accelerator import get_accelerator
+
         if not get_accelerator().is_fp16_supported():
-            raise ConfigError(f"DeepSpeed config {args.ds_config} enables fp16, which this device "
-                              f"({get_accelerator().device_name()}) does not support; use bf16 (ds_configs/bf16_zero1.json) or fp32")
+            raise ConfigError(
+                f"DeepSpeed config {args.ds_config} enables fp16, which this device "
+                f"({get_accelerator().device_name()}) does not support; use bf16 (ds_configs/bf16_zero1.json) or fp32"
+            )
     if family_of(model_config).experts:
         model_config = with_launch_fields(model_config, expert_parallel_size=plan.expert_parallel_size)
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
     recorded = (run_dir.read_run_config(args.save_dir) or {}).get("deepspeed") if args.resume else None
-    ds_config, schedule_notice = resolve_schedule(ds_config, args.ds_config, args.max_steps, args.resume, recorded,
-                                                  args.extend_schedule)
+    ds_config, schedule_notice = resolve_schedule(ds_config, args.ds_config, args.max_steps, args.resume, recorded, args.extend_schedule)
     if args.resume:
         plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
@@ -68,6 +71,7 @@ def optimizer_param_groups(model):
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
     from switchyard.deepspeed_compat import full_shape
+
     decay = [p for n, p in model.named_parameters() if len(full_shape(p)) >= 2]
     no_decay = [p for n, p in model.named_parameters() if len(full_shape(p)) < 2]
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
@@ -134,10 +138,16 @@ def build_engine(args, model_config, ds_config, plan, task):
     flops = model.flops_per_token(task.seq_len)
     held = sum(local_numel(p) for p in model.parameters())
     if dist.get_rank() == 0:
-        print(f"model {family_of(model_config).name}: {total:,} parameters, {active:,} active per token, "
-              f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}", flush=True)
-        print(f"built: rank 0 holds {held:,} parameter values ({held / total:.1%} of the model)"
-              f"{' (ZeRO-3: partitioned while built, deepspeed.zero.Init)' if plan.zero_stage == 3 else ''}", flush=True)
+        print(
+            f"model {family_of(model_config).name}: {total:,} parameters, {active:,} active per token, "
+            f"{flops / 1e9:.3f} GFLOPs per token (training); {plan}",
+            flush=True,
+        )
+        print(
+            f"built: rank 0 holds {held:,} parameter values ({held / total:.1%} of the model)"
+            f"{' (ZeRO-3: partitioned while built, deepspeed.zero.Init)' if plan.zero_stage == 3 else ''}",
+            flush=True,
+        )
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config)
     torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
     return engine, flops
@@ -185,14 +195,21 @@ def run(args, model_config, ds_config, plan, task, signals):
         watchdog.before_exit = lock.release if lock is not None else None
         engine, flops = build_engine(args, model_config, ds_config, plan, task)
         rank0 = dist.get_rank() == 0
-        logger = MetricsLogger(args.save_dir, rank0, args.wandb_project, args.wandb_run_name,
-                               run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}))
+        logger = MetricsLogger(
+            args.save_dir,
+            rank0,
+            args.wandb_project,
+            args.wandb_run_name,
+            run_config=without_secrets({**vars(args), "model": config_to_dict(model_config), "deepspeed": ds_config}),
+        )
         trainer = Trainer(engine, task, plan, args, logger, flops, signals)
         if args.resume:
             trainer.resume()
         if rank0:  # after a resume has loaded: a launch that fails to resume leaves the run's record as it was
-            run_dir.write_run_config(args.save_dir, {"args": without_secrets(vars(args)), "model": config_to_dict(model_config),
-                                                     "deepspeed": ds_config, **task_tokenizers(task)})
+            run_dir.write_run_config(
+                args.save_dir,
+                {"args": without_secrets(vars(args)), "model": config_to_dict(model_config), "deepspeed": ds_config, **task_tokenizers(task)},
+            )
         try:
             return trainer.train(), watchdog
         finally:
@@ -217,12 +234,16 @@ def last_checkpoint(save_dir):
     from pretrain import run_dir
 
     tags = run_dir.complete_tags(save_dir)
-    return (f"the last complete checkpoint is {os.path.join(save_dir, tags[0])}: continue with --resume" if tags
-            else f"no checkpoint was saved in {save_dir}")
+    return (
+        f"the last complete checkpoint is {os.path.join(save_dir, tags[0])}: continue with --resume"
+        if tags
+        else f"no checkpoint was saved in {save_dir}"
+    )
 
 
 def main(argv=None):
     from pretrain.trainer import StopSignals
+
     signals = StopSignals()  # first: a warning signal during start-up must not kill the rank, only stop it after a step
     try:
         prepared = prepare(argv)
@@ -238,6 +259,7 @@ def main(argv=None):
     from pretrain.checkpoint import DiskFull
     from pretrain.run_dir import UnsafeCheckpoint
     from pretrain.trainer import TrainingDiverged
+
     try:
         outcome, watchdog = run(*prepared, signals)
     except (TrainingDiverged, UnsafeCheckpoint, ConfigError) as e:  # found once ranks run: every rank raises it

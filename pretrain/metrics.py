@@ -3,6 +3,7 @@
 Names are grouped (train/, val/, moe/, perf/) so a W&B dashboard reads without editing;
 metrics.jsonl also carries a bare ``step`` and ``loss`` for scripts.
 """
+
 import json
 import os
 
@@ -22,10 +23,10 @@ class MetricsLogger:
         os.makedirs(save_dir, exist_ok=True)
         if wandb_project:
             import wandb
+
             # A run never needs the network: without an API key W&B writes offline files to sync later.
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=save_dir, mode=mode,
-                                    config=run_config, resume="allow")
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=save_dir, mode=mode, config=run_config, resume="allow")
 
     def log(self, step, metrics, histograms=None):
         """metrics: name -> float; histograms: name -> per-expert fractions (W&B only)."""
@@ -44,6 +45,7 @@ class MetricsLogger:
             print(line, flush=True)
         if self.wandb is not None:
             import wandb
+
             payload = dict(metrics)
             for name, fractions in (histograms or {}).items():
                 edges = np.arange(len(fractions) + 1)  # one bin per expert

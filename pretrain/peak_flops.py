@@ -6,6 +6,7 @@ an H100 PCIe or NVL has less compute than the SXM part the bare name means. fp32
 the TF32 tensor-core peak when torch lets matmuls use TF32, else against the plain FP32 peak. An
 unknown device gets no peak (and no MFU) rather than a wrong one.
 """
+
 import re
 
 HOPPER_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}

@@ -19,6 +19,7 @@ the number of workers. Output goes to temporary names, renamed when complete. Ba
 file, non-UTF-8 bytes, bad JSON, a missing field): one line ``error: ...`` naming file and line on
 stderr, exit code 2, and nothing written.
 """
+
 import multiprocessing
 import os
 import threading
@@ -74,8 +75,18 @@ def bounded(items, slots):
         yield item
 
 
-def preprocess(*inputs, output_prefix=None, tokenizer="bytes", field="text", per_line=False, dataset=None,
-               dataset_config=None, split="train", workers=os.cpu_count(), chunk_chars=1 << 18):
+def preprocess(
+    *inputs,
+    output_prefix=None,
+    tokenizer="bytes",
+    field="text",
+    per_line=False,
+    dataset=None,
+    dataset_config=None,
+    split="train",
+    workers=os.cpu_count(),
+    chunk_chars=1 << 18,
+):
     """Tokenize INPUTS (text or .jsonl files) or --dataset into OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx.
 
     Args:
@@ -100,14 +111,22 @@ def preprocess(*inputs, output_prefix=None, tokenizer="bytes", field="text", per
     if workers < 1 or chunk_chars < 1:
         raise ConfigError(f"--workers and --chunk_chars must be >= 1, got {workers} and {chunk_chars}")
     tok = load_tokenizer(tokenizer)
-    source = {"inputs": [os.path.abspath(p) for p in inputs], "dataset": dataset, "dataset_config": dataset_config,
-              "split": split, "field": field, "per_line": per_line}
+    source = {
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "dataset": dataset,
+        "dataset_config": dataset_config,
+        "split": split,
+        "field": field,
+        "per_line": per_line,
+    }
     slots = threading.Semaphore(2 * workers)
     total_bytes = sum(os.path.getsize(p) for p in inputs) or None
     start = time.perf_counter()
-    with IndexedWriter(output_prefix, tok.vocab_size, tok.spec, source) as writer, \
-            multiprocessing.Pool(workers, _load_worker_tokenizer, (tokenizer,)) as pool, \
-            tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(output_prefix)) as progress:
+    with (
+        IndexedWriter(output_prefix, tok.vocab_size, tok.spec, source) as writer,
+        multiprocessing.Pool(workers, _load_worker_tokenizer, (tokenizer,)) as pool,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(output_prefix)) as progress,
+    ):
         read = 0
         for tokens, lengths, nbytes in pool.imap(encode_chunk, bounded(chunks(documents, chunk_chars), slots)):
             slots.release()
@@ -115,9 +134,11 @@ def preprocess(*inputs, output_prefix=None, tokenizer="bytes", field="text", per
             read += nbytes
             progress.update(nbytes)
     seconds = time.perf_counter() - start
-    print(f"wrote {writer.bin_path} and {writer.idx_path}: {writer.num_docs:,} documents, {writer.num_tokens:,} tokens "
-          f"({writer.dtype.name}) from {read / 1e6:.1f} MB in {seconds:.1f}s, workers={workers}: "
-          f"{read / 1e6 / seconds:.2f} MB/s, {writer.num_tokens / seconds:,.0f} tokens/s")
+    print(
+        f"wrote {writer.bin_path} and {writer.idx_path}: {writer.num_docs:,} documents, {writer.num_tokens:,} tokens "
+        f"({writer.dtype.name}) from {read / 1e6:.1f} MB in {seconds:.1f}s, workers={workers}: "
+        f"{read / 1e6 / seconds:.2f} MB/s, {writer.num_tokens / seconds:,.0f} tokens/s"
+    )
 
 
 def main(argv=None):

@@ -25,6 +25,7 @@ under temporary names and renamed when complete. Bad input is one line ``error: 
 code 2, nothing written: parallel files whose line counts differ (naming both files and counts),
 non-UTF-8 bytes or bad JSON (naming file and line), a missing field.
 """
+
 import contextlib
 import json
 import multiprocessing
@@ -90,15 +91,15 @@ def json_pairs(path, source_field, target_fields):
             continue
         record = json_record(path, number, line)
         where = f"data file {path} line {number} field"
-        source = field_text(json_field(record, source_field, path, number, "--source_field"), f"{where} {source_field!r}",
-                            "pick a text field with --source_field")
+        source = field_text(
+            json_field(record, source_field, path, number, "--source_field"), f"{where} {source_field!r}", "pick a text field with --source_field"
+        )
         references = []
         for field in target_fields:
             value = json_field(record, field, path, number, "--target_field")
             values = value if isinstance(value, list) else [value]
             if not all(isinstance(v, str) for v in values):
-                raise ConfigError(f"{where} {field!r} is {type(value).__name__}, not text or a list of texts; "
-                                  f"pick a text field with --target_field")
+                raise ConfigError(f"{where} {field!r} is {type(value).__name__}, not text or a list of texts; pick a text field with --target_field")
             references.extend(values)
         yield source, references[0] if references else "", references, nbytes
 
@@ -155,16 +156,29 @@ def pair_inputs(source, target, jsonl, source_field, target_field):
     if jsonl is None:
         n_src, n_tgt = count_lines(inputs[0]), count_lines(inputs[1])
         if n_src != n_tgt:
-            raise ConfigError(f"--source {inputs[0]} has {n_src:,} lines but --target {inputs[1]} has {n_tgt:,}; "
-                              f"parallel files must be line-aligned")
+            raise ConfigError(f"--source {inputs[0]} has {n_src:,} lines but --target {inputs[1]} has {n_tgt:,}; parallel files must be line-aligned")
         return parallel_pairs(*inputs), inputs, {"source": inputs[0], "target": inputs[1]}
     target_fields = target_field.split(",") if isinstance(target_field, str) else [str(f) for f in target_field]
-    return (json_pairs(inputs[0], str(source_field), target_fields), inputs,
-            {"jsonl": inputs[0], "source_field": source_field, "target_fields": target_fields})
+    return (
+        json_pairs(inputs[0], str(source_field), target_fields),
+        inputs,
+        {"jsonl": inputs[0], "source_field": source_field, "target_fields": target_fields},
+    )
 
 
-def preprocess_pairs(source=None, target=None, jsonl=None, source_field=None, target_field=None, output_prefix=None,
-                     tokenizer="bytes", src_tokenizer=None, tgt_tokenizer=None, workers=os.cpu_count(), chunk_chars=1 << 18):
+def preprocess_pairs(
+    source=None,
+    target=None,
+    jsonl=None,
+    source_field=None,
+    target_field=None,
+    output_prefix=None,
+    tokenizer="bytes",
+    src_tokenizer=None,
+    tgt_tokenizer=None,
+    workers=os.cpu_count(),
+    chunk_chars=1 << 18,
+):
     """Tokenize line-aligned --source/--target files or --jsonl records into PREFIX.src.* and PREFIX.tgt.*.
 
     Args:
@@ -194,12 +208,13 @@ def preprocess_pairs(source=None, target=None, jsonl=None, source_field=None, ta
     slots = threading.Semaphore(2 * workers)
     start = time.perf_counter()
     src_source, tgt_source = {**description, "side": "source"}, {**description, "side": "target"}
-    with IndexedWriter(f"{output_prefix}.src", src_tok.vocab_size, src_tok.spec, src_source) as src_out, \
-            IndexedWriter(f"{output_prefix}.tgt", tgt_tok.vocab_size, tgt_tok.spec, tgt_source) as tgt_out, \
-            (atomic_lines(f"{output_prefix}.refs.jsonl") if jsonl is not None else contextlib.nullcontext()) as refs_out, \
-            multiprocessing.Pool(workers, _load_worker_tokenizers, (src_name, tgt_name)) as pool, \
-            tqdm(total=sum(map(os.path.getsize, inputs)), unit="B", unit_scale=True,
-                 desc=os.path.basename(output_prefix)) as progress:
+    with (
+        IndexedWriter(f"{output_prefix}.src", src_tok.vocab_size, src_tok.spec, src_source) as src_out,
+        IndexedWriter(f"{output_prefix}.tgt", tgt_tok.vocab_size, tgt_tok.spec, tgt_source) as tgt_out,
+        atomic_lines(f"{output_prefix}.refs.jsonl") if jsonl is not None else contextlib.nullcontext() as refs_out,
+        multiprocessing.Pool(workers, _load_worker_tokenizers, (src_name, tgt_name)) as pool,
+        tqdm(total=sum(map(os.path.getsize, inputs)), unit="B", unit_scale=True, desc=os.path.basename(output_prefix)) as progress,
+    ):
         read = dropped = 0
         encoded = pool.imap(encode_pairs, bounded(chunks(pairs, chunk_chars), slots))
         for (src, src_lengths), (tgt, tgt_lengths), references, nbytes, blank in encoded:
@@ -216,9 +231,11 @@ def preprocess_pairs(source=None, target=None, jsonl=None, source_field=None, ta
     seconds = time.perf_counter() - start
     tokens = src_out.num_tokens + tgt_out.num_tokens
     written = f"{output_prefix}.src.bin/.idx, {output_prefix}.tgt.bin/.idx" + (f", {output_prefix}.refs.jsonl" if jsonl else "")
-    print(f"wrote {written}: {src_out.num_docs:,} pairs ({dropped:,} with a blank side dropped), "
-          f"{src_out.num_tokens:,} source and {tgt_out.num_tokens:,} target tokens from {read / 1e6:.1f} MB in {seconds:.1f}s, "
-          f"workers={workers}: {read / 1e6 / seconds:.2f} MB/s, {tokens / seconds:,.0f} tokens/s")
+    print(
+        f"wrote {written}: {src_out.num_docs:,} pairs ({dropped:,} with a blank side dropped), "
+        f"{src_out.num_tokens:,} source and {tgt_out.num_tokens:,} target tokens from {read / 1e6:.1f} MB in {seconds:.1f}s, "
+        f"workers={workers}: {read / 1e6 / seconds:.2f} MB/s, {tokens / seconds:,.0f} tokens/s"
+    )
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ file (a Slurm log, a pipe) each log line ends with ``[25% of 200 steps, eta 01:2
 rate measured since this launch's first step (its warm-up, the first forward and the optimizer's state
 allocation, is left out).
 """
+
 import sys
 import time
 
@@ -23,8 +24,7 @@ class Progress:
         self.max_steps = max_steps
         self.bar = None
         if stream is not None:
-            self.bar = tqdm(total=max_steps, initial=start_step, file=stream, unit="step", desc="train",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=max_steps, initial=start_step, file=stream, unit="step", desc="train", dynamic_ncols=True)
         self.rate_origin = None  # (time, step) at the end of this launch's first step
         self.step = start_step
 

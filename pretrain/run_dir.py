@@ -16,6 +16,7 @@ The checkpoints are written by pretrain/checkpoint.py (through the engine); read
 model, as evaluation, export and a distillation teacher do, is here (``load_model``), with the checks that
 come first: the manifest, the allow-listed unpickler, the recorded tokenizer.
 """
+
 import contextlib
 import datetime
 import enum
@@ -47,8 +48,10 @@ TAG = re.compile(r"^global_step(\d+)$")
 # What a run writes at the top of its directory (DeepSpeed adds its zero_to_*.py converters beside the
 # checkpoints); --replace_run moves exactly these. Anything else (a tokenizer copied in, slurm/ job
 # records, earlier replaced/ runs) stays where it is.
-RUN_FILE = re.compile(r"^(global_step\d+(\.partial|_universal)?|latest(_universal)?|metrics\.jsonl|run_config\.json|wandb"
-                      r"|zero_to_fp32\.py|zero_to_torch\.py)$")
+RUN_FILE = re.compile(
+    r"^(global_step\d+(\.partial|_universal)?|latest(_universal)?|metrics\.jsonl|run_config\.json|wandb"
+    r"|zero_to_fp32\.py|zero_to_torch\.py)$"
+)
 # The lock's clock: a holder refreshes it every LOCK_HEARTBEAT_S; one silent for LOCK_STALE_AFTER_S is
 # gone (ten missed beats: a loaded metadata server can delay a few, never ten).
 LOCK_HEARTBEAT_S = 30.0
@@ -102,9 +105,14 @@ def read_latest(save_dir):
     tag = raw.decode("utf-8", errors="replace").strip()
     if not TAG.match(tag):
         found = complete_tags(save_dir)
-        raise ConfigError(f"{path} does not name a checkpoint (it holds {raw[:40]!r}); "
-                          + (f"write the tag of the one to resume from into it, e.g. echo {found[0]} > {path}" if found
-                             else f"{save_dir} has no complete checkpoint to resume from"))
+        raise ConfigError(
+            f"{path} does not name a checkpoint (it holds {raw[:40]!r}); "
+            + (
+                f"write the tag of the one to resume from into it, e.g. echo {found[0]} > {path}"
+                if found
+                else f"{save_dir} has no complete checkpoint to resume from"
+            )
+        )
     return tag
 
 
@@ -118,8 +126,10 @@ def check_save_dir(save_dir):
     if not os.path.isdir(parent):
         raise ConfigError(f"--save_dir {save_dir} cannot be created: {parent} is a file; pass another --save_dir")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save_dir {save_dir} cannot be {'written' if parent == os.path.abspath(save_dir) else 'created'}: "
-                          f"no write permission on {parent}; pass a --save_dir you can write")
+        raise ConfigError(
+            f"--save_dir {save_dir} cannot be {'written' if parent == os.path.abspath(save_dir) else 'created'}: "
+            f"no write permission on {parent}; pass a --save_dir you can write"
+        )
 
 
 def check_start(save_dir, resume, replace_run):
@@ -130,19 +140,25 @@ def check_start(save_dir, resume, replace_run):
     held = what_run_it_holds(save_dir)
     if not resume:
         if held and not replace_run:
-            raise ConfigError(f"--save_dir {save_dir} already holds a run ({held}); pass --resume to continue it, "
-                              f"--replace_run to move it into {os.path.join(save_dir, REPLACED)}/ and start over, "
-                              f"or a new --save_dir")
+            raise ConfigError(
+                f"--save_dir {save_dir} already holds a run ({held}); pass --resume to continue it, "
+                f"--replace_run to move it into {os.path.join(save_dir, REPLACED)}/ and start over, "
+                f"or a new --save_dir"
+            )
         return None
     if os.path.isfile(os.path.join(save_dir, LATEST)):
         return read_latest(save_dir)
     tags = complete_tags(save_dir)
     if tags:  # the pointer is gone but checkpoints are not: starting over would be the overwrite refused above
-        raise ConfigError(f"--resume: {save_dir} has no '{LATEST}' pointer but holds checkpoints {', '.join(tags)}; "
-                          f"to resume from the newest, run: echo {tags[0]} > {os.path.join(save_dir, LATEST)}")
+        raise ConfigError(
+            f"--resume: {save_dir} has no '{LATEST}' pointer but holds checkpoints {', '.join(tags)}; "
+            f"to resume from the newest, run: echo {tags[0]} > {os.path.join(save_dir, LATEST)}"
+        )
     if held:
-        raise ConfigError(f"--resume: {save_dir} holds a run that saved no checkpoint ({held}); nothing to resume from: "
-                          f"pass --replace_run instead of --resume to start it over, or a new --save_dir")
+        raise ConfigError(
+            f"--resume: {save_dir} holds a run that saved no checkpoint ({held}); nothing to resume from: "
+            f"pass --replace_run instead of --resume to start it over, or a new --save_dir"
+        )
     raise ConfigError(f"--resume given but {save_dir} holds no checkpoint ('{LATEST}' is missing); drop --resume to start fresh")
 
 
@@ -210,8 +226,11 @@ class RunLock:
         self.save_dir = save_dir
         self.path = os.path.join(save_dir, LOCK)
         self.identity = {
-            "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start_time(os.getpid()),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _pid_start_time(os.getpid()),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "token": f"{socket.gethostname()}.{os.getpid()}.{time.time_ns()}",
         }
@@ -239,11 +258,17 @@ class RunLock:
 
     def _why_gone(self, holder, age):
         """Why the holder of the lock no longer runs, or None while it may."""
-        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == self.identity["slurm_job_id"] \
-                and holder.get("slurm_restart", 0) < self.identity["slurm_restart"]:
+        if (
+            holder.get("slurm_job_id")
+            and holder.get("slurm_job_id") == self.identity["slurm_job_id"]
+            and holder.get("slurm_restart", 0) < self.identity["slurm_restart"]
+        ):
             return f"it was attempt {holder.get('slurm_restart', 0)} of this Slurm job, now requeued"
-        if holder.get("host") == self.identity["host"] and isinstance(holder.get("pid"), int) \
-                and not _pid_runs(holder["pid"], holder.get("pid_start")):
+        if (
+            holder.get("host") == self.identity["host"]
+            and isinstance(holder.get("pid"), int)
+            and not _pid_runs(holder["pid"], holder.get("pid_start"))
+        ):
             return f"pid {holder['pid']} no longer runs on this host"
         if age > LOCK_STALE_AFTER_S:
             return f"no heartbeat for {age:.0f} s"
@@ -286,17 +311,22 @@ class RunLock:
                 raise ConfigError(
                     f"--save_dir {self.save_dir} is in use by another run (host {holder.get('host')}, pid {holder.get('pid')}"
                     f"{', Slurm job ' + holder['slurm_job_id'] if holder.get('slurm_job_id') else ''}, started "
-                    f"{holder.get('started')}, last heartbeat {age:.0f} s ago); wait for it to end or pass another --save_dir")
+                    f"{holder.get('started')}, last heartbeat {age:.0f} s ago); wait for it to end or pass another --save_dir"
+                )
             stale = f"{self.path}.stale.{self.identity['token']}"
             try:
                 os.rename(self.path, stale)  # only one of several contenders wins the rename
             except FileNotFoundError:
                 continue
             os.unlink(stale)
-            print(f"warning: {self.path} was left by a run that is gone (host {holder.get('host')}, pid {holder.get('pid')}, "
-                  f"started {holder.get('started')}: {why}); taking it over", flush=True)
-        raise ConfigError(f"could not take {self.path} after {attempts} attempts (other launches are contending for it); "
-                          f"start one run per --save_dir")
+            print(
+                f"warning: {self.path} was left by a run that is gone (host {holder.get('host')}, pid {holder.get('pid')}, "
+                f"started {holder.get('started')}: {why}); taking it over",
+                flush=True,
+            )
+        raise ConfigError(
+            f"could not take {self.path} after {attempts} attempts (other launches are contending for it); start one run per --save_dir"
+        )
 
     def _start_heartbeat(self):
         def beat():
@@ -305,6 +335,7 @@ class RunLock:
                     os.utime(self.path)
                 except OSError:
                     pass  # a filesystem hiccup: the next beat tries again
+
         self._heartbeat = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -355,19 +386,27 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
     weights, settings = resume_differences(recorded.get("model", {}), model_config)
     if weights:
         changed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in weights)
-        raise ConfigError(f"--resume: the model config changes what the saved weights are ({changed}, against {where}); "
-                          f"resume with the run's own model config, or start a new run in another --save_dir")
+        raise ConfigError(
+            f"--resume: the model config changes what the saved weights are ({changed}, against {where}); "
+            f"resume with the run's own model config, or start a new run in another --save_dir"
+        )
     saved_ds = recorded.get("deepspeed", {})
-    for what, old, new in (("ZeRO stage", _zero_stage(saved_ds), _zero_stage(ds_config)),
-                           ("pipeline stages", _pipeline_stages(saved_ds), _pipeline_stages(ds_config))):
+    for what, old, new in (
+        ("ZeRO stage", _zero_stage(saved_ds), _zero_stage(ds_config)),
+        ("pipeline stages", _pipeline_stages(saved_ds), _pipeline_stages(ds_config)),
+    ):
         if old != new:
-            raise ConfigError(f"--resume: the run was saved with {what} {old} and this launch has {new}; no conversion "
-                              f"between them exists: resume with a DeepSpeed config of {what} {old}")
+            raise ConfigError(
+                f"--resume: the run was saved with {what} {old} and this launch has {new}; no conversion "
+                f"between them exists: resume with a DeepSpeed config of {what} {old}"
+            )
     for name, spec in tokenizers.items():
         old = recorded.get(name)
         if old is not None and (old.get("type"), old.get("sha256")) != (spec.get("type"), spec.get("sha256")):
-            raise ConfigError(f"--resume: the run was trained with {name} {old.get('path') or old.get('type')} and this launch "
-                              f"uses {spec.get('path') or spec.get('type')}, another vocabulary; pass the run's own tokenizer")
+            raise ConfigError(
+                f"--resume: the run was trained with {name} {old.get('path') or old.get('type')} and this launch "
+                f"uses {spec.get('path') or spec.get('type')}, another vocabulary; pass the run's own tokenizer"
+            )
     if settings:
         changed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in settings)
         return f"notice: resuming with changed training settings: {changed}"
@@ -387,6 +426,7 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
 # Every file is unpickled through safe_load (weights only, DeepSpeed's allow-list) after the checkpoint's
 # files are checked against the manifest written with it.
 
+
 class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file would run code outside the allow-list when unpickled."""
 
@@ -405,13 +445,14 @@ def _enum_member(enum_class, name):
 def safe_load(path, map_location=None):
     """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
     try:
-        with torch.serialization.safe_globals([*deepspeed_compat.checkpoint_allowed_globals(),
-                                               (_enum_member, "builtins.getattr")]):
+        with torch.serialization.safe_globals([*deepspeed_compat.checkpoint_allowed_globals(), (_enum_member, "builtins.getattr")]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        raise UnsafeCheckpoint(f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
-                               f"the allow-list; refusing it (load it by hand only if you trust its source)") from None
+        raise UnsafeCheckpoint(
+            f"{path} asks to run {found.group(1) if found else 'code'} when loaded, which is not on "
+            f"the allow-list; refusing it (load it by hand only if you trust its source)"
+        ) from None
 
 
 def sha256(path):
@@ -461,8 +502,7 @@ def require_run_config(run_dir):
     _check_run_dir(run_dir)
     recorded = read_run_config(run_dir)
     if recorded is None:
-        raise ConfigError(f"{os.path.join(run_dir, RUN_CONFIG)} does not exist; {run_dir} is not the --save_dir of a "
-                          f"pretrain/main.py run")
+        raise ConfigError(f"{os.path.join(run_dir, RUN_CONFIG)} does not exist; {run_dir} is not the --save_dir of a pretrain/main.py run")
     return recorded
 
 
@@ -488,11 +528,15 @@ def run_tokenizer(run_dir, spec):
         if os.path.isfile(path):
             tokenizer = SentencePieceTokenizer(path)
             if tokenizer.sha256 != spec["sha256"]:
-                raise ConfigError(f"tokenizer {path} is not the one {run_dir} was trained with (sha256 {tokenizer.sha256[:12]}, "
-                                  f"recorded {spec['sha256'][:12]}); put the original {name} in {run_dir}")
+                raise ConfigError(
+                    f"tokenizer {path} is not the one {run_dir} was trained with (sha256 {tokenizer.sha256[:12]}, "
+                    f"recorded {spec['sha256'][:12]}); put the original {name} in {run_dir}"
+                )
             return tokenizer
-    raise ConfigError(f"{run_dir} was trained with tokenizer {spec['path']}, which no longer exists (nor in or beside "
-                      f"the run directory); copy {name} into {run_dir}")
+    raise ConfigError(
+        f"{run_dir} was trained with tokenizer {spec['path']}, which no longer exists (nor in or beside "
+        f"the run directory); copy {name} into {run_dir}"
+    )
 
 
 def run_source_tokenizer(run_dir):
@@ -547,8 +591,10 @@ def checkpoint_state_dict(run_dir, tag, config):
         return zero3_state_dict(run_dir, tag)
     path = os.path.join(directory, "mp_rank_00_model_states.pt")
     if not os.path.isfile(path):
-        raise ConfigError(f"{directory} holds no model states (no mp_rank_00_model_states.pt, layer_00-model_states.pt "
-                          f"or zero_pp_rank_0_mp_rank_00_model_states.pt); is it a complete DeepSpeed checkpoint?")
+        raise ConfigError(
+            f"{directory} holds no model states (no mp_rank_00_model_states.pt, layer_00-model_states.pt "
+            f"or zero_pp_rank_0_mp_rank_00_model_states.pt); is it a complete DeepSpeed checkpoint?"
+        )
     state = safe_load(path, map_location="cpu")["module"]
     if family_of(config).experts:  # DeepSpeed keeps experts out of "module", in files of their own
         state.update(expert_state_dict(run_dir, tag, config))
@@ -568,8 +614,10 @@ def load_model(run_dir, tag=None, architecture=None, command=None):
     problem = damage(run_dir, tag)  # every file against the manifest written with it (pretrain/checkpoint.py)
     if problem is not None:
         intact = [t for t in complete_tags(run_dir) if t != tag and damage(run_dir, t) is None]
-        raise ConfigError(f"checkpoint {os.path.join(run_dir, tag)} is damaged ({problem}); "
-                          + (f"pass --tag {intact[0]} (the newest intact one)" if intact else "no intact checkpoint is left"))
+        raise ConfigError(
+            f"checkpoint {os.path.join(run_dir, tag)} is damaged ({problem}); "
+            + (f"pass --tag {intact[0]} (the newest intact one)" if intact else "no intact checkpoint is left")
+        )
     model = build_model(config)
     model.load_state_dict(checkpoint_state_dict(run_dir, tag, config), strict=True)
     return model.eval(), config, tokenizer

@@ -20,6 +20,7 @@ then --user_defined_symbols (e.g. language tags, always kept whole), then the le
 Text is not normalized and whitespace is kept (newlines included), so decode(encode(text)) == text
 for text made of covered characters. Bad input: one line ``error: ...`` on stderr, exit code 2.
 """
+
 import os
 import re
 import time
@@ -52,9 +53,22 @@ def trainer_refusal(message):
     return f"it needs {condition}; change {', '.join('--' + f for f in flags)}"
 
 
-def train(*inputs, dataset=None, dataset_config=None, split="train", field="text", per_line=False, output=None,
-          vocab_size=8000, model_type="bpe", character_coverage=0.9995, user_defined_symbols=(), input_sentence_size=0,
-          max_sentence_length=1 << 16, num_threads=os.cpu_count()):
+def train(
+    *inputs,
+    dataset=None,
+    dataset_config=None,
+    split="train",
+    field="text",
+    per_line=False,
+    output=None,
+    vocab_size=8000,
+    model_type="bpe",
+    character_coverage=0.9995,
+    user_defined_symbols=(),
+    input_sentence_size=0,
+    max_sentence_length=1 << 16,
+    num_threads=os.cpu_count(),
+):
     """Train a sentencepiece model on the documents of INPUTS (or --dataset) and write OUTPUT.model/.vocab.
 
     Args:
@@ -80,8 +94,10 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
     # and symbols blames the corpus's characters
     smallest = len(SPECIAL_IDS) + len(user_defined_symbols) + 1
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < smallest:
-        raise ConfigError(f"--vocab_size must be an integer of at least {smallest} (the {len(SPECIAL_IDS)} special pieces, "
-                          f"{len(user_defined_symbols)} --user_defined_symbols and one learned piece), got {vocab_size!r}")
+        raise ConfigError(
+            f"--vocab_size must be an integer of at least {smallest} (the {len(SPECIAL_IDS)} special pieces, "
+            f"{len(user_defined_symbols)} --user_defined_symbols and one learned piece), got {vocab_size!r}"
+        )
     inputs = [str(path) for path in inputs]  # fire turns a file named 2024 into an int
     documents = read_corpus(inputs, dataset, dataset_config, split, field, per_line)
     output = output or default_output(inputs, dataset, model_type, vocab_size)
@@ -98,17 +114,26 @@ def train(*inputs, dataset=None, dataset_config=None, split="train", field="text
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_prefix=output, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=character_coverage, user_defined_symbols=list(user_defined_symbols), **SPECIAL_IDS,
+            sentence_iterator=sentences(),
+            model_prefix=output,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            user_defined_symbols=list(user_defined_symbols),
+            **SPECIAL_IDS,
             # keep text as it is (no NFKC, no whitespace collapsing) so that decoding restores it exactly
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
     except RuntimeError as e:  # sentencepiece's own checks, e.g. a vocabulary larger than the corpus allows
         raise ConfigError(f"sentencepiece refused to train: {trainer_refusal(str(e))}")
     pieces = spm.SentencePieceProcessor(model_file=f"{output}.model").get_piece_size()  # char models may have fewer
-    print(f"wrote {output}.model and {output}.vocab: {model_type}, {pieces} pieces, "
-          f"from {count:,} documents in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {output}.model and {output}.vocab: {model_type}, {pieces} pieces, from {count:,} documents in {time.perf_counter() - start:.1f}s")
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ One step = grad_accum_steps micro-batches through engine.forward/backward/step (
 steps the optimizer on the last one), or through one PipelineEngine.train_batch when the model
 is split into pipeline stages; then logging, validation and checkpointing.
 """
+
 import math
 import signal
 import time
@@ -34,6 +35,7 @@ def grad_norm(engine, expert_parallel_size):
     this replaces allocated and wrote a copy of every gradient, 5% of the 125M shape's step (BENCHMARKS.md).
     """
     from deepspeed.moe.utils import is_moe_param
+
     params = list(engine.module.parameters())
     shared = [p.grad.detach() for p in params if p.grad is not None and not is_moe_param(p)]
     expert = [p.grad.detach() for p in params if p.grad is not None and is_moe_param(p)]
@@ -120,8 +122,9 @@ class Trainer:
         self.last_saved_step = None
         self.progress = None  # rank 0's bar or ETA while train() runs
         # fp32 without ZeRO: DeepSpeed keeps no gradient norm; grad_norm computes it and clip_and_step clips with it.
-        self.clips_itself = (plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
-                             and not deepspeed_compat.uses_autocast_grad_scaler(engine))  # unscaled gradients
+        self.clips_itself = (
+            plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined and not deepspeed_compat.uses_autocast_grad_scaler(engine)
+        )  # unscaled gradients
         if dist.get_world_size() == 1 and plan.zero_stage == 0 and not self.pipelined:
             # Alone, DeepSpeed's gradient all-reduce flattens every gradient into buckets, all-reduces them
             # with themselves and copies them back: a no-op that cost 12% of the tiny model's step (BENCHMARKS.md).
@@ -244,8 +247,10 @@ class Trainer:
         if self.consecutive_bad_steps < self.args.max_bad_steps:
             return
         last = f"step {self.last_saved_step}" if self.last_saved_step else "none saved by this run"
-        raise TrainingDiverged(f"stopping at step {self.step}: {self.consecutive_bad_steps} consecutive steps skipped ({why}); "
-                               f"last good checkpoint: {last}; lower the learning rate, check the data, or resume from it")
+        raise TrainingDiverged(
+            f"stopping at step {self.step}: {self.consecutive_bad_steps} consecutive steps skipped ({why}); "
+            f"last good checkpoint: {last}; lower the learning rate, check the data, or resume from it"
+        )
 
     def train(self):
         """Train to --max_steps; returns "done", or the signal's name after a stop signal (checkpoint saved)."""
@@ -281,8 +286,10 @@ class Trainer:
             if signals.any_rank_received():
                 self.save()
                 if dist.get_rank() == 0:
-                    self.progress.write(f"stop signal ({signals.received or 'on another rank'}) at step {self.step}: "
-                                        f"checkpoint {self.last_saved_step} is the one to resume from; exiting for requeue")
+                    self.progress.write(
+                        f"stop signal ({signals.received or 'on another rank'}) at step {self.step}: "
+                        f"checkpoint {self.last_saved_step} is the one to resume from; exiting for requeue"
+                    )
                 return signals.received or "signal"
             if args.save_interval and self.step % args.save_interval == 0:
                 self.save()
@@ -311,7 +318,7 @@ class Trainer:
             metrics["train/aux_loss"] = sums[1]
             n_layers, width = last_moe.shape
             for layer in range(n_layers):
-                row = sums[2 + layer * width: 2 + (layer + 1) * width]
+                row = sums[2 + layer * width : 2 + (layer + 1) * width]
                 metrics[f"moe/layer{layer}/dropped_fraction"] = row[-1]
                 metrics[f"moe/layer{layer}/max_expert_fraction"] = max(row[:-1])
                 histograms[f"moe/layer{layer}/expert_fraction"] = row[:-1]
@@ -327,13 +334,14 @@ class Trainer:
         """val/loss on the task's validation data, and whatever the task's optional ``validation_metrics(model)``
         measures with the model itself (translation's val/bleu); every rank calls it, for collectives inside."""
         metrics = {}
-        batches = [] if self.task.val is None else [
-            self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
-            for i in range(self.args.eval_iters)]
+        batches = (
+            []
+            if self.task.val is None
+            else [self.task.val_batch(i, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size) for i in range(self.args.eval_iters)]
+        )
         if self.pipelined:  # mean over micro-batches and data-parallel ranks, on every stage
             if batches:
-                loss = self.engine.eval_batch(((self.task.inputs(b), self.task.targets(b)) for b in batches),
-                                              num_micro_batches=len(batches))
+                loss = self.engine.eval_batch(((self.task.inputs(b), self.task.targets(b)) for b in batches), num_micro_batches=len(batches))
                 self.logger.log(self.step, {"val/loss": float(loss)})
             return
         self.engine.eval()

@@ -17,6 +17,7 @@ A rank that fails with an exception posts it too (``post_failure``), so the othe
 of waiting in their next collective for the bound. A rendezvous store that stops answering (it lives
 in rank 0's process, or in torchrun's agent) ends the rank the same way.
 """
+
 import os
 import sys
 import threading
@@ -93,8 +94,7 @@ class Watchdog:
         """Print the one line naming why, release what this rank holds, and end the process with EXIT_PEER_FAILED."""
         if self._stopped.is_set():
             return
-        print(f"error: rank {self.rank}: {message}; ending this rank (the last complete checkpoint is intact)",
-              file=sys.stderr)
+        print(f"error: rank {self.rank}: {message}; ending this rank (the last complete checkpoint is intact)", file=sys.stderr)
         if self.before_exit is not None:
             self.before_exit()
         exit_now(EXIT_PEER_FAILED)
@@ -113,15 +113,19 @@ class Watchdog:
                     self.end(failure)
                 beat = self.store.get(key) if self.store.check([key]) else None
             except Exception as e:  # the store's process has ended (a broken connection, not a slow one)
-                self.end(f"lost the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
-                         f"{os.environ.get('MASTER_PORT')}, served by rank 0's process or the launcher): "
-                         f"{type(e).__name__}: {e}")
+                self.end(
+                    f"lost the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
+                    f"{os.environ.get('MASTER_PORT')}, served by rank 0's process or the launcher): "
+                    f"{type(e).__name__}: {e}"
+                )
             self.last_store_answer = time.monotonic()
             if beat != seen:
                 seen, seen_at = beat, time.monotonic()
             elif time.monotonic() - seen_at > self.timeout:
-                message = (f"rank {self.watched} stopped answering (no heartbeat for {time.monotonic() - seen_at:.0f} s, "
-                           f"--heartbeat_timeout_s {self.timeout:g}: frozen, killed, or its host lost)")
+                message = (
+                    f"rank {self.watched} stopped answering (no heartbeat for {time.monotonic() - seen_at:.0f} s, "
+                    f"--heartbeat_timeout_s {self.timeout:g}: frozen, killed, or its host lost)"
+                )
                 self.post_failure(message)
                 self.end(message)
 
@@ -129,9 +133,11 @@ class Watchdog:
         while not self._stopped.wait(self.interval):
             silent = time.monotonic() - self.last_store_answer
             if silent > self.timeout + self.interval:
-                self.end(f"the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
-                          f"{os.environ.get('MASTER_PORT')}, in rank 0's process or the launcher's) has not answered for "
-                          f"{silent:.0f} s (--heartbeat_timeout_s {self.timeout:g})")
+                self.end(
+                    f"the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
+                    f"{os.environ.get('MASTER_PORT')}, in rank 0's process or the launcher's) has not answered for "
+                    f"{silent:.0f} s (--heartbeat_timeout_s {self.timeout:g})"
+                )
 
 
 def forward_runner_termination(on_terminated, interval_s=1.0):
@@ -159,4 +165,5 @@ def forward_runner_termination(on_terminated, interval_s=1.0):
                 pass
             on_terminated()
             return
+
     threading.Thread(target=watch, name="deepspeed-runner-watch", daemon=True).start()

@@ -58,6 +58,7 @@ Benchmarks (bench/switch_vs_dense.py, bench/engine_overhead.py)
   engine_inner_phases           ZeRO 1-2's ``optimizer.reduce_gradients`` / ``scaled_global_norm`` / ``.optimizer``;
                                 without ZeRO ``engine.clip_fp32_gradients``
 """
+
 import contextlib
 import os
 
@@ -69,6 +70,7 @@ import torch
 def is_pipeline_engine(engine):
     """Whether ``engine`` is DeepSpeed's pipeline engine (a model built as a ``deepspeed.pipe.PipelineModule``)."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
+
     return isinstance(engine, PipelineEngine)
 
 
@@ -157,12 +159,34 @@ def replay_cpu_adam_bias_correction(optimizer):
             beta1, beta2 = group["betas"]
             bias_correction = 1 if group["bias_correction"] else 0
             if cpu_fused:
-                optimizer.multi_tensor_adam(0, optimizer._dummy_overflow_buf, [[empty], [empty], [empty], [empty]],
-                                            group["lr"], beta1, beta2, group["eps"], step, optimizer.adam_w_mode,
-                                            bias_correction, group["weight_decay"])
+                optimizer.multi_tensor_adam(
+                    0,
+                    optimizer._dummy_overflow_buf,
+                    [[empty], [empty], [empty], [empty]],
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    step,
+                    optimizer.adam_w_mode,
+                    bias_correction,
+                    group["weight_decay"],
+                )
             else:
-                optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], beta1, beta2, group["eps"],
-                                                  group["weight_decay"], bias_correction, empty, empty, empty, empty)
+                optimizer.ds_opt_adam.adam_update(
+                    optimizer.opt_id,
+                    step,
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    bias_correction,
+                    empty,
+                    empty,
+                    empty,
+                    empty,
+                )
 
 
 def checkpoint_allowed_globals():
@@ -172,6 +196,7 @@ def checkpoint_allowed_globals():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -202,6 +227,7 @@ def expert_checkpoint_path(save_dir, moe_layer, expert, tag):
     """The file DeepSpeed saves expert ``expert`` (its global index) of MoE layer ``moe_layer`` (0, 1, ... in
     module order) to, in checkpoint ``tag`` of ``save_dir``."""
     from deepspeed.runtime.engine import DeepSpeedEngine
+
     return DeepSpeedEngine._get_expert_ckpt_name(os.fspath(save_dir), moe_layer, expert, tag)
 
 
@@ -226,6 +252,7 @@ def zero_init(config, before_partition):
 def is_partitioned(param):
     """Whether ZeRO-3 has taken ``param`` over (partitioned it or will)."""
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
     return is_zero_param(param)
 
 
@@ -300,12 +327,14 @@ def tied_modules(pipeline_module):
 def moe_all_to_all():
     """The autograd Function DeepSpeed's MoE all-to-all runs through; its backward applies its forward again."""
     from deepspeed.moe.sharded_moe import _AllToAll
+
     return _AllToAll
 
 
 def moe_gates_and_experts(model):
     """(router, experts) modules of every DeepSpeed MoE layer in ``model``, in module order."""
     from deepspeed.moe.sharded_moe import MOELayer
+
     return [(module.gate, module.experts) for module in model.modules() if isinstance(module, MOELayer)]
 
 
@@ -315,6 +344,8 @@ def engine_inner_phases(engine):
     gradient norm and the base optimizer's step; without ZeRO, DeepSpeed's clipping and the optimizer's step."""
     optimizer = engine.optimizer
     if hasattr(optimizer, "reduce_gradients"):  # ZeRO 1-2
-        return ([(optimizer, "reduce_gradients", "ZeRO gradient reduction")],
-                [(optimizer, "scaled_global_norm", "ZeRO gradient norm"), (optimizer.optimizer, "step", "Adam")])
+        return (
+            [(optimizer, "reduce_gradients", "ZeRO gradient reduction")],
+            [(optimizer, "scaled_global_norm", "ZeRO gradient norm"), (optimizer.optimizer, "step", "Adam")],
+        )
     return [], [(engine, "clip_fp32_gradients", "DeepSpeed clipping"), (optimizer, "step", "Adam")]

@@ -1,4 +1,5 @@
 """Session set-up shared by every test that starts DeepSpeed."""
+
 import os
 
 # The suite is a CPU suite, also on a machine with GPUs: hidden before torch looks, here and in every rank it starts
@@ -59,8 +60,7 @@ def pair_data(tmp_path_factory):
     train_tokenizer(train_src, train_tgt, per_line=True, vocab_size=32, output=str(directory / "toy"), num_threads=1)
     model = directory / "toy.model"
     for prefix, (src, tgt) in (("train", (train_src, train_tgt)), ("val", (val_src, val_tgt))):
-        preprocess_pairs(source=str(src), target=str(tgt), tokenizer=str(model), output_prefix=str(directory / prefix),
-                         workers=1)
+        preprocess_pairs(source=str(src), target=str(tgt), tokenizer=str(model), output_prefix=str(directory / prefix), workers=1)
     return directory / "train", directory / "val", model
 
 
@@ -68,8 +68,7 @@ def pair_data(tmp_path_factory):
 def translation_run(tmp_path_factory, pair_data):
     """A tiny dense translation model trained on the toy pair (1 rank, ZeRO-1), with val/bleu at its end."""
     directory = tmp_path_factory.mktemp("translation_run")
-    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150, *bleu_args(pair_data)),
-              1, directory / "logs")
+    run_ranks(translation_args(directory, pair_data, "zero1.json", "tiny-transformer.json", 150, *bleu_args(pair_data)), 1, directory / "logs")
     return directory / "run"
 
 

@@ -1,12 +1,28 @@
 """The tests' runs of pretrain/main.py: argument lists, metrics, and real ranks started through
 pretrain/local_ranks.py (whose names the tests import from here)."""
+
 import json
 from pathlib import Path
 
 from pretrain.local_ranks import MAIN, REPO, RankResult, free_port, rank_env, start_ranks, stop_ranks, wait_ranks
 
-__all__ = ["MAIN", "REPO", "RankResult", "free_port", "rank_env", "start_ranks", "stop_ranks", "wait_ranks",
-           "CORPUS", "run_ranks", "train_args", "translation_args", "with_schedule_length", "bleu_args", "read_metrics"]
+__all__ = [
+    "MAIN",
+    "REPO",
+    "RankResult",
+    "free_port",
+    "rank_env",
+    "start_ranks",
+    "stop_ranks",
+    "wait_ranks",
+    "CORPUS",
+    "run_ranks",
+    "train_args",
+    "translation_args",
+    "with_schedule_length",
+    "bleu_args",
+    "read_metrics",
+]
 
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
 
@@ -20,8 +36,19 @@ def run_ranks(args, world_size, log_dir, extra_env=None, timeout=600, check=True
 
 
 def train_args(tmp_path, ds_config, model_config, max_steps, *extra, save_dir=None):
-    return ["--ds_config", REPO / "ds_configs" / ds_config, "--model_config", REPO / "models" / "configs" / model_config,
-            "--train_data", CORPUS, "--max_steps", max_steps, "--save_dir", save_dir or tmp_path / "run", *extra]
+    return [
+        "--ds_config",
+        REPO / "ds_configs" / ds_config,
+        "--model_config",
+        REPO / "models" / "configs" / model_config,
+        "--train_data",
+        CORPUS,
+        "--max_steps",
+        max_steps,
+        "--save_dir",
+        save_dir or tmp_path / "run",
+        *extra,
+    ]
 
 
 # The toy-pair translation tests were tuned at nearly the peak learning rate of a 1000-step cosine: annealed over
@@ -42,9 +69,25 @@ def with_schedule_length(ds_config, total_steps, directory):
 
 def translation_args(tmp_path, pair_data, ds_config, model_config, steps, *extra):
     train, val, _ = pair_data
-    return ["--task", "translation", "--ds_config", with_schedule_length(ds_config, TOY_PAIR_SCHEDULE_STEPS, tmp_path),
-            "--model_config", REPO / "models" / "configs" / model_config, "--train_data", train, "--val_data", val,
-            "--max_steps", steps, "--save_dir", tmp_path / "run", "--eval_interval", steps, *extra]
+    return [
+        "--task",
+        "translation",
+        "--ds_config",
+        with_schedule_length(ds_config, TOY_PAIR_SCHEDULE_STEPS, tmp_path),
+        "--model_config",
+        REPO / "models" / "configs" / model_config,
+        "--train_data",
+        train,
+        "--val_data",
+        val,
+        "--max_steps",
+        steps,
+        "--save_dir",
+        tmp_path / "run",
+        "--eval_interval",
+        steps,
+        *extra,
+    ]
 
 
 def bleu_args(pair_data, beam=4):

@@ -1,5 +1,6 @@
 """Tiny training runs shared by the tests that read checkpoints back (evaluation, export, the run-directory loader):
 each recipe is trained once a session, when a test first asks for it (the ``trained`` fixture, tests/conftest.py)."""
+
 from dataclasses import dataclass
 
 from pretrain.main import prepare
@@ -38,8 +39,7 @@ def trained_runs(tmp_path_factory):
         if name not in done:
             recipe = RECIPES[name]
             run = root / name
-            run_ranks(train_args(root, recipe.ds_config, recipe.model_config, recipe.steps, save_dir=run), recipe.ranks,
-                      root / f"logs_{name}")
+            run_ranks(train_args(root, recipe.ds_config, recipe.model_config, recipe.steps, save_dir=run), recipe.ranks, root / f"logs_{name}")
             done[name] = run
         return done[name]
 
@@ -50,6 +50,5 @@ def lm_task(name, run):
     """The LM task the run trained with (its data, tokenizer and validation batches). The launch plan
     does not shape them, so a one-rank ZeRO-1 plan stands in for pipeline and expert-parallel ones."""
     # A fresh --save_dir: prepare() refuses a start into the run's own, which holds the run.
-    args = train_args(run, "zero1.json", RECIPES[name].model_config, RECIPES[name].steps,
-                      save_dir=run.parent / f"{run.name}_prepare_only")
+    args = train_args(run, "zero1.json", RECIPES[name].model_config, RECIPES[name].steps, save_dir=run.parent / f"{run.name}_prepare_only")
     return prepare([str(a) for a in args])[-1]

@@ -10,6 +10,7 @@ as it goes and never holds them. Both files are written under ``.tmp`` names and
 complete; a reader refuses any pair whose sizes disagree with the footer, so a half-written,
 truncated or mismatched pair is never read as data.
 """
+
 import json
 import os
 
@@ -44,8 +45,7 @@ class IndexedWriter:
     def __init__(self, prefix, vocab_size, tokenizer_spec, source=None):
         self.bin_path, self.idx_path = f"{prefix}.bin", f"{prefix}.idx"
         self.dtype = token_dtype(vocab_size)
-        self.footer = {"version": VERSION, "dtype": self.dtype.str, "vocab_size": vocab_size,
-                       "tokenizer": tokenizer_spec, "source": source}
+        self.footer = {"version": VERSION, "dtype": self.dtype.str, "vocab_size": vocab_size, "tokenizer": tokenizer_spec, "source": source}
         self.num_docs = self.num_tokens = 0
 
     def __enter__(self):
@@ -87,13 +87,16 @@ class IndexedTokens:
         num_docs, num_tokens = self.footer["num_docs"], self.footer["num_tokens"]
         bin_size = os.path.getsize(self.bin_path)
         if bin_size != num_tokens * self.dtype.itemsize:
-            raise ConfigError(f"{self.bin_path} has {bin_size} bytes but {self.idx_path} describes {num_tokens} tokens of "
-                              f"{self.dtype.itemsize} bytes; the two were not written together: re-run python -m pretrain.preprocess")
+            raise ConfigError(
+                f"{self.bin_path} has {bin_size} bytes but {self.idx_path} describes {num_tokens} tokens of "
+                f"{self.dtype.itemsize} bytes; the two were not written together: re-run python -m pretrain.preprocess"
+            )
         self.tokens = np.memmap(self.bin_path, self.dtype, mode="r", shape=(num_tokens,))
         self.offsets = np.memmap(self.idx_path, _INT64, mode="r", offset=len(MAGIC), shape=(num_docs + 1,))
         if self.offsets[-1] != num_tokens:
-            raise ConfigError(f"{self.idx_path} is corrupt (its offsets end at {self.offsets[-1]}, not {num_tokens}); "
-                              f"re-run python -m pretrain.preprocess")
+            raise ConfigError(
+                f"{self.idx_path} is corrupt (its offsets end at {self.offsets[-1]}, not {num_tokens}); re-run python -m pretrain.preprocess"
+            )
 
     def _read_footer(self):
         fix = "re-run python -m pretrain.preprocess"

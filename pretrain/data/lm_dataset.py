@@ -10,6 +10,7 @@ Several corpora are blended with weights (as Megatron's BlendableDataset): Blend
 sample number k to (corpus, sample), each corpus read in its own seeded order, again a pure
 function of (seed, k).
 """
+
 import itertools
 import json
 import os
@@ -32,8 +33,7 @@ def read_lines(path):
             try:
                 yield number, raw.decode("utf-8"), len(raw)
             except UnicodeDecodeError as e:
-                raise ConfigError(f"data file {path} line {number} is not UTF-8 (byte {offset + e.start}); "
-                                  f"convert it, e.g. iconv -t UTF-8")
+                raise ConfigError(f"data file {path} line {number} is not UTF-8 (byte {offset + e.start}); convert it, e.g. iconv -t UTF-8")
             offset += len(raw)
 
 
@@ -166,7 +166,7 @@ def read_text_tokens(path, tokenizer):
 def split_tokens(tokens, val_fraction):
     """Train on the head, validate on the tail (a contiguous split keeps validation text unseen)."""
     n_val = int(len(tokens) * val_fraction)
-    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
 
 
 class LMSamples:
@@ -180,7 +180,7 @@ class LMSamples:
             raise ConfigError(f"{name} has {len(tokens)} tokens, fewer than one sample of seq_len {seq_len}; use more data or a shorter --seq_len")
 
     def __getitem__(self, i):
-        window = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
         return torch.from_numpy(window.astype(np.int64))
 
 
@@ -226,8 +226,10 @@ class BlendedOrder:
     def __init__(self, sizes, weights, seed):
         self.counts = apportion(weights, BLEND_BLOCK)
         if not self.counts.all():
-            raise ConfigError(f"--train_data_weights {list(weights)}: corpus {int(np.argmin(self.counts)) + 1} would get "
-                              f"no samples (weight below 1/{BLEND_BLOCK} of the total); raise its weight or drop it")
+            raise ConfigError(
+                f"--train_data_weights {list(weights)}: corpus {int(np.argmin(self.counts)) + 1} would get "
+                f"no samples (weight below 1/{BLEND_BLOCK} of the total); raise its weight or drop it"
+            )
         slot_times = np.concatenate([(np.arange(n) + 0.5) / n for n in self.counts])
         slot_corpus = np.repeat(np.arange(len(self.counts)), self.counts)
         slots = np.argsort(slot_times, kind="stable")  # stable: equal times keep corpus order

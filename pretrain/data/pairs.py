@@ -28,6 +28,7 @@ epoch goes to rank j % dp_size, and the last len % dp_size batches of the epoch 
 every rank takes the same number of batches per epoch (``len(batches)``) and ranks never share one.
 ``batch(k)`` is a pure function of (seed, k): a checkpoint needs only k to resume exactly.
 """
+
 import numpy as np
 import torch
 
@@ -44,8 +45,10 @@ class PairDataset:
         self.target = IndexedTokens(f"{prefix}.tgt")
         n_src, n_tgt = len(self.source.offsets) - 1, len(self.target.offsets) - 1
         if n_src != n_tgt:
-            raise ConfigError(f"{self.source.idx_path} has {n_src} sentences but {self.target.idx_path} has {n_tgt}; "
-                              f"they were not written together: re-run python -m pretrain.preprocess_pairs")
+            raise ConfigError(
+                f"{self.source.idx_path} has {n_src} sentences but {self.target.idx_path} has {n_tgt}; "
+                f"they were not written together: re-run python -m pretrain.preprocess_pairs"
+            )
         self.src_lengths = np.diff(self.source.offsets)
         self.tgt_lengths = np.diff(self.target.offsets)
 
@@ -53,10 +56,10 @@ class PairDataset:
         return len(self.src_lengths)
 
     def src(self, i):
-        return self.source.tokens[self.source.offsets[i]: self.source.offsets[i + 1]]
+        return self.source.tokens[self.source.offsets[i] : self.source.offsets[i + 1]]
 
     def tgt(self, i):
-        return self.target.tokens[self.target.offsets[i]: self.target.offsets[i + 1]]
+        return self.target.tokens[self.target.offsets[i] : self.target.offsets[i + 1]]
 
     @property
     def src_tokenizer_spec(self):
@@ -94,8 +97,9 @@ class TokenBudgetBatches:
 
     def __init__(self, pairs, max_tokens, max_positions, pad_id, bos_id, seed, dp_rank=0, dp_size=1):
         if max_positions < 1 or max_tokens < max_positions:
-            raise ConfigError(f"max_tokens ({max_tokens}) must be >= max_positions ({max_positions}) >= 1, "
-                              f"so that every pair that is kept fits in a batch")
+            raise ConfigError(
+                f"max_tokens ({max_tokens}) must be >= max_positions ({max_positions}) >= 1, so that every pair that is kept fits in a batch"
+            )
         self.pairs, self.pad_id, self.bos_id = pairs, pad_id, bos_id
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         src_lengths, tgt_lengths = pairs.src_lengths, pairs.tgt_lengths
@@ -105,8 +109,10 @@ class TokenBudgetBatches:
         order = np.lexsort((tie_break, tgt_lengths, src_lengths))  # the last key sorts first
         self.all_batches = cut_by_token_budget(order[fits[order]], src_lengths, tgt_lengths, max_tokens)
         if len(self.all_batches) < dp_size:
-            raise ConfigError(f"{pairs.prefix} makes {len(self.all_batches)} batches of max_tokens {max_tokens}, fewer than "
-                              f"the {dp_size} data-parallel ranks; use more data or a smaller max_tokens")
+            raise ConfigError(
+                f"{pairs.prefix} makes {len(self.all_batches)} batches of max_tokens {max_tokens}, fewer than "
+                f"the {dp_size} data-parallel ranks; use more data or a smaller max_tokens"
+            )
         real = sum(int(src_lengths[b].sum() + tgt_lengths[b].sum()) for b in self.all_batches)
         padded = sum(len(b) * int(src_lengths[b].max() + tgt_lengths[b].max()) for b in self.all_batches)
         self.padding_fraction = 1.0 - real / padded

@@ -3,6 +3,7 @@
 Both expose vocab_size, eos_id, encode(str) -> list[int], decode(list[int]) -> str, and a
 ``spec`` dict that checkpoints record so evaluation decodes with the same tokenizer.
 """
+
 import hashlib
 import os
 
@@ -38,8 +39,10 @@ class SentencePieceTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         except RuntimeError:  # "could not parse ModelProto", or for an empty file "unk is not defined"
-            raise ConfigError(f"tokenizer {model_path} is not a sentencepiece model; pass a .model file written by "
-                              f"python -m pretrain.tokenizer, or --tokenizer bytes") from None
+            raise ConfigError(
+                f"tokenizer {model_path} is not a sentencepiece model; pass a .model file written by "
+                f"python -m pretrain.tokenizer, or --tokenizer bytes"
+            ) from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.sp.piece_to_id("</s>")
 
@@ -81,13 +84,18 @@ def tokenizer_for_data(name_or_path, made_with):
             beside = os.path.join(os.path.dirname(index_path), os.path.basename(spec["path"]))
             path = spec["path"] if os.path.isfile(spec["path"]) else beside
             if not os.path.isfile(path):
-                raise ConfigError(f"{index_path} was made with tokenizer {spec['path']}, which no longer exists (nor beside "
-                                  f"the index); pass --tokenizer with that .model file")
+                raise ConfigError(
+                    f"{index_path} was made with tokenizer {spec['path']}, which no longer exists (nor beside "
+                    f"the index); pass --tokenizer with that .model file"
+                )
             tokenizer = SentencePieceTokenizer(path)
     else:
         tokenizer = load_tokenizer(name_or_path)
-    fix = ("drop --tokenizer to use the one it was made with" if name_or_path is not None
-           else "preprocess training and validation data with one tokenizer")
+    fix = (
+        "drop --tokenizer to use the one it was made with"
+        if name_or_path is not None
+        else "preprocess training and validation data with one tokenizer"
+    )
     for index_path, spec in made_with.items():
         if not _same(spec, tokenizer.spec):
             raise ConfigError(f"{index_path} was made with tokenizer {_describe(spec)}, not {_describe(tokenizer.spec)}; {fix}")
@@ -96,5 +104,7 @@ def tokenizer_for_data(name_or_path, made_with):
 
 def check_fits_model(tokenizer, vocab_size, model_config_path):
     if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model config {model_config_path} has vocab_size "
-                          f"{vocab_size}; set vocab_size >= {tokenizer.vocab_size} or use the tokenizer the model was made for")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} ids but model config {model_config_path} has vocab_size "
+            f"{vocab_size}; set vocab_size >= {tokenizer.vocab_size} or use the tokenizer the model was made for"
+        )

@@ -1,4 +1,5 @@
 """Task registry: a task connects data, a model family and a loss; the trainer only sees tasks."""
+
 TASKS = {}
 
 
@@ -6,6 +7,7 @@ def register_task(name):
     def wrap(cls):
         TASKS[name] = cls
         return cls
+
     return wrap
 
 

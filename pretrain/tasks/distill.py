@@ -18,6 +18,7 @@ rank, so any expert-parallel layout it was trained in works), frozen, in eval mo
 evaluation capacity factor) and in the student's precision. Logged: train/lm_loss is the hard
 loss, so it and val/loss compare with a run trained without the teacher; train/loss is the total.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +36,7 @@ def soft_target_loss(student_logits, teacher_logits, targets, temperature):
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
     keep = targets != IGNORE
-    return temperature ** 2 * per_token[keep].mean()
+    return temperature**2 * per_token[keep].mean()
 
 
 @register_task("distill")
@@ -48,8 +49,9 @@ class DistillationTask:
         if args.distill_task not in TASKS or args.distill_task == "distill":
             raise ConfigError(f"--distill_task must be one of {sorted(set(TASKS) - {'distill'})}, got {args.distill_task!r}")
         if not 0.0 <= args.distill_alpha <= 1.0 or args.distill_temperature <= 0:
-            raise ConfigError(f"--distill_alpha must be in [0, 1] and --distill_temperature > 0, got "
-                              f"{args.distill_alpha} and {args.distill_temperature}")
+            raise ConfigError(
+                f"--distill_alpha must be in [0, 1] and --distill_temperature > 0, got {args.distill_alpha} and {args.distill_temperature}"
+            )
         if plan.pipeline_stages > 1:
             raise ConfigError("--task distill does not run in pipeline stages; drop 'pipeline' from the DeepSpeed config")
         self.base = TASKS[args.distill_task](args, model_config, plan)
@@ -58,16 +60,22 @@ class DistillationTask:
 
         teacher, teacher_config, teacher_tokenizer = load_model(args.teacher)
         if teacher_config.vocab_size != model_config.vocab_size:
-            raise ConfigError(f"teacher {args.teacher} has a vocabulary of {teacher_config.vocab_size}, the student "
-                              f"({args.model_config}) {model_config.vocab_size}; they must match for soft targets")
+            raise ConfigError(
+                f"teacher {args.teacher} has a vocabulary of {teacher_config.vocab_size}, the student "
+                f"({args.model_config}) {model_config.vocab_size}; they must match for soft targets"
+            )
         if teacher_tokenizer.spec != self.tokenizer.spec:
-            raise ConfigError(f"teacher {args.teacher} was trained with another tokenizer than the training data's "
-                              f"({self.tokenizer.spec.get('path', self.tokenizer.spec['type'])}); distil on data made "
-                              f"with the teacher's tokenizer")
+            raise ConfigError(
+                f"teacher {args.teacher} was trained with another tokenizer than the training data's "
+                f"({self.tokenizer.spec.get('path', self.tokenizer.spec['type'])}); distil on data made "
+                f"with the teacher's tokenizer"
+            )
         self.src_tokenizer = getattr(self.base, "src_tokenizer", self.tokenizer)  # translation's own source tokenizer
         if self.src_tokenizer is not self.tokenizer and run_source_tokenizer(args.teacher).spec != self.src_tokenizer.spec:
-            raise ConfigError(f"teacher {args.teacher} was trained with another source tokenizer than the training data's "
-                              f"({self.src_tokenizer.model_path}); distil on data made with the teacher's tokenizers")
+            raise ConfigError(
+                f"teacher {args.teacher} was trained with another source tokenizer than the training data's "
+                f"({self.src_tokenizer.model_path}); distil on data made with the teacher's tokenizers"
+            )
         self.teacher = teacher.to(DTYPES[plan.precision]).requires_grad_(False).eval()
         self.teacher_name = args.teacher
 
@@ -81,12 +89,14 @@ class DistillationTask:
             with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=0):
                 teacher = self.teacher.state_dict()
                 student_state = student.state_dict()
-                shared = {name: teacher[name].float() for name, t in student_state.items()
-                          if name in teacher and teacher[name].shape == t.shape}
+                shared = {name: teacher[name].float() for name, t in student_state.items() if name in teacher and teacher[name].shape == t.shape}
                 student.load_state_dict(shared, strict=False)
             if rank_from_env() == 0:
-                print(f"student initialized from teacher {self.teacher_name}: {len(shared)} of {len(student_state)} "
-                      f"tensors (the rest, where the teacher has experts, start at random)", flush=True)
+                print(
+                    f"student initialized from teacher {self.teacher_name}: {len(shared)} of {len(student_state)} "
+                    f"tensors (the rest, where the teacher has experts, start at random)",
+                    flush=True,
+                )
         return student
 
     def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):

@@ -1,5 +1,6 @@
 """Language modeling: next-token cross entropy (+ the Switch auxiliary losses) on packed windows,
 from one corpus or several blended with weights."""
+
 import os
 
 import numpy as np
@@ -27,8 +28,10 @@ class LanguageModelingTask:
         self.seq_len = args.seq_len or model_config.max_seq_len
         longest = model_config.longest_sequence()
         if longest is not None and self.seq_len > longest:
-            raise ConfigError(f"--seq_len {self.seq_len} is longer than the {longest} learned positions of {args.model_config}; "
-                              f"pass --seq_len <= {longest}, or raise max_seq_len in a new run (or use positions 'rotary')")
+            raise ConfigError(
+                f"--seq_len {self.seq_len} is longer than the {longest} learned positions of {args.model_config}; "
+                f"pass --seq_len <= {longest}, or raise max_seq_len in a new run (or use positions 'rotary')"
+            )
         # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
         indexed = {path: IndexedTokens(path) for path in (*args.train_data, args.val_data) if path and prefix_of(path)}
         # Without --tokenizer, preprocessed data bring the tokenizer they were made with (else bytes).
@@ -60,8 +63,11 @@ class LanguageModelingTask:
         weights = args.train_data_weights or sizes
         for path, size, weight, share in zip(args.train_data, sizes, weights, self.train_order.shares):
             epochs = args.max_steps * train_batch_size * share / size
-            print(f"blend {path}: {size:,} samples, weight {weight:g}, share {share:.2%} of samples "
-                  f"({epochs:.2f} epochs of it in {args.max_steps} steps)", flush=True)
+            print(
+                f"blend {path}: {size:,} samples, weight {weight:g}, share {share:.2%} of samples "
+                f"({epochs:.2f} epochs of it in {args.max_steps} steps)",
+                flush=True,
+            )
 
     def build_model(self):
         if self.pipeline_stages > 1:  # the DeepSpeed engine built on it is a PipelineEngine

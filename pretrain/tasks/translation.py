@@ -21,6 +21,7 @@ parallelism each expert's capacity is that of a full token budget (see build_mod
 With --bleu_src/--bleu_ref, each validation also translates that dev set by beam search (--bleu_beam;
 max length 1.2 x source + 10, as eval.bleu) and logs val/bleu, sacreBLEU's corpus BLEU.
 """
+
 import dataclasses
 import math
 import sys
@@ -45,8 +46,7 @@ IGNORE = -100  # F.cross_entropy's ignore_index: padded target positions
 def label_smoothed_cross_entropy(logits, targets, smoothing):
     """Mean over the targets that are not IGNORE of (1 - e) x NLL + e x the mean NLL over the vocabulary
     (Szegedy et al.; what fairseq's label_smoothed_cross_entropy computes with e spread over V classes)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                           label_smoothing=smoothing)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, label_smoothing=smoothing)
 
 
 def positions_past(lengths, width):
@@ -59,17 +59,23 @@ def pair_tokenizers(pairs, requested):
     if given, must be the one both sides were made with)."""
     separate = pairs.src_tokenizer_spec != pairs.tgt_tokenizer_spec
     if separate and requested is not None:
-        raise ConfigError(f"{pairs.prefix}: the source and target sides were made with different tokenizers, but "
-                          f"--tokenizer names one; drop --tokenizer to use the ones each side was made with")
+        raise ConfigError(
+            f"{pairs.prefix}: the source and target sides were made with different tokenizers, but "
+            f"--tokenizer names one; drop --tokenizer to use the ones each side was made with"
+        )
     src = tokenizer_for_data(requested, {f"{pairs.prefix}.src.idx": pairs.src_tokenizer_spec})
     tgt = tokenizer_for_data(None, {f"{pairs.prefix}.tgt.idx": pairs.tgt_tokenizer_spec}) if separate else src
     for side, tokenizer in (("source", src), ("target", tgt)):
         if not isinstance(tokenizer, SentencePieceTokenizer) or tokenizer.sp.pad_id() < 0 or tokenizer.sp.bos_id() < 0:
-            raise ConfigError(f"{pairs.prefix}'s {side} side was made with a tokenizer without pad and bos ids; translation "
-                              f"needs sentencepiece models from python -m pretrain.tokenizer")
+            raise ConfigError(
+                f"{pairs.prefix}'s {side} side was made with a tokenizer without pad and bos ids; translation "
+                f"needs sentencepiece models from python -m pretrain.tokenizer"
+            )
     if src.sp.pad_id() != tgt.sp.pad_id():
-        raise ConfigError(f"{pairs.prefix}: the source tokenizer pads with id {src.sp.pad_id()} and the target's with "
-                          f"{tgt.sp.pad_id()}; train both with python -m pretrain.tokenizer (pad id 0)")
+        raise ConfigError(
+            f"{pairs.prefix}: the source tokenizer pads with id {src.sp.pad_id()} and the target's with "
+            f"{tgt.sp.pad_id()}; train both with python -m pretrain.tokenizer (pad id 0)"
+        )
     return src, tgt
 
 
@@ -83,9 +89,12 @@ def encode_sources(lines, tokenizer, max_positions, path, warn=True):
         ids = tokenizer.encode(line) + [tokenizer.eos_id]
         if len(ids) > max_positions:
             if warn:
-                print(f"warning: {path} line {number} has {len(ids)} tokens; translating its first {max_positions - 1} "
-                      f"(the model has {max_positions} positions)", file=sys.stderr)
-            ids = ids[:max_positions - 1] + [tokenizer.eos_id]
+                print(
+                    f"warning: {path} line {number} has {len(ids)} tokens; translating its first {max_positions - 1} "
+                    f"(the model has {max_positions} positions)",
+                    file=sys.stderr,
+                )
+            ids = ids[: max_positions - 1] + [tokenizer.eos_id]
         encoded.append(ids)
     return encoded
 
@@ -115,40 +124,46 @@ class TranslationTask:
         # self.tokenizer is the target side's: it decodes what the model writes (and run_config.json records it).
         self.src_tokenizer, self.tokenizer = pair_tokenizers(self.train, args.tokenizer)
         if self.src_tokenizer is not self.tokenizer and model_config.share_all_embeddings:
-            raise ConfigError(f"{args.train_data[0]} has a tokenizer for each side, but {args.model_config} shares one "
-                              f"embedding between them; set share_all_embeddings to false and tgt_vocab_size")
-        if self.val is not None and (self.val.src_tokenizer_spec, self.val.tgt_tokenizer_spec) != (
-                self.src_tokenizer.spec, self.tokenizer.spec):
-            raise ConfigError(f"{args.val_data} was made with other tokenizers than {args.train_data[0]}; preprocess "
-                              f"both with the same ones")
-        for side, tokenizer, size in (("source", self.src_tokenizer, model_config.vocab_size),
-                                      ("target", self.tokenizer, model_config.target_vocab_size)):
+            raise ConfigError(
+                f"{args.train_data[0]} has a tokenizer for each side, but {args.model_config} shares one "
+                f"embedding between them; set share_all_embeddings to false and tgt_vocab_size"
+            )
+        if self.val is not None and (self.val.src_tokenizer_spec, self.val.tgt_tokenizer_spec) != (self.src_tokenizer.spec, self.tokenizer.spec):
+            raise ConfigError(f"{args.val_data} was made with other tokenizers than {args.train_data[0]}; preprocess both with the same ones")
+        for side, tokenizer, size in (
+            ("source", self.src_tokenizer, model_config.vocab_size),
+            ("target", self.tokenizer, model_config.target_vocab_size),
+        ):
             if tokenizer.vocab_size > size:
-                raise ConfigError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but the "
-                                  f"model's {side} vocabulary {size}; raise it in {args.model_config}")
+                raise ConfigError(
+                    f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but the "
+                    f"model's {side} vocabulary {size}; raise it in {args.model_config}"
+                )
         self.pad_id, self.bos_id = self.tokenizer.sp.pad_id(), self.tokenizer.sp.bos_id()
         self.bleu = self.read_bleu_set(args) if args.bleu_src else None
         self.max_tokens = plan.micro_batch_size * self.seq_len
         self._batches = {}
         train = self.batches("train", rank_from_env() % plan.dp_size, plan.dp_size)  # checks the data up front
         if rank_from_env() == 0:
-            print(f"translation data {self.train.prefix}: {len(self.train):,} pairs, {train.skipped:,} skipped (longer than "
-                  f"{self.seq_len} tokens), {len(train):,} batches of <= {self.max_tokens} tokens per rank per epoch, "
-                  f"padding fraction {train.padding_fraction:.3f}", flush=True)
+            print(
+                f"translation data {self.train.prefix}: {len(self.train):,} pairs, {train.skipped:,} skipped (longer than "
+                f"{self.seq_len} tokens), {len(train):,} batches of <= {self.max_tokens} tokens per rank per epoch, "
+                f"padding fraction {train.padding_fraction:.3f}",
+                flush=True,
+            )
 
     def read_bleu_set(self, args):
         """(encoded source lines, reference lists) of --bleu_src/--bleu_ref, for BLEU at each validation."""
         sources = read_text_lines(args.bleu_src)
         references = [read_text_lines(path) for path in args.bleu_ref or []]
         if not sources or not references:
-            raise ConfigError(f"--bleu_src {args.bleu_src} must hold one sentence per line, with at least one --bleu_ref "
-                              f"file of its translations")
+            raise ConfigError(f"--bleu_src {args.bleu_src} must hold one sentence per line, with at least one --bleu_ref file of its translations")
         for path, lines in zip(args.bleu_ref, references):
             if len(lines) != len(sources):
-                raise ConfigError(f"--bleu_ref {path} has {len(lines)} lines but --bleu_src {args.bleu_src} has "
-                                  f"{len(sources)}; they must be line-aligned")
-        encoded = encode_sources(sources, self.src_tokenizer, self.model_config.max_seq_len, args.bleu_src,
-                                 warn=rank_from_env() == 0)
+                raise ConfigError(
+                    f"--bleu_ref {path} has {len(lines)} lines but --bleu_src {args.bleu_src} has {len(sources)}; they must be line-aligned"
+                )
+        encoded = encode_sources(sources, self.src_tokenizer, self.model_config.max_seq_len, args.bleu_src, warn=rank_from_env() == 0)
         return encoded, references
 
     def validation_metrics(self, model):
@@ -161,12 +176,21 @@ class TranslationTask:
             model = self.whole_copy(model)
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = range(rank, len(encoded), world)
-        hypotheses = translate_ids(model, [encoded[i] for i in mine], self.pad_id, self.bos_id, self.tokenizer.eos_id,
-                                   beam=self.bleu_beam, max_len_a=1.2, max_len_b=10, vocab_size=self.tokenizer.vocab_size,
-                                   device=device(), sync=RankSync())
+        hypotheses = translate_ids(
+            model,
+            [encoded[i] for i in mine],
+            self.pad_id,
+            self.bos_id,
+            self.tokenizer.eos_id,
+            beam=self.bleu_beam,
+            max_len_a=1.2,
+            max_len_b=10,
+            vocab_size=self.tokenizer.vocab_size,
+            device=device(),
+            sync=RankSync(),
+        )
         parts = [None] * world if rank == 0 else None
-        dist.gather_object([(i, self.tokenizer.decode(hyps[0].tokens) if hyps else "") for i, hyps in zip(mine, hypotheses)],
-                           parts, dst=0)
+        dist.gather_object([(i, self.tokenizer.decode(hyps[0].tokens) if hyps else "") for i, hyps in zip(mine, hypotheses)], parts, dst=0)
         if rank != 0:
             return {}
         hypotheses = [""] * len(encoded)
@@ -191,8 +215,7 @@ class TranslationTask:
         key = (split, dp_rank, dp_size)
         if key not in self._batches:
             pairs = self.train if split == "train" else self.val
-            self._batches[key] = TokenBudgetBatches(pairs, self.max_tokens, self.seq_len, self.pad_id, self.bos_id,
-                                                    self.seed, dp_rank, dp_size)
+            self._batches[key] = TokenBudgetBatches(pairs, self.max_tokens, self.seq_len, self.pad_id, self.bos_id, self.seed, dp_rank, dp_size)
         return self._batches[key]
 
     def build_model(self):
@@ -200,8 +223,7 @@ class TranslationTask:
         if getattr(config, "expert_parallel_size", 1) > 1:
             # The all-to-all needs every rank's expert capacity to be the same, but token-budget batches
             # differ in size: every expert gets, on every rank, the capacity of a full token budget.
-            full_budget = math.ceil(self.max_tokens * max(config.capacity_factor, config.eval_capacity_factor)
-                                    / config.num_experts)
+            full_budget = math.ceil(self.max_tokens * max(config.capacity_factor, config.eval_capacity_factor) / config.num_experts)
             config = dataclasses.replace(config, min_capacity=max(config.min_capacity, full_budget))
         return build_model(config)
 
@@ -219,8 +241,7 @@ class TranslationTask:
         """The model's arguments: (src, src_pad_mask, tgt_in, tgt_pad_mask); the masks keep padding out of
         Switch expert capacity."""
         src, tgt_in = batch["src"], batch["tgt_in"]
-        return (src, positions_past(batch["src_lengths"], src.shape[1]), tgt_in,
-                positions_past(batch["tgt_lengths"], tgt_in.shape[1]))
+        return (src, positions_past(batch["src_lengths"], src.shape[1]), tgt_in, positions_past(batch["tgt_lengths"], tgt_in.shape[1]))
 
     @staticmethod
     def targets(batch):

@@ -3,6 +3,7 @@
 No timing thresholds: the figures depend on the machine; what is checked is that the benchmarks run
 end to end and report a finite, positive ratio for every case.
 """
+
 import math
 import os
 import re
@@ -13,19 +14,17 @@ from tests.distributed import REPO
 
 
 def run_bench(module):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # the benchmark starts its own ranks
-    proc = subprocess.run([sys.executable, "-m", module, "--smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 def ratios(stdout):
     """name -> ratio from the lines after the last 'ratios' heading."""
-    tail = stdout[stdout.rindex("\nratios") + 1:].splitlines()[1:]
+    tail = stdout[stdout.rindex("\nratios") + 1 :].splitlines()[1:]
     found = {}
     for line in tail:
         match = re.match(r"^(.+?): (\S+?)( \(.*\))?$", line)
@@ -45,8 +44,10 @@ def test_switch_vs_dense_smoke():
     assert sorted((name, ranks) for name, ranks, _, _ in table) == [("dense", "1"), ("dense", "2"), ("switch-8", "1"), ("switch-8", "2")]
     assert all(float(ms) > 0 and float(tps) > 0 for _, _, ms, tps in table)
     # The profile found the Switch layer's parts: a router on every world size, an all-to-all only with EP 2.
-    profile = {(m.group(1), m.group(2)): [float(v) for v in m.group(3).split()]
-               for m in re.finditer(r"^(dense|switch-8) +([12]) +((?:\S+ +){7}\S+)$", stdout, re.M)}
+    profile = {
+        (m.group(1), m.group(2)): [float(v) for v in m.group(3).split()]
+        for m in re.finditer(r"^(dense|switch-8) +([12]) +((?:\S+ +){7}\S+)$", stdout, re.M)
+    }
     router, all_to_all = 2, 3  # columns after the step: forward, router, all-to-all, ...
     assert profile[("switch-8", "1")][router] > 0 and profile[("switch-8", "2")][router] > 0
     assert profile[("switch-8", "1")][all_to_all] == 0 and profile[("switch-8", "2")][all_to_all] > 0

@@ -1,4 +1,5 @@
 """python -m eval.distill: the kept share of the teacher's gain, from each run's held-out loss."""
+
 import json
 import subprocess
 import sys
@@ -16,13 +17,12 @@ from tests.distributed import CORPUS, REPO
 def heldout(tmp_path_factory):
     path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
     text = CORPUS.read_text()
-    path.write_text(text[text.index("\n\n", len(text) - 8000) + 2:])
+    path.write_text(text[text.index("\n\n", len(text) - 8000) + 2 :])
     return path
 
 
 def distill_report(*args):
-    proc = subprocess.run([sys.executable, "-m", "eval.distill", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "eval.distill", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
     return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
 
 
@@ -38,16 +38,16 @@ def test_report_scores_the_three_runs_on_the_same_data(trained, heldout):
     teacher, baseline, student = trained("dense"), trained("zero3"), trained("pipeline")
     proc, result = distill_report("--teacher", teacher, "--student", student, "--baseline", baseline, "--text", heldout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = {role: evaluate(str(run), text=str(heldout))["loss"] for role, run in
-              (("teacher", teacher), ("student", student), ("baseline", baseline))}
+    losses = {
+        role: evaluate(str(run), text=str(heldout))["loss"] for role, run in (("teacher", teacher), ("student", student), ("baseline", baseline))
+    }
     assert {role: result[role]["loss"] for role in losses} == losses
     assert result["kept_percent"] == pytest.approx(kept_percent(losses["baseline"], losses["student"], losses["teacher"]))
     assert result["teacher"]["parameters"] == result["teacher"]["active_parameters"] > 0
 
 
 def test_a_teacher_worse_than_the_baseline_is_one_line(trained, heldout):
-    proc, _ = distill_report("--teacher", trained("zero3"), "--student", trained("pipeline"), "--baseline", trained("dense"),
-                             "--text", heldout)
+    proc, _ = distill_report("--teacher", trained("zero3"), "--student", trained("pipeline"), "--baseline", trained("dense"), "--text", heldout)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: the teacher (held-out loss") and "no better than the baseline" in lines[-1]
@@ -76,6 +76,5 @@ def test_translation_runs_are_scored_by_cross_entropy_over_every_held_out_pair(t
     assert figures["skipped_pairs"] == 0 and figures["tokens"] == tokens
     assert figures["loss"] == pytest.approx(nll / tokens, rel=1e-5)
 
-    proc, result = distill_report("--teacher", translation_run, "--student", translation_run, "--baseline", translation_run,
-                                  "--pairs", val)
+    proc, result = distill_report("--teacher", translation_run, "--student", translation_run, "--baseline", translation_run, "--pairs", val)
     assert proc.returncode == 2 and "no better than the baseline" in proc.stderr  # one run in all three roles: no gain

@@ -1,4 +1,5 @@
 """python -m eval.export_hf: transformers computes Switchyard's logits; Switch weights come back whole."""
+
 import json
 import re
 import subprocess
@@ -15,13 +16,13 @@ from tests.distributed import REPO
 
 
 def export(run, output):
-    proc = subprocess.run([sys.executable, "-m", "eval.export_hf", str(run), "--output", str(output)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.export_hf", str(run), "--output", str(output)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
 
 
-@pytest.mark.parametrize("name, architecture", [("dense", "GPTNeoXForCausalLM"), ("zero3", "GPT2LMHeadModel"),
-                                                ("pipeline", "GPT2LMHeadModel")])
+@pytest.mark.parametrize("name, architecture", [("dense", "GPTNeoXForCausalLM"), ("zero3", "GPT2LMHeadModel"), ("pipeline", "GPT2LMHeadModel")])
 def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp_path, name, architecture):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +57,7 @@ def test_switch_exports_every_expert_as_fp32_safetensors(trained, tmp_path):
     # All experts, each its own (initialized apart, trained on different tokens): none is a copy of another.
     fc = [state[name] for name in sorted(state) if re.search(r"deepspeed_experts\.\d+\.fc\.weight$", name)]
     assert len(fc) == config.num_experts * len(config.layers_with_experts())
-    assert all(not torch.equal(a, b) for i, a in enumerate(fc) for b in fc[i + 1:])
+    assert all(not torch.equal(a, b) for i, a in enumerate(fc) for b in fc[i + 1 :])
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(restored.eval()(tokens)[0], model(tokens)[0])
@@ -87,7 +88,11 @@ def test_sentencepiece_tokenizers_become_fast_tokenizers_that_encode_the_same(tm
     hf_tokenizer(ours).save_pretrained(tmp_path / "hf")
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
     documents = [d for d in CORPUS.read_text().split("\n\n") if d.strip()][:2000] + [
-        "Wörds  with  spaces\nand ünïcödé", "  leading spaces", "trailing  ", "\n\tnewline first"]
+        "Wörds  with  spaces\nand ünïcödé",
+        "  leading spaces",
+        "trailing  ",
+        "\n\tnewline first",
+    ]
     assert [theirs.encode(d, add_special_tokens=False) for d in documents] == [ours.encode(d) for d in documents]
     assert all(theirs.decode(ours.encode(d)) == ours.decode(ours.encode(d)) for d in documents[:200])
     assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.sp.pad_id()
@@ -121,7 +126,10 @@ def test_a_translation_run_is_refused(translation_run, tmp_path):
     from eval.export_hf import export
 
     # The family has no export format (models/transformer.py registers none), which is said before any weight is read.
-    with pytest.raises(ConfigError, match=f"eval.export_hf of {translation_run}: the 'transformer' family has no export "
-                                          r"format \(families that export: 'gpt', 'switch'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=f"eval.export_hf of {translation_run}: the 'transformer' family has no export "
+        r"format \(families that export: 'gpt', 'switch'\)",
+    ):
         export(translation_run, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

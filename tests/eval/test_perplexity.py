@@ -1,4 +1,5 @@
 """python -m eval.perplexity: windows, the figures and their formulas, 2 ranks = 1 rank, the three inputs agree."""
+
 import json
 import math
 import os
@@ -20,7 +21,7 @@ FIGURES = ("loss", "perplexity", "tokens", "bytes", "words", "bits_per_byte", "w
 def text(tmp_path_factory):
     """The last 30 kB of Tiny Shakespeare, from a paragraph start (about 250 documents, 30k byte tokens)."""
     corpus = CORPUS.read_text()
-    tail = corpus[corpus.index("\n\n", len(corpus) - 30_000) + 2:]
+    tail = corpus[corpus.index("\n\n", len(corpus) - 30_000) + 2 :]
     path = tmp_path_factory.mktemp("text") / "tail.txt"
     path.write_text(tail)
     return path
@@ -30,12 +31,12 @@ def cli(*args):
     """One plain process, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-    return subprocess.run([sys.executable, "-m", "eval.perplexity", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "eval.perplexity", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("num_targets,context,stride", [(1000, 64, 64), (1000, 64, 16), (1000, 64, 1), (64, 64, 8), (30, 64, 64),
-                                                        (65, 64, 64), (130, 64, 48)])
+@pytest.mark.parametrize(
+    "num_targets,context,stride", [(1000, 64, 64), (1000, 64, 16), (1000, 64, 1), (64, 64, 8), (30, 64, 64), (65, 64, 64), (130, 64, 48)]
+)
 def test_windows_score_every_target_once_with_full_context(num_targets, context, stride):
     spans = windows(num_targets, context, stride)
     length = min(context, num_targets)
@@ -73,8 +74,7 @@ def test_two_ranks_match_one_rank(trained, text, tmp_path, name):
     one = cli(run, "--text", text, "--batch_size", 4)
     assert one.returncode == 0, one.stderr[-3000:]
     script = REPO / "eval" / "perplexity.py"
-    results = wait_ranks(start_ranks([run, "--text", text, "--batch_size", 4], 2, tmp_path / "logs", script=script),
-                         tmp_path / "logs", timeout=300)
+    results = wait_ranks(start_ranks([run, "--text", text, "--batch_size", 4], 2, tmp_path / "logs", script=script), tmp_path / "logs", timeout=300)
     assert [r.returncode for r in results] == [0, 0], results[0].output[-3000:]
     expected = json.loads(one.stdout.strip().splitlines()[-1])
     got = json.loads(results[0].output.strip().splitlines()[-1])  # rank 0 prints, last
@@ -112,8 +112,9 @@ def test_text_tokens_and_dataset_inputs_agree(trained, text, tmp_path):
 def test_refusals(trained, text, tmp_path):
     proc = cli(tmp_path / "missing", "--text", text)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: run directory {tmp_path / 'missing'} does not exist; "
-                                                f"pass the --save_dir of a pretrain/main.py run"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: run directory {tmp_path / 'missing'} does not exist; pass the --save_dir of a pretrain/main.py run"
+    ]
     run = trained("dense")
     with pytest.raises(ConfigError, match="--stride must be in"):
         evaluate(run, text=text, stride=65)
@@ -122,6 +123,9 @@ def test_refusals(trained, text, tmp_path):
 
 
 def test_a_translation_run_is_refused_before_its_weights_are_read(translation_run, text):
-    with pytest.raises(ConfigError, match=f"eval.perplexity of {translation_run} needs a decoder model .family 'gpt' or "
-                                          f"'switch'.; this one is a 'transformer' encoder-decoder model"):
+    with pytest.raises(
+        ConfigError,
+        match=f"eval.perplexity of {translation_run} needs a decoder model .family 'gpt' or "
+        f"'switch'.; this one is a 'transformer' encoder-decoder model",
+    ):
         evaluate(translation_run, text=text)

@@ -1,4 +1,5 @@
 """python -m eval.rouge: figures worked out by hand, several references, stemming, ROUGE-Lsum's sentences, bad input."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,7 @@ DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.json
 
 
 def rouge(*args):
-    proc = subprocess.run([sys.executable, "-m", "eval.rouge", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "eval.rouge", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
     return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
 
 
@@ -114,8 +114,11 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path):
         (("--hyp", empty, "--ref", short), f"hypothesis file {empty} is empty"),
         (("--hyp", hyp, "--ref", tmp_path / "latin1.txt"), "is not UTF-8 (line 2)"),
         (("--hyp", hyp, "--ref", jsonl, "--ref_fields", "summary"), f"{jsonl} line 2 has no field 'summary'"),
-        (("--hyp", hyp, "--ref", jsonl), f"reference file {jsonl} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming "
-                                         f"the fields that hold the references (line 1 has: summary)"),
+        (
+            ("--hyp", hyp, "--ref", jsonl),
+            f"reference file {jsonl} is JSON Lines; pass --ref_fields FIELD[,FIELD...] naming "
+            f"the fields that hold the references (line 1 has: summary)",
+        ),
         (("--hyp", hyp, "--ref", lists, "--ref_fields", "summary"), f"{lists} line 1 is a JSON list, not an object"),
         (("--hyp", tmp_path / "missing.txt", "--ref", short), "hypothesis file"),
         (("--hyp", hyp, "--ref", hyp, "--ref", short), f"reference files {hyp} (2 lines) and {short} (1 lines) differ"),
@@ -134,14 +137,48 @@ def test_generate_mode_summarizes_json_lines_documents_like_eval_bleu_translates
     one summary per line, scored against the reference field; the same outputs as eval.bleu's."""
     sources, targets = toy_test_files(tmp_path, pair_data)
     data = write(tmp_path / "pairs.jsonl", [json.dumps({"document": s, "summary": t}) for s, t in zip(sources, targets)])
-    proc, result = rouge(translation_run, "--src", data, "--src_field", "document", "--ref", data, "--ref_fields", "summary",
-                         "--beam", 4, "--max_len_a", 1.2, "--max_len_b", 10, "--hyp_output", tmp_path / "summaries.txt")
+    proc, result = rouge(
+        translation_run,
+        "--src",
+        data,
+        "--src_field",
+        "document",
+        "--ref",
+        data,
+        "--ref_fields",
+        "summary",
+        "--beam",
+        4,
+        "--max_len_a",
+        1.2,
+        "--max_len_b",
+        10,
+        "--hyp_output",
+        tmp_path / "summaries.txt",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = (tmp_path / "summaries.txt").read_text().splitlines()
     assert len(summaries) == len(sources) == result["summaries"] and result["tag"] == "global_step150"
-    translated = subprocess.run([sys.executable, "-m", "eval.bleu", str(translation_run), "--src", str(write(tmp_path / "src", sources)),
-                                 "--ref", str(write(tmp_path / "ref", targets)), "--beam", "4", "--hyp_output", str(tmp_path / "hyps.txt")],
-                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    translated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval.bleu",
+            str(translation_run),
+            "--src",
+            str(write(tmp_path / "src", sources)),
+            "--ref",
+            str(write(tmp_path / "ref", targets)),
+            "--beam",
+            "4",
+            "--hyp_output",
+            str(tmp_path / "hyps.txt"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert translated.returncode == 0, translated.stderr[-3000:]
     assert summaries == (tmp_path / "hyps.txt").read_text().splitlines()
     _, rescored = rouge("--hyp", tmp_path / "summaries.txt", "--ref", data, "--ref_fields", "summary")
@@ -155,4 +192,5 @@ def test_generate_mode_refuses_a_language_model_and_a_missing_source_field(tmp_p
     assert proc.returncode == 2 and "not a translation model" in proc.stderr.strip().splitlines()[-1]
     proc, _ = rouge(trained("zero3"), "--src", data, "--src_field", "document", "--ref", data, "--ref_fields", "summary")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {data} line 1 has no text field 'document'; pass the right --src_field"]
+        f"error: {data} line 1 has no text field 'document'; pass the right --src_field"
+    ]

@@ -1,5 +1,6 @@
 """Generation: incremental decoding gives the tokens and scores of recomputing the whole prefix at
 every step (fp32), for greedy, beam and sampling, on padded batches; beam search's fairseq rules."""
+
 import math
 
 import pytest
@@ -14,8 +15,7 @@ PAD, BOS, EOS = 0, 1, 2
 def tiny_model(family="transformer", eos_boost=3.0, seed=0, **over):
     """A randomly initialized tiny model whose EOS logit varies a lot between states (its embedding row
     scaled), so hypotheses end at different steps instead of all running to the maximum length."""
-    base = {"family": family, "vocab_size": 24, "max_seq_len": 40, "d_model": 32, "n_heads": 4,
-            "encoder_layers": 2, "decoder_layers": 2, "d_ff": 64}
+    base = {"family": family, "vocab_size": 24, "max_seq_len": 40, "d_model": 32, "n_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "d_ff": 64}
     torch.manual_seed(seed)
     model = build_model(config_from_dict({**base, **over})).eval()
     with torch.no_grad():
@@ -44,8 +44,7 @@ def assert_same_hypotheses(a, b):
         assert [h.tokens for h in hyps_a] == [h.tokens for h in hyps_b]
         for h_a, h_b in zip(hyps_a, hyps_b):
             assert math.isclose(h_a.score, h_b.score, rel_tol=1e-5, abs_tol=1e-5)
-            torch.testing.assert_close(torch.tensor(h_a.positional_scores), torch.tensor(h_b.positional_scores),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(torch.tensor(h_a.positional_scores), torch.tensor(h_b.positional_scores), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
@@ -87,7 +86,7 @@ def test_batched_decoding_equals_one_sentence_at_a_time():
     batched = beam_search(model, src, mask, **args)
     for i, hyps in enumerate(batched):
         n = int((~mask[i]).sum())
-        alone = beam_search(model, src[i:i + 1, :n], mask[i:i + 1, :n], **args)[0]
+        alone = beam_search(model, src[i : i + 1, :n], mask[i : i + 1, :n], **args)[0]
         assert [h.tokens for h in alone] == [h.tokens for h in hyps]
         for a, b in zip(alone, hyps):
             assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-6)
@@ -147,8 +146,7 @@ def test_no_padding_or_start_token_is_generated():
 def test_sampling_follows_the_generator_and_top_k_one_is_greedy():
     model = tiny_model()
     src, mask = padded_batch()
-    draws = [sample(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(s), max_len_b=8)
-             for s in (1, 1, 2)]
+    draws = [sample(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(s), max_len_b=8) for s in (1, 1, 2)]
     assert [h[0].tokens for h in draws[0]] == [h[0].tokens for h in draws[1]]
     assert [h[0].tokens for h in draws[0]] != [h[0].tokens for h in draws[2]]
     top1 = sample(model, src, mask, BOS, EOS, PAD, top_k=1, generator=torch.Generator().manual_seed(5), max_len_b=8)
@@ -179,6 +177,7 @@ class CountingSync:
         def counted(*args, **kwargs):
             self.decoder_calls += 1
             return decode(*args, **kwargs)
+
         model.decode = counted
 
     def most(self, n):
@@ -195,8 +194,11 @@ def test_decoding_in_step_with_slower_ranks_changes_no_hypothesis(search):
     model = tiny_model()
     src, mask = padded_batch()
     args = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=1.0, max_len_b=6)
-    run = (lambda **kw: beam_search(model, src, mask, beam=3, **args, **kw)) if search == "beam" else \
-        (lambda **kw: greedy(model, src, mask, **args, **kw))
+    run = (
+        (lambda **kw: beam_search(model, src, mask, beam=3, **args, **kw))
+        if search == "beam"
+        else (lambda **kw: greedy(model, src, mask, **args, **kw))
+    )
     alone = run()
     sync = CountingSync(model, extra_steps=5)
     sync.steps_asked.append(None)  # not a batch count: every most() here is a step bound
@@ -217,8 +219,10 @@ def test_translate_ids_runs_the_other_ranks_extra_batches_and_keeps_the_order():
     args = dict(pad=PAD, bos=BOS, eos=EOS, beam=2, max_len_a=1.0, max_len_b=6, batch_size=2)
     alone = translate_ids(model, encoded, **args)
     assert alone[2] == [] and all(alone[i] for i in (0, 1, 3, 4, 5))
-    single = [beam_search(model, src[i:i + 1, :len(ids)], mask[i:i + 1, :len(ids)], BOS, EOS, PAD, beam=2,
-                          max_len_a=1.0, max_len_b=6)[0][0].tokens for i, ids in enumerate(e for e in encoded if e)]
+    single = [
+        beam_search(model, src[i : i + 1, : len(ids)], mask[i : i + 1, : len(ids)], BOS, EOS, PAD, beam=2, max_len_a=1.0, max_len_b=6)[0][0].tokens
+        for i, ids in enumerate(e for e in encoded if e)
+    ]
     assert [h[0].tokens for h in alone if h] == single  # in input order, whatever the batching by length
     model = tiny_model()  # unwrapped decode: each CountingSync counts its own calls
     no_extra = CountingSync(model)
@@ -236,8 +240,7 @@ def test_translate_ids_takes_every_search(search, options):
     src, mask = padded_batch(lengths=(2, 5, 7, 9))  # already by length: translate_ids' one batch has this order
     encoded = [row[~m].tolist() for row, m in zip(src, mask)]
     out = translate_ids(model, encoded, PAD, BOS, EOS, search=search, max_len_a=1.0, max_len_b=6, **options)
-    direct = {"beam": beam_search, "greedy": greedy}[search](model, src, mask, BOS, EOS, PAD, max_len_a=1.0, max_len_b=6,
-                                                             **options)
+    direct = {"beam": beam_search, "greedy": greedy}[search](model, src, mask, BOS, EOS, PAD, max_len_a=1.0, max_len_b=6, **options)
     assert len(out) == 4 and all(len(hyps) == options.get("nbest", 1) for hyps in out)
     assert tokens(out) == tokens(direct)
 
@@ -248,7 +251,20 @@ def test_translate_ids_samples_reproducibly_from_a_seeded_generator():
     encoded = [row[~m].tolist() for row, m in zip(src, mask)]
 
     def draw(seed):
-        return tokens(translate_ids(model, encoded, PAD, BOS, EOS, search="sample", max_len_a=1.0, max_len_b=6,
-                                    temperature=1.5, generator=torch.Generator().manual_seed(seed)))
+        return tokens(
+            translate_ids(
+                model,
+                encoded,
+                PAD,
+                BOS,
+                EOS,
+                search="sample",
+                max_len_a=1.0,
+                max_len_b=6,
+                temperature=1.5,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        )
+
     assert draw(3) == draw(3)
     assert len({str(draw(seed)) for seed in range(4)}) > 1  # the seed matters

@@ -1,4 +1,5 @@
 """Dense GPT: causality, tied embeddings, positions, configs and presets."""
+
 import glob
 import os
 
@@ -61,14 +62,17 @@ def test_all_shipped_model_configs_load_and_presets_have_their_sizes():
     assert total128 > 10 * total8 and abs(active128 - active8) / active8 < 0.01  # experts add parameters, not FLOPs
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"n_heads": 3}, "divisible by n_heads"),
-    ({"positions": "alibi"}, "positions must be"),
-    ({"dropout": 1.5}, "dropout must be"),
-    ({"d_model": 0}, "d_model must be positive"),
-    ({"vocab_sise": 5}, "did you mean 'vocab_size'"),
-    ({"n_layers": True}, "'n_layers' must be int"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"n_heads": 3}, "divisible by n_heads"),
+        ({"positions": "alibi"}, "positions must be"),
+        ({"dropout": 1.5}, "dropout must be"),
+        ({"d_model": 0}, "d_model must be positive"),
+        ({"vocab_sise": 5}, "did you mean 'vocab_size'"),
+        ({"n_layers": True}, "'n_layers' must be int"),
+    ],
+)
 def test_invalid_configs_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({**TINY, **override})

@@ -1,5 +1,6 @@
 """Switch layer: routing, capacity and dropped tokens against a hand-computed case; the paper's
 details (distinct expert init, aux loss reaching the router, fp32 router, z-loss)."""
+
 import dataclasses
 import json
 import math
@@ -14,8 +15,19 @@ from switchyard.errors import ConfigError
 
 
 def switch_config(**over):
-    base = {"family": "switch", "vocab_size": 32, "max_seq_len": 8, "d_model": 4, "n_layers": 2, "n_heads": 2,
-            "d_ff": 8, "num_experts": 2, "capacity_factor": 1.0, "eval_capacity_factor": 1.0, "min_capacity": 0}
+    base = {
+        "family": "switch",
+        "vocab_size": 32,
+        "max_seq_len": 8,
+        "d_model": 4,
+        "n_layers": 2,
+        "n_heads": 2,
+        "d_ff": 8,
+        "num_experts": 2,
+        "capacity_factor": 1.0,
+        "eval_capacity_factor": 1.0,
+        "min_capacity": 0,
+    }
     return config_from_dict({**base, **over})
 
 
@@ -28,8 +40,7 @@ def routed_layer(**over):
 
 
 # 6 tokens: tokens 0-3 prefer expert 0, tokens 4-5 expert 1.
-TOKENS = torch.tensor([[2.0, 0, 1, 0], [1.5, 0, 0, 1], [3.0, 1, 0, 0], [1.0, 0, 1, 1],
-                       [0, 2.0, 1, 0], [0, 1.0, 0, 1]]).reshape(1, 6, 4)
+TOKENS = torch.tensor([[2.0, 0, 1, 0], [1.5, 0, 0, 1], [3.0, 1, 0, 0], [1.0, 0, 1, 1], [0, 2.0, 1, 0], [0, 1.0, 0, 1]]).reshape(1, 6, 4)
 
 
 def test_routing_capacity_and_dropped_tokens_match_hand_computation():
@@ -192,7 +203,7 @@ def test_switch_fields_are_declared_once_and_saved_configs_load(family):
     assert isinstance(config, SwitchSettings) and config.init_scale == 0.1  # the Switch default, not the dense 1.0
     switch_fields = [f.name for f in dataclasses.fields(SwitchSettings)]
     # the Switch fields follow the dense ones; init_scale keeps its place among the dense fields
-    assert [f.name for f in dataclasses.fields(config)][-len(switch_fields) + 1:] == switch_fields[1:]
+    assert [f.name for f in dataclasses.fields(config)][-len(switch_fields) + 1 :] == switch_fields[1:]
     saved = json.loads(json.dumps(config_to_dict(config)))  # as a run records it, with the launch fields
     with pytest.raises(ConfigError, match="'expert_parallel_size' is set at launch"):
         config_from_dict(saved)

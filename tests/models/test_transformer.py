@@ -1,5 +1,6 @@
 """Encoder-decoder Transformer: shapes, padding and causal masking, tied embeddings, the Vaswani presets'
 sizes, the Switch variant and config refusals."""
+
 import pytest
 import torch
 
@@ -13,8 +14,7 @@ PAD = 0
 
 
 def tiny(family="transformer", **over):
-    base = {"family": family, "vocab_size": 50, "max_seq_len": 32, "d_model": 32, "n_heads": 4,
-            "encoder_layers": 2, "decoder_layers": 2, "d_ff": 64}
+    base = {"family": family, "vocab_size": 50, "max_seq_len": 32, "d_model": 32, "n_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "d_ff": 64}
     torch.manual_seed(0)
     return build_model(config_from_dict({**base, **over})).eval()
 
@@ -151,13 +151,16 @@ def test_experts_start_different():
     assert not torch.equal(weights[0], weights[1])
 
 
-@pytest.mark.parametrize("over,message", [
-    ({"share_all_embeddings": True, "tgt_vocab_size": 40}, "share_all_embeddings needs one vocabulary"),
-    ({"positions": "rotary"}, "positions must be 'sinusoidal' or 'learned'"),
-    ({"n_heads": 5}, "divisible by n_heads"),
-    ({"decoder_layers": 0}, "decoder_layers must be positive"),
-    ({"n_layers": 2}, "unknown key 'n_layers'"),
-])
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"share_all_embeddings": True, "tgt_vocab_size": 40}, "share_all_embeddings needs one vocabulary"),
+        ({"positions": "rotary"}, "positions must be 'sinusoidal' or 'learned'"),
+        ({"n_heads": 5}, "divisible by n_heads"),
+        ({"decoder_layers": 0}, "decoder_layers must be positive"),
+        ({"n_layers": 2}, "unknown key 'n_layers'"),
+    ],
+)
 def test_bad_configs_are_refused_in_one_line(over, message):
     with pytest.raises(ConfigError, match=message):
         tiny(**over)

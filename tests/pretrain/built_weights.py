@@ -3,6 +3,7 @@ rank held right after the model was built (before deepspeed.initialize), into on
 
     python tests/pretrain/built_weights.py OUT.pt MAIN_PY_ARGS...   (started as ranks by tests/distributed.py)
 """
+
 import sys
 from pathlib import Path
 

@@ -4,6 +4,7 @@ SWITCHYARD_TEST_FAULT="raise:RANK:STEP" raises a RuntimeError in that rank's tra
 out-of-memory error is to the other ranks); "sleep:RANK:STEP:SECONDS" sleeps there, alive (its watchdog
 beats on), while the others wait for it in the step's gradient reduction.
 """
+
 import os
 import time
 

@@ -4,6 +4,7 @@ SWITCHYARD_TEST_NAN_STEPS="3" or "3-" (from step 3 on); SWITCHYARD_TEST_GAS is t
 micro-batches per step on this rank; SWITCHYARD_TEST_FP16_ON_CPU=1 adds fp16_on_cpu.py's patch. Only rank 0 is poisoned,
 so the test also shows that every rank agrees to skip (the NaN reaches the others through the gradient all-reduce).
 """
+
 import os
 
 import torch

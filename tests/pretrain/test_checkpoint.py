@@ -1,5 +1,6 @@
 """A save that finds the disk full says so in one line and leaves the previous checkpoint intact
 (pretrain/checkpoint.py). The disk is a real one: a small tmpfs mounted as the run directory."""
+
 import subprocess
 
 import pytest
@@ -24,8 +25,9 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, small_disk):
     run = small_disk / "run"
-    results = run_ranks(train_args(tmp_path, "zero0.json", "tiny-gpt.json", 10, "--save_interval", 2, save_dir=run), 1,
-                        tmp_path / "logs", check=False)
+    results = run_ranks(
+        train_args(tmp_path, "zero0.json", "tiny-gpt.json", 10, "--save_interval", 2, save_dir=run), 1, tmp_path / "logs", check=False
+    )
     output = results[0].output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert results[0].returncode == 74 and "Traceback" not in output, output[-3000:]

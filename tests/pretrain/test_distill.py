@@ -1,4 +1,5 @@
 """--task distill: the soft-target loss, the student's start from the teacher, a 2-rank run, refusals."""
+
 import json
 import math
 
@@ -62,8 +63,7 @@ def test_refusals(tmp_path, teacher, monkeypatch):
     with pytest.raises(ConfigError, match="--task distill needs --teacher RUN_DIR"):
         prepare([str(a) for a in train_args(tmp_path, "zero1.json", "tiny-gpt.json", 1, "--task", "distill")])
     wide = tmp_path / "wide.json"
-    wide.write_text(json.dumps({"family": "gpt", "vocab_size": 512, "max_seq_len": 64, "d_model": 64, "n_layers": 2,
-                                "n_heads": 4, "d_ff": 256}))
+    wide.write_text(json.dumps({"family": "gpt", "vocab_size": 512, "max_seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256}))
     with pytest.raises(ConfigError, match="has a vocabulary of 320, the student"):
         prepare(distill_args(tmp_path, teacher, 1) + ["--model_config", str(wide)])
     with pytest.raises(ConfigError, match="--distill_alpha must be in"):
@@ -77,8 +77,7 @@ def test_a_switch_translation_teacher_distils_into_a_dense_transformer(tmp_path,
     """--distill_task translation: the student's hard loss is the label-smoothed one on token-budget batches,
     the soft targets come from the Switch encoder-decoder teacher at the target positions that are not padding."""
     teacher_dir = tmp_path / "teacher"
-    run_ranks(translation_args(teacher_dir, pair_data, "zero1.json", "tiny-switch-transformer.json", 20), 1,
-              tmp_path / "teacher_logs")
+    run_ranks(translation_args(teacher_dir, pair_data, "zero1.json", "tiny-switch-transformer.json", 20), 1, tmp_path / "teacher_logs")
     args = [str(a) for a in translation_args(tmp_path, pair_data, "zero1.json", "tiny-transformer.json", 12)]
     args[args.index("translation")] = "distill"
     results = run_ranks(args + ["--distill_task", "translation", "--teacher", str(teacher_dir / "run")], 2, tmp_path / "logs")

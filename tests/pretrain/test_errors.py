@@ -1,4 +1,5 @@
 """Bad input is refused at start with one line on stderr, exit code 2, no traceback, no model built."""
+
 import json
 import os
 import signal
@@ -37,102 +38,144 @@ def model_with(tmp_path, base="tiny-gpt.json", **over):
 
 # name -> (function of tmp_path returning (ds_config, model_config, extra args, world size), expected text)
 CASES = {
-    "malformed ds json": (lambda t: (write(t / "ds.json", '{"train_batch_size": 8,'), MODELS / "tiny-gpt.json", [], 1),
-                          "is not valid JSON (line 1"),
+    "malformed ds json": (lambda t: (write(t / "ds.json", '{"train_batch_size": 8,'), MODELS / "tiny-gpt.json", [], 1), "is not valid JSON (line 1"),
     "missing ds config": (lambda t: (t / "nope.json", MODELS / "tiny-gpt.json", [], 1), "does not exist"),
     "malformed model json": (lambda t: (DS / "zero1.json", write(t / "m.json", "{family: gpt}"), [], 1), "is not valid JSON"),
     "unknown model key": (lambda t: (DS / "zero1.json", model_with(t, n_layer=2), [], 1), "unknown key 'n_layer' (did you mean 'n_layers'?)"),
     "wrong model type": (lambda t: (DS / "zero1.json", model_with(t, d_model="64"), [], 1), "'d_model' must be int"),
     "heads do not divide": (lambda t: (DS / "zero1.json", model_with(t, n_heads=5), [], 1), "must be divisible by n_heads"),
     "unknown family": (lambda t: (DS / "zero1.json", model_with(t, family="gtp"), [], 1), "did you mean 'gpt'"),
-    "ep size in model file": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", expert_parallel_size=2), [], 1),
-                              "is set at launch"),
-    "world size cannot divide batch": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", [], 3),
-                                       "train_batch_size 8 is not divisible by train_micro_batch_size_per_gpu 2 x 3"),
-    "fp16 and bf16": (lambda t: (ds_with(t, fp16={"enabled": True}, bf16={"enabled": True}), MODELS / "tiny-gpt.json", [], 1),
-                      "enables both fp16 and bf16"),
-    "pipeline with zero2": (lambda t: (ds_with(t, pipeline={"stages": 2}, zero_optimization={"stage": 2}),
-                                       MODELS / "tiny-gpt.json", [], 2), "ZeRO stage 0 or 1 only"),
-    "pipeline with switch": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-switch.json", [], 2),
-                             "pipeline stages need a family with a pipeline form ('gpt'); use a config without 'pipeline' "
-                             "for a 'switch' model"),
+    "ep size in model file": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", expert_parallel_size=2), [], 1), "is set at launch"),
+    "world size cannot divide batch": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", [], 3),
+        "train_batch_size 8 is not divisible by train_micro_batch_size_per_gpu 2 x 3",
+    ),
+    "fp16 and bf16": (
+        lambda t: (ds_with(t, fp16={"enabled": True}, bf16={"enabled": True}), MODELS / "tiny-gpt.json", [], 1),
+        "enables both fp16 and bf16",
+    ),
+    "pipeline with zero2": (
+        lambda t: (ds_with(t, pipeline={"stages": 2}, zero_optimization={"stage": 2}), MODELS / "tiny-gpt.json", [], 2),
+        "ZeRO stage 0 or 1 only",
+    ),
+    "pipeline with switch": (
+        lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-switch.json", [], 2),
+        "pipeline stages need a family with a pipeline form ('gpt'); use a config without 'pipeline' for a 'switch' model",
+    ),
     # The Switch encoder-decoder: refused through its registration (experts=True), as the Switch LM is.
-    "switch encoder-decoder with zero3": (lambda t: (DS / "zero3.json", MODELS / "tiny-switch-transformer.json",
-                                                     ["--task", "translation"], 1),
-                                          "does not run under ZeRO-3 (it points to AutoEP, which needs a Hugging Face model); "
-                                          "use ZeRO stage 0, 1 or 2 for a 'switch-transformer' model"),
-    "switch encoder-decoder ep does not divide experts": (lambda t: (ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6),
-                                                                     MODELS / "tiny-switch-transformer.json",
-                                                                     ["--task", "translation"], 3),
-                                                          "does not divide num_experts 4"),
-    "switch encoder-decoder ep does not divide world": (lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch-transformer.json",
-                                                                   ["--task", "translation"], 1),
-                                                        "does not divide the world size 1"),
-    "pipeline stages vs world": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-gpt.json", [], 3),
-                                 "do not divide the world size 3"),
+    "switch encoder-decoder with zero3": (
+        lambda t: (DS / "zero3.json", MODELS / "tiny-switch-transformer.json", ["--task", "translation"], 1),
+        "does not run under ZeRO-3 (it points to AutoEP, which needs a Hugging Face model); "
+        "use ZeRO stage 0, 1 or 2 for a 'switch-transformer' model",
+    ),
+    "switch encoder-decoder ep does not divide experts": (
+        lambda t: (
+            ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6),
+            MODELS / "tiny-switch-transformer.json",
+            ["--task", "translation"],
+            3,
+        ),
+        "does not divide num_experts 4",
+    ),
+    "switch encoder-decoder ep does not divide world": (
+        lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch-transformer.json", ["--task", "translation"], 1),
+        "does not divide the world size 1",
+    ),
+    "pipeline stages vs world": (lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-gpt.json", [], 3), "do not divide the world size 3"),
     "switch with zero3": (lambda t: (DS / "zero3.json", MODELS / "tiny-switch.json", [], 1), "does not run under ZeRO-3"),
-    "ep does not divide world": (lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch.json", [], 1),
-                                 "does not divide the world size 1"),
-    "ep does not divide experts": (lambda t: (ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6),
-                                              MODELS / "tiny-switch.json", [], 3), "does not divide num_experts 4"),
+    "ep does not divide world": (lambda t: (DS / "moe_ep2_zero2.json", MODELS / "tiny-switch.json", [], 1), "does not divide the world size 1"),
+    "ep does not divide experts": (
+        lambda t: (ds_with(t, moe={"expert_parallel_size": 3}, train_batch_size=6), MODELS / "tiny-switch.json", [], 3),
+        "does not divide num_experts 4",
+    ),
     "bad zero stage": (lambda t: (ds_with(t, zero_optimization={"stage": 4}), MODELS / "tiny-gpt.json", [], 1), "must be 0, 1, 2 or 3"),
-    "no batch size": (lambda t: (write(t / "ds.json", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}),
-                                 MODELS / "tiny-gpt.json", [], 1), "sets neither train_batch_size"),
-    "missing train data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", t / "none.txt"], 1),
-                           "--train_data"),
+    "no batch size": (
+        lambda t: (write(t / "ds.json", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}), MODELS / "tiny-gpt.json", [], 1),
+        "sets neither train_batch_size",
+    ),
+    "missing train data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", t / "none.txt"], 1), "--train_data"),
     "bad flag": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--zero_stage", "2"], 1), "unrecognized arguments"),
     "resume without checkpoint": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--resume"], 1), "holds no checkpoint"),
-    "tokenizer does not fit model": (lambda t: (DS / "zero1.json", model_with(t, vocab_size=200), [], 1),
-                                     "tokenizer has 257 ids but model config"),
+    "tokenizer does not fit model": (lambda t: (DS / "zero1.json", model_with(t, vocab_size=200), [], 1), "tokenizer has 257 ids but model config"),
     "zero max steps": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--max_steps", "0"], 1), "--max_steps must be >= 1"),
-    "val fraction out of range": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--val_fraction", "1.5"], 1),
-                                  "--val_fraction must be in [0, 1)"),
+    "val fraction out of range": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--val_fraction", "1.5"], 1),
+        "--val_fraction must be in [0, 1)",
+    ),
     "non-numeric flag": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--save_interval", "often"], 1), "invalid int value"),
-    "negative keep": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--keep_checkpoints", "-1"], 1),
-                      "--keep_checkpoints must be >= 0"),
+    "negative keep": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--keep_checkpoints", "-1"], 1), "--keep_checkpoints must be >= 0"),
     "unknown task": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--task", "lmm"], 1), "unknown --task 'lmm'"),
-    "moe layer out of range": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", moe_layers=[5]), [], 1),
-                               "moe_layers [5] out of range"),
-    "negative capacity": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", capacity_factor=-1.0), [], 1),
-                          "capacity_factor and eval_capacity_factor must be positive"),
-    "expert dropout too high": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", expert_dropout=1.0), [], 1),
-                                "expert_dropout must be in [0, 1)"),
-    "moe layers not a list": (lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", moe_layers="odd"), [], 1),
-                              "'moe_layers' must be a list of int"),
-    "switch key on dense model": (lambda t: (DS / "zero1.json", model_with(t, num_experts=8), [], 1),
-                                  "unknown key 'num_experts'"),
+    "moe layer out of range": (
+        lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", moe_layers=[5]), [], 1),
+        "moe_layers [5] out of range",
+    ),
+    "negative capacity": (
+        lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", capacity_factor=-1.0), [], 1),
+        "capacity_factor and eval_capacity_factor must be positive",
+    ),
+    "expert dropout too high": (
+        lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", expert_dropout=1.0), [], 1),
+        "expert_dropout must be in [0, 1)",
+    ),
+    "moe layers not a list": (
+        lambda t: (DS / "zero1.json", model_with(t, "tiny-switch.json", moe_layers="odd"), [], 1),
+        "'moe_layers' must be a list of int",
+    ),
+    "switch key on dense model": (lambda t: (DS / "zero1.json", model_with(t, num_experts=8), [], 1), "unknown key 'num_experts'"),
     "ds config not an object": (lambda t: (write(t / "ds.json", "[1, 2]"), MODELS / "tiny-gpt.json", [], 1), "must be a JSON object"),
-    "micro batch not an int": (lambda t: (ds_with(t, train_micro_batch_size_per_gpu=1.5), MODELS / "tiny-gpt.json", [], 1),
-                               "train_micro_batch_size_per_gpu must be a positive integer"),
-    "inconsistent batch triple": (lambda t: (ds_with(t, gradient_accumulation_steps=3), MODELS / "tiny-gpt.json", [], 1),
-                                  "train_batch_size 8 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 3"),
-    "seq len longer than data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                            ["--train_data", write(t / "short.txt", "tiny corpus")], 1), "fewer than one sample"),
-    "empty data file": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", write(t / "e.txt", "")], 1),
-                        "is empty"),
-    "non utf8 data": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                 ["--train_data", write(t / "b.txt", b"ok\n\xff\xfe\n")], 1),
-                      "line 2 is not UTF-8"),
-    "blend weights count mismatch": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                                ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5"], 1),
-                                     "--train_data_weights has 1 weights for 2 --train_data corpora"),
-    "negative blend weight": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                         ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5", "-0.2"], 1),
-                              "must all be positive and finite"),
-    "bleu on a language model": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                            ["--bleu_src", CORPUS, "--bleu_ref", CORPUS], 1), "drop --bleu_src/--bleu_ref"),
-    "bleu ref without src": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--bleu_ref", CORPUS], 1),
-                             "--bleu_src and --bleu_ref go together"),
-    "fp16 on a device without it": (lambda t: (DS / "fp16_zero1.json", MODELS / "tiny-gpt.json", [], 1),
-                                    "enables fp16, which this device (cpu) does not support"),
-    "seq len beyond learned positions": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--seq_len", "65"], 1),
-                                         "--seq_len 65 is longer than the 64 learned positions"),
-    "lm task with an encoder-decoder": (lambda t: (DS / "zero1.json", MODELS / "tiny-transformer.json", [], 1),
-                                        "needs a decoder model (family 'gpt' or 'switch'); this one is a 'transformer'"),
-    "extend schedule without resume": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--extend_schedule"], 1),
-                                       "--extend_schedule stretches a resumed run's learning-rate schedule; pass it with --resume"),
-    "missing second blend corpus": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json",
-                                               ["--train_data", CORPUS, t / "none.txt"], 1), "none.txt does not exist"),
+    "micro batch not an int": (
+        lambda t: (ds_with(t, train_micro_batch_size_per_gpu=1.5), MODELS / "tiny-gpt.json", [], 1),
+        "train_micro_batch_size_per_gpu must be a positive integer",
+    ),
+    "inconsistent batch triple": (
+        lambda t: (ds_with(t, gradient_accumulation_steps=3), MODELS / "tiny-gpt.json", [], 1),
+        "train_batch_size 8 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 3",
+    ),
+    "seq len longer than data": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", write(t / "short.txt", "tiny corpus")], 1),
+        "fewer than one sample",
+    ),
+    "empty data file": (lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", write(t / "e.txt", "")], 1), "is empty"),
+    "non utf8 data": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", write(t / "b.txt", b"ok\n\xff\xfe\n")], 1),
+        "line 2 is not UTF-8",
+    ),
+    "blend weights count mismatch": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5"], 1),
+        "--train_data_weights has 1 weights for 2 --train_data corpora",
+    ),
+    "negative blend weight": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, CORPUS, "--train_data_weights", "0.5", "-0.2"], 1),
+        "must all be positive and finite",
+    ),
+    "bleu on a language model": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--bleu_src", CORPUS, "--bleu_ref", CORPUS], 1),
+        "drop --bleu_src/--bleu_ref",
+    ),
+    "bleu ref without src": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--bleu_ref", CORPUS], 1),
+        "--bleu_src and --bleu_ref go together",
+    ),
+    "fp16 on a device without it": (
+        lambda t: (DS / "fp16_zero1.json", MODELS / "tiny-gpt.json", [], 1),
+        "enables fp16, which this device (cpu) does not support",
+    ),
+    "seq len beyond learned positions": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--seq_len", "65"], 1),
+        "--seq_len 65 is longer than the 64 learned positions",
+    ),
+    "lm task with an encoder-decoder": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-transformer.json", [], 1),
+        "needs a decoder model (family 'gpt' or 'switch'); this one is a 'transformer'",
+    ),
+    "extend schedule without resume": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--extend_schedule"], 1),
+        "--extend_schedule stretches a resumed run's learning-rate schedule; pass it with --resume",
+    ),
+    "missing second blend corpus": (
+        lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, t / "none.txt"], 1),
+        "none.txt does not exist",
+    ),
 }
 
 
@@ -140,8 +183,19 @@ CASES = {
 def test_refused_with_one_line(tmp_path, name):
     make, expected = CASES[name]
     ds_config, model_config, extra, world = make(tmp_path)
-    args = ["--ds_config", ds_config, "--model_config", model_config, "--train_data", CORPUS, "--max_steps", 2,
-            "--save_dir", tmp_path / "run", *extra]
+    args = [
+        "--ds_config",
+        ds_config,
+        "--model_config",
+        model_config,
+        "--train_data",
+        CORPUS,
+        "--max_steps",
+        2,
+        "--save_dir",
+        tmp_path / "run",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["WORLD_SIZE"] = str(world)
     env["TORCH_EXTENSIONS_DIR"] = env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
@@ -158,26 +212,69 @@ def test_rendezvous_port_in_use_is_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-        proc = subprocess.run([sys.executable, str(MAIN), "--ds_config", DS / "zero0.json", "--model_config",
-                               MODELS / "tiny-gpt.json", "--train_data", CORPUS, "--max_steps", "1", "--save_dir", tmp_path / "run"],
-                              env=env, capture_output=True, text=True, timeout=300)
+        env = dict(
+            os.environ,
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(MAIN),
+                "--ds_config",
+                DS / "zero0.json",
+                "--model_config",
+                MODELS / "tiny-gpt.json",
+                "--train_data",
+                CORPUS,
+                "--max_steps",
+                "1",
+                "--save_dir",
+                tmp_path / "run",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert errors == [f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one "
-                      f"(deepspeed --master_port P, or MASTER_PORT=P)"]
+    assert errors == [
+        f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)"
+    ]
 
 
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = ["--ds_config", DS / "zero0.json", "--model_config", MODELS / "tiny-gpt.json", "--train_data", CORPUS,
-            "--max_steps", "100000", "--save_interval", "2", "--save_dir", run]
+    args = [
+        "--ds_config",
+        DS / "zero0.json",
+        "--model_config",
+        MODELS / "tiny-gpt.json",
+        "--train_data",
+        CORPUS,
+        "--max_steps",
+        "100000",
+        "--save_interval",
+        "2",
+        "--save_dir",
+        run,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     # Ctrl-C's SIGINT handled as in a terminal's foreground job, also when the suite itself runs in a background
     # job of a non-interactive shell (which starts it, and so this process, with SIGINT ignored).
-    proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 300  # a loaded machine can take minutes to the first save
         while not (run / "latest").exists():

@@ -1,4 +1,5 @@
 """The same entry point under the deepspeed launcher and torchrun, 2 CPU ranks each, with W&B offline."""
+
 import os
 import subprocess
 import sys
@@ -12,9 +13,15 @@ BIN = Path(sys.executable).parent
 
 
 def launcher_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
         env.pop(key, None)
     return env
@@ -31,8 +38,15 @@ def launcher_command(launcher, port):
 def test_launcher_runs_two_ranks(tmp_path, launcher):
     cmd = launcher_command(launcher, free_port())
     args = train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--wandb_project", "switchyard-test", "--eval_interval", 2)
-    proc = subprocess.Popen([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO, env=launcher_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)],
+        cwd=REPO,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -57,9 +71,16 @@ def test_a_busy_master_port_is_one_line_under_the_deepspeed_launcher(tmp_path):
         port = str(busy.getsockname()[1])
         cmd = launcher_command("deepspeed", port)
         args = train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4)
-        proc = subprocess.run([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO,
-                              env=launcher_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)],
+            cwd=REPO,
+            env=launcher_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
-    assert errors == [f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one "
-                      f"(deepspeed --master_port P, or MASTER_PORT=P)"]
+    assert errors == [
+        f"error: the rendezvous port {port} on 127.0.0.1 is in use by another process; pick a free one (deepspeed --master_port P, or MASTER_PORT=P)"
+    ]

@@ -1,5 +1,6 @@
 """pretrain/main.py end to end with real ranks: Switch with expert parallelism, bf16. (Resumes after a kill are
 tests/pretrain/test_reliability.py's.)"""
+
 import math
 
 import torch

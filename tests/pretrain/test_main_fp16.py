@@ -1,4 +1,5 @@
 """fp16 dynamic loss scaling on CPU ranks (see fp16_on_cpu.py for why the accelerator is patched)."""
+
 import json
 
 from tests.distributed import REPO, read_metrics, start_ranks, train_args, translation_args, wait_ranks

@@ -6,6 +6,7 @@ micro-batches of 2 per step, and GPTPipe starts from the plain GPT's weights. Th
 in the order of floating-point sums (the tied embedding's gradient is the sum of the two stages'
 parts, all-reduced), so the tolerance is the one of tests/pretrain/test_main_zero.py.
 """
+
 import pytest
 import torch
 
@@ -33,8 +34,7 @@ def val_loss(model, task, eval_iters=4, micro_batch_size=2):
     """What the trainer logs as val/loss on one data-parallel rank."""
     model.eval()
     with torch.no_grad():
-        losses = [task.loss(model(task.inputs(b)), b)[1]["lm_loss"]
-                  for b in (task.val_batch(i, micro_batch_size, 0, 1) for i in range(eval_iters))]
+        losses = [task.loss(model(task.inputs(b)), b)[1]["lm_loss"] for b in (task.val_batch(i, micro_batch_size, 0, 1) for i in range(eval_iters))]
     return float(torch.stack(losses).mean())
 
 
@@ -57,8 +57,7 @@ def test_two_stages_match_one_rank(runs):
 def test_pipeline_checkpoint_converts_to_gpt(runs):
     plain, pipe = runs
     # The task (its validation data) of a launch like the pipeline run's; a fresh --save_dir, as prepare() refuses a used one.
-    args, config, _, _, task = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS,
-                                                                   save_dir=pipe.parent / "prepare_only")])
+    args, config, _, _, task = prepare([str(a) for a in train_args(pipe, "zero1.json", MODEL, STEPS, save_dir=pipe.parent / "prepare_only")])
 
     converted = GPT(config)
     converted.load_state_dict(checkpoint_state_dict(str(pipe), read_latest(pipe), config), strict=True)
@@ -77,5 +76,5 @@ def test_pipeline_checkpoint_converts_to_gpt(runs):
     for name, tensor in converted.state_dict().items():
         expected = plain_weights[name]
         if name.endswith("attn.qkv.bias"):
-            tensor, expected = torch.cat([tensor[:d], tensor[2 * d:]]), torch.cat([expected[:d], expected[2 * d:]])
+            tensor, expected = torch.cat([tensor[:d], tensor[2 * d :]]), torch.cat([expected[:d], expected[2 * d :]])
         torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7, msg=name)

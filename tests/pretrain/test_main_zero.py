@@ -9,6 +9,7 @@ worst relative gap over 6 steps is 9.1e-8 for every stage, offload included, mos
 RTOL = 1e-5 is ~100x that and still far below a real bug (a wrong batch, a missing all-reduce or a
 lost shard moves the loss by >1e-3 in the first steps).
 """
+
 import json
 from pathlib import Path
 
@@ -43,11 +44,11 @@ def test_two_ranks_match_one_rank(tmp_path, ds_config):
 # ------------------------------------------------------------------------------------------
 # ZeRO-3 builds the model partitioned (pretrain/main.py: deepspeed.zero.Init), with a plain build's weights.
 
+
 def built_weights(tmp_path, args, world=2):
     """{"state": the engine's weights gathered whole, "held": per rank, what it held right after the build}."""
     out = tmp_path / "built.pt"
-    results = wait_ranks(start_ranks([out, *args], world, tmp_path / "built-logs", script=HERE / "built_weights.py"),
-                         tmp_path / "built-logs")
+    results = wait_ranks(start_ranks([out, *args], world, tmp_path / "built-logs", script=HERE / "built_weights.py"), tmp_path / "built-logs")
     assert [r.returncode for r in results] == [0] * world, results[0].output[-4000:]
     return torch.load(out, weights_only=True), results[0].output
 
@@ -60,8 +61,7 @@ def zero_config(tmp_path, name, **changes):
     return path
 
 
-@pytest.mark.parametrize("model, precision", [("tiny-gpt.json", "fp32"), ("tiny-gpt.json", "bf16"),
-                                              ("tiny-transformer.json", "fp32")])
+@pytest.mark.parametrize("model, precision", [("tiny-gpt.json", "fp32"), ("tiny-gpt.json", "bf16"), ("tiny-transformer.json", "fp32")])
 def test_zero3_builds_the_plain_weights_partitioned(tmp_path, pair_data, model, precision):
     """Each of 2 ranks holds about half of the model right after it is built (without zero.Init: all of
     it), and the weights are bit-identical to a plain build from the same seed (cast as the engine casts)."""

@@ -1,4 +1,5 @@
 """python -m pretrain.preprocess: text -> PREFIX.bin/.idx with worker processes, and training on the result."""
+
 import json
 import math
 import os
@@ -40,15 +41,16 @@ def shakespeare(tmp_path_factory):
 
 def test_two_workers_write_the_same_files_as_one(shakespeare, tmp_path):
     for workers in (1, 2):
-        preprocess(str(shakespeare.corpus), tokenizer=str(shakespeare.model), output_prefix=str(tmp_path / f"w{workers}"),
-                   workers=workers, chunk_chars=4000)  # ~15 chunks, so both workers take turns
+        preprocess(
+            str(shakespeare.corpus), tokenizer=str(shakespeare.model), output_prefix=str(tmp_path / f"w{workers}"), workers=workers, chunk_chars=4000
+        )  # ~15 chunks, so both workers take turns
     for suffix in ("bin", "idx"):
         assert (tmp_path / f"w1.{suffix}").read_bytes() == (tmp_path / f"w2.{suffix}").read_bytes()
     data = IndexedTokens(tmp_path / "w2")
     tok = SentencePieceTokenizer(shakespeare.model)
     assert data.tokens.dtype == np.uint16 and data.tokenizer_spec == tok.spec
     assert data.footer["num_docs"] == len(shakespeare.corpus.read_text().split("\n\n"))
-    first = data.tokens[data.offsets[0]:data.offsets[1]].tolist()
+    first = data.tokens[data.offsets[0] : data.offsets[1]].tolist()
     assert first[-1] == tok.eos_id and tok.decode(first[:-1]) == shakespeare.corpus.read_text().split("\n\n")[0] + "\n\n"
 
 
@@ -88,18 +90,21 @@ def test_json_lines_field_one_document_per_record(tmp_path):
     preprocess(str(tmp_path / "d.jsonl"), field="summary", workers=1)  # output beside the input: d.bin, d.idx
     data = IndexedTokens(tmp_path / "d")
     assert data.footer["num_docs"] == 30 and data.footer["source"]["field"] == "summary"
-    assert ByteTokenizer().decode(data.tokens[data.offsets[7]:data.offsets[8]]) == "summary 7"
+    assert ByteTokenizer().decode(data.tokens[data.offsets[7] : data.offsets[8]]) == "summary 7"
 
 
-@pytest.mark.parametrize("name,content,extra,expected", [
-    ("empty.txt", b"", [], "data file {path} is empty"),
-    ("latin1.txt", b"fine\n\nstill fine\n\n" * 50 + "caf\u00e9\n".encode("latin-1"), [], "data file {path} line 201 is not UTF-8"),
-    ("rows.jsonl", b'{"text": "a"}\n' * 40 + b'{"body": "b"}\n', [], "data file {path} line 41 has no field 'text'"),
-    ("ok.txt", b"abc\n", ["--tokenizer", "missing.model"], "tokenizer missing.model does not exist"),
-    ("ok.txt", b"abc\n", ["--output_prefix", "/nonexistent/x"], "--output_prefix /nonexistent/x: its directory does not exist"),
-    ("ok.txt", b"abc\n", ["--tokenizer", "{path}"], "tokenizer {path} is not a sentencepiece model"),
-    ("ok.txt", b"abc\n", ["--tokenzier", "bytes"], "unknown flag --tokenzier (did you mean --tokenizer?)"),
-])
+@pytest.mark.parametrize(
+    "name,content,extra,expected",
+    [
+        ("empty.txt", b"", [], "data file {path} is empty"),
+        ("latin1.txt", b"fine\n\nstill fine\n\n" * 50 + "caf\u00e9\n".encode("latin-1"), [], "data file {path} line 201 is not UTF-8"),
+        ("rows.jsonl", b'{"text": "a"}\n' * 40 + b'{"body": "b"}\n', [], "data file {path} line 41 has no field 'text'"),
+        ("ok.txt", b"abc\n", ["--tokenizer", "missing.model"], "tokenizer missing.model does not exist"),
+        ("ok.txt", b"abc\n", ["--output_prefix", "/nonexistent/x"], "--output_prefix /nonexistent/x: its directory does not exist"),
+        ("ok.txt", b"abc\n", ["--tokenizer", "{path}"], "tokenizer {path} is not a sentencepiece model"),
+        ("ok.txt", b"abc\n", ["--tokenzier", "bytes"], "unknown flag --tokenzier (did you mean --tokenizer?)"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name, content, extra, expected):
     """Reading happens in the main process while two workers encode: the error still surfaces as one line."""
     path = tmp_path / name
@@ -116,8 +121,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name,
 def test_command_line_reports_throughput(tmp_path):
     lines = (SHARED / "ptb" / "ptb.train.txt").read_text().splitlines(keepends=True)[:3000]
     (tmp_path / "ptb.txt").write_text("".join(lines))
-    proc = subprocess.run([sys.executable, "-m", "pretrain.preprocess", str(tmp_path / "ptb.txt"), "--per_line",
-                           "--workers", "2", "--chunk_chars", "20000"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.preprocess", str(tmp_path / "ptb.txt"), "--per_line", "--workers", "2", "--chunk_chars", "20000"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MB/s" in proc.stdout and "tokens/s" in proc.stdout, proc.stdout
     data = IndexedTokens(tmp_path / "ptb")
@@ -142,8 +152,15 @@ def test_the_tokenizer_comes_from_the_index_and_a_different_one_is_refused(shake
 
 
 def lm_task(**args):
-    defaults = dict(tokenizer=None, seq_len=None, val_data=None, val_fraction=0.05, seed=1, train_data_weights=None,
-                    model_config=str(REPO / "models" / "configs" / "tiny-gpt.json"))
+    defaults = dict(
+        tokenizer=None,
+        seq_len=None,
+        val_data=None,
+        val_fraction=0.05,
+        seed=1,
+        train_data_weights=None,
+        model_config=str(REPO / "models" / "configs" / "tiny-gpt.json"),
+    )
     args = SimpleNamespace(**{**defaults, **args, "train_data": [args["train_data"]]})
     return LanguageModelingTask(args, load_model_config(args.model_config), SimpleNamespace(pipeline_stages=1))
 
@@ -166,8 +183,18 @@ def test_lm_task_reads_a_prefix_memory_mapped(shakespeare, tmp_path):
 def test_training_runs_on_a_preprocessed_prefix(shakespeare, tmp_path):
     prefix = tmp_path / "shakespeare"
     preprocess(str(shakespeare.corpus), tokenizer=str(shakespeare.model), output_prefix=str(prefix), workers=2)
-    args = ["--ds_config", REPO / "ds_configs" / "zero0.json", "--model_config", REPO / "models" / "configs" / "tiny-gpt.json",
-            "--train_data", f"{prefix}.bin", "--max_steps", 3, "--save_dir", tmp_path / "run"]
+    args = [
+        "--ds_config",
+        REPO / "ds_configs" / "zero0.json",
+        "--model_config",
+        REPO / "models" / "configs" / "tiny-gpt.json",
+        "--train_data",
+        f"{prefix}.bin",
+        "--max_steps",
+        3,
+        "--save_dir",
+        tmp_path / "run",
+    ]
     run_ranks(args, 1, tmp_path / "logs")
     losses = read_metrics(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
@@ -180,14 +207,27 @@ def test_main_refuses_a_tokenizer_the_data_was_not_made_with(shakespeare, tmp_pa
     prefix = tmp_path / "c"
     preprocess(str(shakespeare.corpus), tokenizer=str(shakespeare.model), output_prefix=str(prefix), workers=1)
     train(str(shakespeare.corpus), vocab_size=300, output=str(tmp_path / "other"), num_threads=1)
-    args = ["--ds_config", REPO / "ds_configs" / "zero0.json", "--model_config", REPO / "models" / "configs" / "tiny-gpt.json",
-            "--train_data", f"{prefix}.bin", "--tokenizer", tmp_path / "other.model", "--max_steps", 1,
-            "--save_dir", tmp_path / "run"]
+    args = [
+        "--ds_config",
+        REPO / "ds_configs" / "zero0.json",
+        "--model_config",
+        REPO / "models" / "configs" / "tiny-gpt.json",
+        "--train_data",
+        f"{prefix}.bin",
+        "--tokenizer",
+        tmp_path / "other.model",
+        "--max_steps",
+        1,
+        "--save_dir",
+        tmp_path / "run",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(MAIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors == [f"error: {prefix}.idx was made with tokenizer {shakespeare.model} "
-                      f"(sha256 {SentencePieceTokenizer(shakespeare.model).sha256[:12]}), not {tmp_path / 'other.model'} "
-                      f"(sha256 {SentencePieceTokenizer(tmp_path / 'other.model').sha256[:12]}); "
-                      f"drop --tokenizer to use the one it was made with"]
+    assert errors == [
+        f"error: {prefix}.idx was made with tokenizer {shakespeare.model} "
+        f"(sha256 {SentencePieceTokenizer(shakespeare.model).sha256[:12]}), not {tmp_path / 'other.model'} "
+        f"(sha256 {SentencePieceTokenizer(tmp_path / 'other.model').sha256[:12]}); "
+        f"drop --tokenizer to use the one it was made with"
+    ]

@@ -1,5 +1,6 @@
 """python -m pretrain.preprocess_pairs: parallel text and JSON Lines pairs -> PREFIX.src/.tgt token files
 (and PREFIX.refs.jsonl), read back by PairDataset; bad input is one line and exit 2, nothing written."""
+
 import json
 import subprocess
 import sys
@@ -33,8 +34,7 @@ def decoded(pairs, side, i, tokenizer=ByteTokenizer()):
 
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.preprocess_pairs", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.preprocess_pairs", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.startswith("error:")], proc
 
 
@@ -68,8 +68,9 @@ def test_separate_tokenizers_are_recorded_per_side(tmp_path):
     src = write_lines(tmp_path / "s.txt", GERMAN * 40)
     tgt = write_lines(tmp_path / "t.txt", ENGLISH * 40)
     train(str(tgt), per_line=True, vocab_size=40, model_type="char", output=str(tmp_path / "en"), num_threads=1)
-    preprocess_pairs(source=src, target=tgt, output_prefix=str(tmp_path / "out"), src_tokenizer="bytes",
-                     tgt_tokenizer=str(tmp_path / "en.model"), workers=1)
+    preprocess_pairs(
+        source=src, target=tgt, output_prefix=str(tmp_path / "out"), src_tokenizer="bytes", tgt_tokenizer=str(tmp_path / "en.model"), workers=1
+    )
     pairs = PairDataset(tmp_path / "out")
     english = SentencePieceTokenizer(str(tmp_path / "en.model"))
     assert pairs.src_tokenizer_spec == {"type": "bytes"} and pairs.tgt_tokenizer_spec == english.spec
@@ -77,12 +78,13 @@ def test_separate_tokenizers_are_recorded_per_side(tmp_path):
 
 
 def test_json_lines_train_on_the_first_reference_and_keep_all_for_evaluation(tmp_path):
-    records = [{"dialogue": ["#A#: Hi.", "#B#: Hello."], "summary": "A greets B.", "extra": ["B answers.", "They meet."]},
-               {"dialogue": "#A#: Bye.", "summary": "A leaves.", "extra": []}]
+    records = [
+        {"dialogue": ["#A#: Hi.", "#B#: Hello."], "summary": "A greets B.", "extra": ["B answers.", "They meet."]},
+        {"dialogue": "#A#: Bye.", "summary": "A leaves.", "extra": []},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    preprocess_pairs(jsonl=path, source_field="dialogue", target_field="summary,extra", output_prefix=str(tmp_path / "d"),
-                     workers=1)
+    preprocess_pairs(jsonl=path, source_field="dialogue", target_field="summary,extra", output_prefix=str(tmp_path / "d"), workers=1)
     pairs = PairDataset(tmp_path / "d")
     assert decoded(pairs, "src", 0) == "#A#: Hi.\n#B#: Hello." and decoded(pairs, "tgt", 0) == "A greets B."
     refs = [json.loads(line) for line in (tmp_path / "d.refs.jsonl").read_text().splitlines()]
@@ -100,28 +102,30 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
     assert code == 2 and len(errors) == 1 and f"{tmp_path / 'b.en'} line 4 is not UTF-8" in errors[0], proc.stderr
 
     (tmp_path / "c.jsonl").write_text(json.dumps({"dialogue": "x", "summary": "y"}) + "\n" + json.dumps({"dialogue": "x"}) + "\n")
-    code, errors, proc = run_cli("--jsonl", tmp_path / "c.jsonl", "--source_field", "dialogue", "--target_field", "summary",
-                                 "--output_prefix", tmp_path / "x")
-    assert code == 2 and len(errors) == 1 and "c.jsonl line 2 has no field 'summary' (it has 'dialogue'); pass --target_field" \
-        in errors[0], proc.stderr
+    code, errors, proc = run_cli(
+        "--jsonl", tmp_path / "c.jsonl", "--source_field", "dialogue", "--target_field", "summary", "--output_prefix", tmp_path / "x"
+    )
+    assert code == 2 and len(errors) == 1 and "c.jsonl line 2 has no field 'summary' (it has 'dialogue'); pass --target_field" in errors[0], (
+        proc.stderr
+    )
 
     code, errors, _ = run_cli("--source", src, "--output_prefix", tmp_path / "x")
     assert code == 2 and "needs both --source FILE and --target FILE" in errors[0]
     assert not list(tmp_path.glob("x*"))
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model; pass a .model file written by "
-                                "python -m pretrain.tokenizer"),
-    (["--src_tokenizer", "bytes", "--tgt_tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model"),
-    (["--tokenizr", "bytes"], "unknown flag --tokenizr (did you mean --tokenizer?); pretrain.preprocess_pairs takes "
-                              "--source, --target, --jsonl"),
-])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model; pass a .model file written by python -m pretrain.tokenizer"),
+        (["--src_tokenizer", "bytes", "--tgt_tokenizer", "{text}"], "tokenizer {text} is not a sentencepiece model"),
+        (["--tokenizr", "bytes"], "unknown flag --tokenizr (did you mean --tokenizer?); pretrain.preprocess_pairs takes --source, --target, --jsonl"),
+    ],
+)
 def test_a_text_file_as_tokenizer_or_a_misspelled_flag_is_one_line(tmp_path, capsys, flags, expected):
     src, tgt = write_lines(tmp_path / "a.de", GERMAN), write_lines(tmp_path / "a.en", ENGLISH)
     with pytest.raises(SystemExit) as exited:
-        main(["--source", str(src), "--target", str(tgt), "--output_prefix", str(tmp_path / "x"),
-              *(flag.format(text=src) for flag in flags)])
+        main(["--source", str(src), "--target", str(tgt), "--output_prefix", str(tmp_path / "x"), *(flag.format(text=src) for flag in flags)])
     errors = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2
     assert len(errors) == 1 and errors[0].startswith("error: " + expected.format(text=src)), errors
@@ -148,8 +152,18 @@ def test_multi30k_validation_pairs_batch_by_token_budget(tmp_path):
 @needs_shared
 def test_dialogsum_test_set_keeps_three_references_from_the_command_line(tmp_path):
     path = SHARED / "dialogsum" / "dialogsum.test.jsonl"
-    code, errors, proc = run_cli("--jsonl", path, "--source_field", "dialogue", "--target_field", "summary1,summary2,summary3",
-                                 "--output_prefix", tmp_path / "test", "--workers", 2)  # through fire: NAME1,NAME2,NAME3
+    code, errors, proc = run_cli(
+        "--jsonl",
+        path,
+        "--source_field",
+        "dialogue",
+        "--target_field",
+        "summary1,summary2,summary3",
+        "--output_prefix",
+        tmp_path / "test",
+        "--workers",
+        2,
+    )  # through fire: NAME1,NAME2,NAME3
     assert code == 0 and not errors, proc.stderr[-2000:]
     records = [json.loads(line) for line in path.read_text().splitlines()]
     refs = [json.loads(line) for line in (tmp_path / "test.refs.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """Rank 0's progress (pretrain/progress.py): plain log lines with the percentage and ETA in a log file, a tqdm bar
 on a terminal."""
+
 import fcntl
 import os
 import pty
@@ -24,8 +25,14 @@ def test_a_terminal_gets_a_progress_bar(tmp_path):
     leader, follower = pty.openpty()  # rank 0's stdout is a terminal, 120 columns wide
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     args = train_args(tmp_path, "zero0.json", "tiny-gpt.json", 4, "--log_interval", 2)
-    proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=REPO, env=rank_env(0, 1, free_port()),
-                            stdout=follower, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *map(str, args)],
+        cwd=REPO,
+        env=rank_env(0, 1, free_port()),
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     os.close(follower)
     shown = b""
     while True:

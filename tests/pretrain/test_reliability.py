@@ -1,4 +1,5 @@
 """Faults: stop signals, kills at random moments (also while saving), damaged checkpoints, NaN steps."""
+
 import os
 import random
 import shutil
@@ -86,8 +87,7 @@ def test_random_kills_even_while_saving_always_resume_from_a_complete_checkpoint
     losses = read_metrics(run)
     print(f"survived {kills} kills, {during_save} of them during a save")
     assert losses[STEPS] == uninterrupted[STEPS]
-    assert sorted(p.name for p in run.glob("global_step*") if not p.name.endswith(".partial")) == \
-        [f"global_step{STEPS - 1}", f"global_step{STEPS}"]
+    assert sorted(p.name for p in run.glob("global_step*") if not p.name.endswith(".partial")) == [f"global_step{STEPS - 1}", f"global_step{STEPS}"]
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
@@ -183,8 +183,7 @@ def test_dense_run_resumes_at_another_data_parallel_size(tmp_path, ds_config, de
 def test_switch_run_at_another_data_parallel_size_is_refused(tmp_path):
     run = tmp_path / "run"
     run_ranks(train_args(tmp_path, "zero1.json", "tiny-switch.json", 2, save_dir=run), 2, tmp_path / "l1")
-    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--resume", save_dir=run), 1, tmp_path / "l2",
-                        check=False)
+    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-switch.json", 4, "--resume", save_dir=run), 1, tmp_path / "l2", check=False)
     assert results[0].returncode == 2
     errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "saved with 2 data-parallel ranks and this launch has 1" in errors[0]
@@ -216,26 +215,33 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     manifest = json.loads((run / "global_step2" / MANIFEST).read_text())  # a consistent, hostile checkpoint
     manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": sha256(states)}
     (run / "global_step2" / MANIFEST).write_text(json.dumps(manifest))
-    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4, "--resume", save_dir=run), 2, tmp_path / "l2",
-                        check=False)
+    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 4, "--resume", save_dir=run), 2, tmp_path / "l2", check=False)
     assert [r.returncode for r in results] == [2, 2]
     errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "asks to run posix.system" in errors[0] and "refusing it" in errors[0], results[0].output[-2000:]
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("ds_config, model", [("zero0.json", "tiny-gpt.json"), ("zero1.json", "tiny-gpt-dropout.json"),
-                                               ("zero2.json", "tiny-gpt.json"), ("zero3.json", "tiny-gpt.json"),
-                                               ("zero3_offload.json", "tiny-gpt.json"), ("bf16_zero1.json", "tiny-gpt.json"),
-                                               ("pipeline2_zero1.json", "tiny-gpt.json"), ("moe_ep2_zero2.json", "tiny-switch.json")])
+@pytest.mark.parametrize(
+    "ds_config, model",
+    [
+        ("zero0.json", "tiny-gpt.json"),
+        ("zero1.json", "tiny-gpt-dropout.json"),
+        ("zero2.json", "tiny-gpt.json"),
+        ("zero3.json", "tiny-gpt.json"),
+        ("zero3_offload.json", "tiny-gpt.json"),
+        ("bf16_zero1.json", "tiny-gpt.json"),
+        ("pipeline2_zero1.json", "tiny-gpt.json"),
+        ("moe_ep2_zero2.json", "tiny-switch.json"),
+    ],
+)
 def test_every_recipe_resumes_exactly_through_the_safe_loader(tmp_path, ds_config, model):
     """Each recipe's checkpoint loads with weights_only and the allow-list, and the resumed run ends
     with bit-identical weights to the uninterrupted one (optimizer state, the CPU Adam kernel's bias
     correction, LR schedule, data position and RNG all restored)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     # Resumed at step 6: from step 7 on, the float32 product beta2^t of DeepSpeed's CPU Adam differs from pow(beta2, t).
-    run_ranks(train_args(tmp_path, ds_config, model, 9, "--save_interval", 6, "--keep_checkpoints", 0, save_dir=full), 2,
-              tmp_path / "l1")
+    run_ranks(train_args(tmp_path, ds_config, model, 9, "--save_interval", 6, "--keep_checkpoints", 0, save_dir=full), 2, tmp_path / "l1")
     resumed.mkdir()
     shutil.copytree(full / "global_step6", resumed / "global_step6")
     (resumed / "latest").write_text("global_step6")
@@ -253,8 +259,9 @@ def test_secrets_never_reach_the_run_directory_or_logs(tmp_path):
     secret = "sk-switchyard-test-4f1c9a"
     env = {"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "HF_TOKEN": secret}
     run = tmp_path / "run"
-    results = run_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 2, "--wandb_project", "t", save_dir=run), 2,
-                        tmp_path / "logs", extra_env=env)
+    results = run_ranks(
+        train_args(tmp_path, "zero1.json", "tiny-gpt.json", 2, "--wandb_project", "t", save_dir=run), 2, tmp_path / "logs", extra_env=env
+    )
     assert all(secret not in r.output for r in results)
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "run_config.json" for p in files)

@@ -1,5 +1,6 @@
 """A run directory is never overwritten or shared: starts into a used one, two runs at once, and resumes that do
 not fit the saved run are refused with one line before anything of the run is touched (pretrain/run_dir.py)."""
+
 import hashlib
 import json
 import os
@@ -21,8 +22,7 @@ MODELS = REPO / "models" / "configs"
 
 def snapshot(directory):
     """Every file under ``directory`` with its SHA-256: equal snapshots mean nothing was written, moved or removed."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def errors(result):
@@ -53,11 +53,11 @@ def run(saved_run, tmp_path):
 
 
 def launch(tmp_path, run, *extra, ds_config="zero1.json", model="tiny-gpt.json", steps=6, world_size=1, name="logs"):
-    return run_ranks(train_args(tmp_path, ds_config, model, steps, *extra, save_dir=run), world_size, tmp_path / name,
-                     check=False)
+    return run_ranks(train_args(tmp_path, ds_config, model, steps, *extra, save_dir=run), world_size, tmp_path / name, check=False)
 
 
 # --- the start rule, on directories made by hand -----------------------------------------------------
+
 
 def test_what_holds_a_run(tmp_path):
     assert run_dir.what_run_it_holds(tmp_path) is None
@@ -112,13 +112,22 @@ def test_replace_run_moves_exactly_the_run_files(tmp_path):
     for name in ("latest", "metrics.jsonl", "run_config.json", "zero_to_fp32.py", "my_tokenizer.model"):
         (tmp_path / name).write_text(name)
     moved = run_dir.move_run_aside(str(tmp_path))
-    assert sorted(os.listdir(moved)) == ["global_step2", "global_step2_universal", "global_step4.partial", "latest",
-                                         "metrics.jsonl", "run_config.json", "wandb", "zero_to_fp32.py"]
+    assert sorted(os.listdir(moved)) == [
+        "global_step2",
+        "global_step2_universal",
+        "global_step4.partial",
+        "latest",
+        "metrics.jsonl",
+        "run_config.json",
+        "wandb",
+        "zero_to_fp32.py",
+    ]
     assert sorted(os.listdir(tmp_path)) == ["my_tokenizer.model", "replaced", "slurm"]
     assert run_dir.what_run_it_holds(tmp_path) is None
 
 
 # --- the lock ---------------------------------------------------------------------------------------
+
 
 def write_lock(directory, **holder):
     (directory / run_dir.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then", **holder}))
@@ -180,6 +189,7 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
 
 # --- whole launches ------------------------------------------------------------------------------------
 
+
 def test_a_fresh_start_into_a_used_directory_is_refused_touching_nothing(tmp_path, run):
     before = snapshot(run)
     line = refused(launch(tmp_path, run), "already holds a run (checkpoints global_step4, global_step2 and metrics to step 4)")
@@ -222,13 +232,23 @@ def test_resume_with_other_weights_is_refused_and_the_record_kept(tmp_path, run)
     before = snapshot(run)
     config = json.loads((MODELS / "tiny-gpt.json").read_text())
     (tmp_path / "wider.json").write_text(json.dumps({**config, "d_model": 128}))
-    line = refused(run_ranks(["--ds_config", REPO / "ds_configs" / "zero1.json", "--model_config", tmp_path / "wider.json",
-                              *train_args(tmp_path, "zero1.json", "tiny-gpt.json", 6, "--resume", save_dir=run)[4:]],
-                             1, tmp_path / "l", check=False),
-                   "the model config changes what the saved weights are (d_model 64 -> 128")
+    line = refused(
+        run_ranks(
+            [
+                "--ds_config",
+                REPO / "ds_configs" / "zero1.json",
+                "--model_config",
+                tmp_path / "wider.json",
+                *train_args(tmp_path, "zero1.json", "tiny-gpt.json", 6, "--resume", save_dir=run)[4:],
+            ],
+            1,
+            tmp_path / "l",
+            check=False,
+        ),
+        "the model config changes what the saved weights are (d_model 64 -> 128",
+    )
     assert str(run / "run_config.json") in line
-    refused(launch(tmp_path, run, "--resume", ds_config="zero2.json", name="l2"),
-            "saved with ZeRO stage 1 and this launch has 2")
+    refused(launch(tmp_path, run, "--resume", ds_config="zero2.json", name="l2"), "saved with ZeRO stage 1 and this launch has 2")
     assert snapshot(run) == before
 
 

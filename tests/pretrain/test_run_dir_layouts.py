@@ -1,5 +1,6 @@
 """pretrain.run_dir.load_model: every checkpoint layout loads into the plain model and reproduces the
 validation loss the training logged; Switch experts land in their places; bad run directories are refused."""
+
 import shutil
 
 import pytest
@@ -18,9 +19,12 @@ RTOL = 1e-5  # the trainer's engine and the plain model differ only in the order
 def val_loss(model, task, dp_size, eval_iters=4, micro_batch_size=2):
     """What the trainer logs as val/loss: the mean over every data-parallel rank's validation micro-batches."""
     with torch.no_grad():
-        losses = [task.loss(model(task.inputs(batch)), batch)[1]["lm_loss"]
-                  for rank in range(dp_size) for i in range(eval_iters)
-                  for batch in [task.val_batch(i, micro_batch_size, rank, dp_size)]]
+        losses = [
+            task.loss(model(task.inputs(batch)), batch)[1]["lm_loss"]
+            for rank in range(dp_size)
+            for i in range(eval_iters)
+            for batch in [task.val_batch(i, micro_batch_size, rank, dp_size)]
+        ]
     return float(torch.stack(losses).mean())
 
 
@@ -48,8 +52,7 @@ def test_switch_experts_all_local_distinct_and_in_place(trained):
     assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
     for e, expert in enumerate(experts):  # expert e holds the weights DeepSpeed saved as global expert e
         saved = safe_load(run / "global_step3" / f"layer_0_expert_{e}_mp_rank_00_model_states.pt")
-        torch.testing.assert_close(expert.fc.weight, saved[f"blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{e}.fc.weight"],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(expert.fc.weight, saved[f"blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{e}.fc.weight"], rtol=0, atol=0)
 
 
 def test_explicit_tag_and_refusals(trained, tmp_path):
@@ -75,8 +78,11 @@ def test_a_damaged_checkpoint_is_refused_naming_an_intact_one(trained, tmp_path)
     (run / "latest").write_text("global_step4")
     shard = next((run / "global_step4").glob("*model_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
-    with pytest.raises(ConfigError, match=rf"global_step4 is damaged \({shard.name} has 100 bytes, expected \d+\); "
-                                          rf"pass --tag global_step3 \(the newest intact one\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"global_step4 is damaged \({shard.name} has 100 bytes, expected \d+\); "
+        rf"pass --tag global_step3 \(the newest intact one\)",
+    ):
         load_model(run)
     assert load_model(run, tag="global_step3")[0] is not None
 

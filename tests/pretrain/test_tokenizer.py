@@ -1,4 +1,5 @@
 """python -m pretrain.tokenizer: sentencepiece models from text files, JSON Lines fields and datasets."""
+
 import json
 import os
 import subprocess
@@ -50,8 +51,7 @@ def test_language_tags_stay_whole(tmp_path, model_type):
     raw = SHARED / "multi30k" / "raw"
     en = head(raw / "train.en", tmp_path / "train.en", n_lines=1500)
     de = head(raw / "train.de", tmp_path / "train.de", n_lines=1500)
-    train(str(en), str(de), per_line=True, model_type=model_type, vocab_size=400, user_defined_symbols="<2en>,<2de>",
-          output=str(tmp_path / "m30k"))
+    train(str(en), str(de), per_line=True, model_type=model_type, vocab_size=400, user_defined_symbols="<2en>,<2de>", output=str(tmp_path / "m30k"))
     tok = SentencePieceTokenizer(tmp_path / "m30k.model")
     assert [tok.sp.piece_to_id("<2en>"), tok.sp.piece_to_id("<2de>")] == [4, 5]
     ids = tok.encode("<2de>Zwei Hunde spielen im Schnee.")
@@ -73,22 +73,41 @@ def test_json_lines_field_and_saved_dataset_give_the_same_tokenizer(tmp_path):
     assert [from_file.id_to_piece(i) for i in range(100)] == [from_dataset.id_to_piece(i) for i in range(100)]
 
 
-@pytest.mark.parametrize("name,content,args,expected", [
-    ("empty.txt", b"", [], "data file {path} is empty"),
-    ("latin1.txt", "caf\u00e9".encode("latin-1"), [], "data file {path} line 1 is not UTF-8"),
-    ("rows.jsonl", b'{"text": "a"}\n{"body": "b"}\n', [], "data file {path} line 2 has no field 'text'"),
-    ("ok.txt", b"abc\n", ["--vocab_size", "5000"], "sentencepiece refused to train: Vocabulary size too high (5000)"),
-    ("ok.txt", b"abc\n", ["--model_type", "word"], "--model_type must be bpe, unigram or char"),
-    ("ok.txt", b"abc\n", ["--vocab_size", "0"], "--vocab_size must be an integer of at least 5 (the 4 special pieces, "
-                                               "0 --user_defined_symbols and one learned piece), got 0"),
-    ("ok.txt", b"abc\n", ["--vocab_size", "-3"], "--vocab_size must be an integer of at least 5"),
-    ("ok.txt", b"abc\n", ["--vocab_size", "6", "--user_defined_symbols", "<a>,<b>"],
-     "--vocab_size must be an integer of at least 7 (the 4 special pieces, 2 --user_defined_symbols"),
-    ("ok.txt", b"abc\n", ["--vocab_size", "6", "--num_threads", "0"],
-     "sentencepiece refused to train: it needs num_threads >= 1 && num_threads <= 1024; change --num_threads"),
-    ("ok.txt", b"abc\n", ["--vocab_szie", "50"], "unknown flag --vocab_szie (did you mean --vocab_size?); "
-                                                 "pretrain.tokenizer takes --dataset, --dataset_config"),
-])
+@pytest.mark.parametrize(
+    "name,content,args,expected",
+    [
+        ("empty.txt", b"", [], "data file {path} is empty"),
+        ("latin1.txt", "caf\u00e9".encode("latin-1"), [], "data file {path} line 1 is not UTF-8"),
+        ("rows.jsonl", b'{"text": "a"}\n{"body": "b"}\n', [], "data file {path} line 2 has no field 'text'"),
+        ("ok.txt", b"abc\n", ["--vocab_size", "5000"], "sentencepiece refused to train: Vocabulary size too high (5000)"),
+        ("ok.txt", b"abc\n", ["--model_type", "word"], "--model_type must be bpe, unigram or char"),
+        (
+            "ok.txt",
+            b"abc\n",
+            ["--vocab_size", "0"],
+            "--vocab_size must be an integer of at least 5 (the 4 special pieces, 0 --user_defined_symbols and one learned piece), got 0",
+        ),
+        ("ok.txt", b"abc\n", ["--vocab_size", "-3"], "--vocab_size must be an integer of at least 5"),
+        (
+            "ok.txt",
+            b"abc\n",
+            ["--vocab_size", "6", "--user_defined_symbols", "<a>,<b>"],
+            "--vocab_size must be an integer of at least 7 (the 4 special pieces, 2 --user_defined_symbols",
+        ),
+        (
+            "ok.txt",
+            b"abc\n",
+            ["--vocab_size", "6", "--num_threads", "0"],
+            "sentencepiece refused to train: it needs num_threads >= 1 && num_threads <= 1024; change --num_threads",
+        ),
+        (
+            "ok.txt",
+            b"abc\n",
+            ["--vocab_szie", "50"],
+            "unknown flag --vocab_szie (did you mean --vocab_size?); pretrain.tokenizer takes --dataset, --dataset_config",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, name, content, args, expected):
     path = tmp_path / name
     path.write_bytes(content)
@@ -109,8 +128,14 @@ def test_command_line_trains_offline_from_a_local_dataset_folder(tmp_path):
     lines = [{"text": f"line {i} of a small corpus about {'cats' if i % 3 else 'dogs'}"} for i in range(200)]
     (folder / "part0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "--dataset", str(folder), "--vocab_size", "40",
-                           "--model_type", "unigram"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.tokenizer", "--dataset", str(folder), "--vocab_size", "40", "--model_type", "unigram"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote" in proc.stdout and (tmp_path / "corpus.unigram40.model").is_file()
     tok = SentencePieceTokenizer(tmp_path / "corpus.unigram40.model")

@@ -1,4 +1,5 @@
 """pretrain/trainer.py helpers that need no ranks."""
+
 import torch
 
 from pretrain.trainer import to_device

@@ -1,6 +1,7 @@
 """A rank that stops, fails or keeps the others waiting ends the whole job, named, within its bound
 (pretrain/watchdog.py); SIGTERM to the deepspeed runner reaches the ranks. Real ranks on gloo; the NCCL
 side is the same process-group timeout and watchdog, documented in the README."""
+
 import os
 import signal
 import subprocess
@@ -37,15 +38,20 @@ def assert_latest_intact(run):
 
 def launch(launcher, args):
     cmd = launcher_command(launcher, free_port())
-    return subprocess.Popen([*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)], cwd=REPO,
-                            env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [*map(str, cmd), str(REPO / "pretrain" / "main.py"), *map(str, args)],
+        cwd=REPO,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def rank_pids(launcher_proc):
     tree = psutil.Process(launcher_proc.pid).children(recursive=True)
-    ranks = {int(p.environ()["RANK"]): p.pid for p in tree
-             if p.cmdline()[-1:] and "pretrain/main.py" in p.cmdline()[2] and "RANK" in p.environ()}
+    ranks = {int(p.environ()["RANK"]): p.pid for p in tree if p.cmdline()[-1:] and "pretrain/main.py" in p.cmdline()[2] and "RANK" in p.environ()}
     return ranks, [launcher_proc.pid] + [p.pid for p in tree]
 
 
@@ -63,8 +69,7 @@ def test_a_stopped_rank_ends_every_process_under_the_launcher(tmp_path, launcher
     """SIGSTOP rank 1: rank 0's watchdog names it and ends; the launcher then ends rank 1 (SIGKILL reaches a
     stopped process; the launchers escalate to it after their 30 s grace)."""
     run = tmp_path / "run"
-    proc = launch(launcher, train_args(tmp_path, "zero1.json", "tiny-gpt.json", 100000, "--save_interval", 2,
-                                       "--heartbeat_timeout_s", HEARTBEAT))
+    proc = launch(launcher, train_args(tmp_path, "zero1.json", "tiny-gpt.json", 100000, "--save_interval", 2, "--heartbeat_timeout_s", HEARTBEAT))
     pids = []
     try:
         wait_for_step(run, 3, lambda: proc.poll() is None)
@@ -88,8 +93,9 @@ def test_a_stopped_rank_ends_every_process_under_the_launcher(tmp_path, launcher
 
 def test_a_stopped_rank_0_is_found_through_the_store_it_serves(tmp_path):
     run = tmp_path / "run"
-    procs = start_ranks(train_args(tmp_path, "zero0.json", "tiny-gpt.json", 100000, "--heartbeat_timeout_s", HEARTBEAT,
-                                   save_dir=run), 2, tmp_path / "logs")
+    procs = start_ranks(
+        train_args(tmp_path, "zero0.json", "tiny-gpt.json", 100000, "--heartbeat_timeout_s", HEARTBEAT, save_dir=run), 2, tmp_path / "logs"
+    )
     try:
         wait_for_step(run, 3, lambda: all(p.poll() is None for p, _ in procs))
         os.kill(procs[0][0].pid, signal.SIGSTOP)
@@ -105,8 +111,7 @@ def test_a_stopped_rank_0_is_found_through_the_store_it_serves(tmp_path):
 def test_a_failing_rank_ends_the_others_at_once(tmp_path):
     """An exception on rank 1 (as a CUDA OOM would be): rank 0 ends within a beat, long before any timeout."""
     env = {"SWITCHYARD_TEST_FAULT": "raise:1:3"}
-    procs = start_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 1000), 2, tmp_path / "logs", env,
-                        script=HERE / "faulty_rank.py")
+    procs = start_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 1000), 2, tmp_path / "logs", env, script=HERE / "faulty_rank.py")
     results = wait_ranks(procs, tmp_path / "logs", timeout=240)  # the default bounds are 300 s and 60 min
     assert [r.returncode for r in results] == [EXIT_PEER_FAILED, 1]
     assert "RuntimeError: injected failure at step 3" in results[1].output
@@ -119,8 +124,13 @@ def test_a_collective_that_waits_past_the_timeout_fails_the_job(tmp_path):
     reduction (a group DeepSpeed made, which would otherwise wait torch's 30 minutes) fails after it, and both end."""
     env = {"SWITCHYARD_TEST_FAULT": "sleep:1:3:120"}
     started = time.monotonic()
-    procs = start_ranks(train_args(tmp_path, "zero1.json", "tiny-gpt.json", 1000, "--distributed_timeout_minutes", 0.1),
-                        2, tmp_path / "logs", env, script=HERE / "faulty_rank.py")
+    procs = start_ranks(
+        train_args(tmp_path, "zero1.json", "tiny-gpt.json", 1000, "--distributed_timeout_minutes", 0.1),
+        2,
+        tmp_path / "logs",
+        env,
+        script=HERE / "faulty_rank.py",
+    )
     results = wait_ranks(procs, tmp_path / "logs", timeout=110)
     assert time.monotonic() - started < 110
     assert [r.returncode for r in results] == [1, EXIT_PEER_FAILED], results[0].output[-2000:]

@@ -9,6 +9,7 @@ pid, and ends any process left that carries this cluster's SLURM_CONF (a job's s
 Debian's packages: apt-get install slurm-wlm munge (.ci/run does it). slurmd runs job steps as the
 submitting user, so it needs root.
 """
+
 import os
 import re
 import shutil
@@ -101,23 +102,38 @@ class SlurmCluster:
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self.conf.write_text(SLURM_CONF.format(
-            host=self.host, root=self.root, ctld_port=free_port(), slurmd_port=free_port(),
-            cpus=max(2, os.cpu_count() or 1), partition=self.partition))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                root=self.root,
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
+                cpus=max(2, os.cpu_count() or 1),
+                partition=self.partition,
+            )
+        )
         (self.root / "gres.conf").write_text(GRES_CONF)  # read from beside slurm.conf
         r = str(self.root)
-        self._spawn("munged", ["munged", "--foreground", f"--key-file={key}", f"--socket={r}/munge.sock",
-                               f"--pid-file={r}/munged.pid", f"--seed-file={r}/munged.seed", f"--log-file={r}/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={r}/munge.sock",
+                f"--pid-file={r}/munged.pid",
+                f"--seed-file={r}/munged.seed",
+                f"--log-file={r}/munged.log",
+            ],
+        )
         self._wait_for(lambda: (self.root / "munge.sock").exists(), 10, "munged did not create its socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(lambda: self.client("sinfo", "-h", "-N", "-o", "%T", check=False).strip() == "idle",
-                       timeout, "the node did not become idle")
+        self._wait_for(lambda: self.client("sinfo", "-h", "-N", "-o", "%T", check=False).strip() == "idle", timeout, "the node did not become idle")
 
     def _spawn(self, name, cmd):
         log = open(self.root / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
 
     def _wait_for(self, ready, timeout, what):
@@ -143,8 +159,14 @@ class SlurmCluster:
 
     def sbatch(self, script, *args, options=(), env=None, cwd=None):
         """Submit a batch script; the job id. The job inherits self.env plus env (sbatch --export=ALL)."""
-        proc = subprocess.run(["sbatch", "--parsable", *options, str(script), *map(str, args)], cwd=cwd,
-                              env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script), *map(str, args)],
+            cwd=cwd,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr.strip()}"
         return int(proc.stdout.strip().split(";")[0])
 

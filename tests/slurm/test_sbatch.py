@@ -3,6 +3,7 @@
 Jobs are submitted as a user would, with sbatch options overriding the scripts' #SBATCH lines for
 this host: one node, 2 tasks, and the CPU switch --gpus-per-node=0 (CPU ranks, gloo).
 """
+
 import json
 import os
 import re
@@ -29,14 +30,25 @@ def remove_job_logs():
 
 
 def submit(cluster, script, name, *args, ntasks=2, gpus=0, env=None):
-    options = [f"--job-name={PREFIX}-{name}", f"--partition={cluster.partition}", "--nodes=1",
-               f"--ntasks-per-node={ntasks}", f"--gpus-per-node={gpus}", "--cpus-per-task=1", "--time=10"]
+    options = [
+        f"--job-name={PREFIX}-{name}",
+        f"--partition={cluster.partition}",
+        "--nodes=1",
+        f"--ntasks-per-node={ntasks}",
+        f"--gpus-per-node={gpus}",
+        "--cpus-per-task=1",
+        "--time=10",
+    ]
     return cluster.sbatch(script, *args, options=options, env=env, cwd=REPO)
 
 
 def train_env(run_dir):
-    return {"DS_CONFIG": "ds_configs/zero1.json", "MODEL_CONFIG": "models/configs/tiny-gpt.json", "RUN_DIR": str(run_dir),
-            "SWITCHYARD_TEST_API_TOKEN": "not-for-the-record"}
+    return {
+        "DS_CONFIG": "ds_configs/zero1.json",
+        "MODEL_CONFIG": "models/configs/tiny-gpt.json",
+        "RUN_DIR": str(run_dir),
+        "SWITCHYARD_TEST_API_TOKEN": "not-for-the-record",
+    }
 
 
 def train_steps(run_dir):
@@ -89,8 +101,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     job_id = submit(slurm_cluster, TRAIN, "requeue", "--max_steps", 100, "--log_interval", 1, "--eval_interval", 0, env=train_env(run))
     deadline = time.monotonic() + 300
     while max(train_steps(run), default=0) < 3:  # training, with the ranks' signal handlers installed
-        assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
-            job_log(slurm_cluster, job_id, "requeue")[-4000:]
+        assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), job_log(
+            slurm_cluster, job_id, "requeue"
+        )[-4000:]
         time.sleep(0.2)
     slurm_cluster.client("scancel", "--signal=USR1", str(job_id))  # job steps only, not the batch shell
     signalled = time.monotonic()
@@ -109,22 +122,24 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     assert "--resume" not in (run / "slurm" / f"{job_id}-restart0" / "command.sh").read_text()
     assert "--resume" in (run / "slurm" / f"{job_id}-restart1" / "command.sh").read_text()
     assert (run / "latest").read_text().strip() == "global_step100"
-    print(f"job {job_id}: USR1 after step {saved}, requeued, resumed from step {saved}, finished step 100; "
-          f"{signalled - start:.0f} s to the signal, {time.monotonic() - signalled:.0f} s from it to the end")
+    print(
+        f"job {job_id}: USR1 after step {saved}, requeued, resumed from step {saved}, finished step 100; "
+        f"{signalled - start:.0f} s to the signal, {time.monotonic() - signalled:.0f} s from it to the end"
+    )
 
 
 def test_a_job_requeued_before_its_first_checkpoint_starts_over(slurm_cluster, tmp_path):
     """Ranks SIGKILLed before any checkpoint (no save, the lock left behind), then the job requeued: the new
     attempt starts from step 1, with the first attempt's metrics moved into RUN_DIR/replaced/, not mixed in."""
     run = tmp_path / "run"
-    job_id = submit(slurm_cluster, TRAIN, "early", "--max_steps", 100000, "--log_interval", 1, "--eval_interval", 0,
-                    env=train_env(run))
+    job_id = submit(slurm_cluster, TRAIN, "early", "--max_steps", 100000, "--log_interval", 1, "--eval_interval", 0, env=train_env(run))
 
     def wait_for_steps(n, what, replaced=False):
         deadline = time.monotonic() + 300
         while len(train_steps(run)) < n or replaced and not (run / "replaced").exists():
-            assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+            assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), (
                 f"{what}:\n" + job_log(slurm_cluster, job_id, "early")[-4000:]
+            )
             time.sleep(0.2)
 
     wait_for_steps(3, "the first attempt's steps")

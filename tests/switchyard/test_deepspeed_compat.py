@@ -4,6 +4,7 @@ Each test fails when an upgrade moves or changes an internal a wrapper relies on
 deepspeed_compat.py alone. The engine tests share one 1-process engine (gloo, a tiny nn.Linear, a torch
 optimizer: a few seconds to build).
 """
+
 import inspect
 import os
 
@@ -66,6 +67,7 @@ def test_gradient_clipping_off_zeroes_the_value_engine_step_reads_and_restores_i
 
 def test_engine_step_reads_the_clipping_from_the_config():
     from deepspeed.runtime.engine import DeepSpeedEngine
+
     assert "self.gradient_clipping()" in inspect.getsource(DeepSpeedEngine._take_model_step)
 
 
@@ -79,6 +81,7 @@ def test_engine_attributes_the_trainer_reads(engine):
 
 def test_backward_allreduce_off_sets_the_flag_engine_backward_reads(engine):
     from deepspeed.runtime.engine import DeepSpeedEngine
+
     assert engine.enable_backward_allreduce is True
     assert "self.enable_backward_allreduce" in inspect.getsource(DeepSpeedEngine._backward_epilogue)
     deepspeed_compat.backward_allreduce_off(engine)
@@ -87,8 +90,10 @@ def test_backward_allreduce_off_sets_the_flag_engine_backward_reads(engine):
 
 def test_pipeline_engine_keeps_its_grid():
     from deepspeed.runtime.pipe.engine import PipelineEngine
+
     assert "self.grid = self.module._grid" in inspect.getsource(PipelineEngine.__init__)
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
     assert "self.data_parallel_id =" in inspect.getsource(PipelineParallelGrid.__init__)
 
 
@@ -256,4 +261,5 @@ def test_engine_inner_phases_name_existing_methods(engine):
     assert in_backward == [] and [name for _, _, name in in_step] == ["DeepSpeed clipping", "Adam"]
     assert all(callable(getattr(owner, attribute)) for owner, attribute, _ in in_step)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     assert callable(DeepSpeedZeroOptimizer.reduce_gradients) and callable(DeepSpeedZeroOptimizer.scaled_global_norm)

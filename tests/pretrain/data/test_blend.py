@@ -1,6 +1,7 @@
 """Blending corpora with weights: realized shares track the weights, each corpus is read in its own
 seeded order, the blend is a pure function of (seed, k), ranks read disjoint samples; a real 2-rank
 run through pretrain/main.py trains on two corpora."""
+
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def test_each_corpus_is_read_in_its_own_seeded_order_and_the_blend_is_pure():
     drawn = [blend(k) for k in range(200)]
     for d, size in enumerate(sizes):
         mine = [i for c, i in drawn if c == d]
-        first, second = mine[:size], mine[size: 2 * size]
+        first, second = mine[:size], mine[size : 2 * size]
         assert sorted(first) == sorted(second) == list(range(size))  # whole epochs, each corpus on its own
         assert first != sorted(first) and second != first  # shuffled, a new permutation each epoch
     late = BLEND_BLOCK * 3 + 17  # asked for first, by a fresh object: no state carried from earlier samples

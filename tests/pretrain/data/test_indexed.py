@@ -1,4 +1,5 @@
 """PREFIX.bin / PREFIX.idx: round trip, uint16 vs uint32, atomic writes, mismatched pairs refused."""
+
 import os
 
 import numpy as np
@@ -60,17 +61,21 @@ def corrupt(offset, data):
         with open(tmp_path / "c.idx", "r+b") as f:
             f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
             f.write(data)
+
     return damage
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (swap_bin, "c.bin has 20 bytes but"),
-    (corrupt(0, b"NOTMAGIC"), "c.idx is not a Switchyard token index (wrong magic)"),
-    (corrupt(-8, np.array([10**6], "<u8").tobytes()), "c.idx is truncated or corrupt"),
-    (corrupt(8 + 3 * 8, np.array([99], "<i8").tobytes()), "c.idx is corrupt (its offsets end at 99, not 7)"),
-    (lambda t: os.truncate(t / "c.idx", os.path.getsize(t / "c.idx") - 9), "c.idx is truncated or corrupt"),
-    (lambda t: os.remove(t / "c.idx"), "c.idx does not exist"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (swap_bin, "c.bin has 20 bytes but"),
+        (corrupt(0, b"NOTMAGIC"), "c.idx is not a Switchyard token index (wrong magic)"),
+        (corrupt(-8, np.array([10**6], "<u8").tobytes()), "c.idx is truncated or corrupt"),
+        (corrupt(8 + 3 * 8, np.array([99], "<i8").tobytes()), "c.idx is corrupt (its offsets end at 99, not 7)"),
+        (lambda t: os.truncate(t / "c.idx", os.path.getsize(t / "c.idx") - 9), "c.idx is truncated or corrupt"),
+        (lambda t: os.remove(t / "c.idx"), "c.idx does not exist"),
+    ],
+)
 def test_a_pair_that_does_not_match_is_refused_in_one_line(tmp_path, damage, expected):
     write(tmp_path / "c", [np.array([1, 2, 0]), np.array([3, 0]), np.array([4, 0])])
     damage(tmp_path)

@@ -1,5 +1,6 @@
 """LM samples and their seeded order: disjoint rank shards, same global batches for any world size;
 documents streamed from text and JSON Lines files."""
+
 import numpy as np
 import pytest
 import torch
@@ -81,14 +82,17 @@ def test_line_and_json_lines_documents(tmp_path):
     assert [doc for doc, _ in read_documents(records)] == ["x y", "s1\ns2"]
 
 
-@pytest.mark.parametrize("name,content,field,expected", [
-    ("empty.txt", b"", "text", "data file {} is empty"),
-    ("blank.jsonl", b"\n\n", "text", "data file {} is empty"),
-    ("latin1.txt", "caf\u00e9\n\nna\u00efve".encode("latin-1"), "text", "data file {} line 1 is not UTF-8 (byte 3)"),
-    ("missing.jsonl", b'{"text": "a"}\n{"summary": "b"}\n', "text", "data file {} line 2 has no field 'text' (it has 'summary')"),
-    ("badjson.jsonl", b'{"text": "a"}\n{"text": \n', "text", "data file {} line 2 is not valid JSON"),
-    ("number.jsonl", b'{"text": 3}\n', "text", "data file {} line 1 field 'text' is int, not text"),
-])
+@pytest.mark.parametrize(
+    "name,content,field,expected",
+    [
+        ("empty.txt", b"", "text", "data file {} is empty"),
+        ("blank.jsonl", b"\n\n", "text", "data file {} is empty"),
+        ("latin1.txt", "caf\u00e9\n\nna\u00efve".encode("latin-1"), "text", "data file {} line 1 is not UTF-8 (byte 3)"),
+        ("missing.jsonl", b'{"text": "a"}\n{"summary": "b"}\n', "text", "data file {} line 2 has no field 'text' (it has 'summary')"),
+        ("badjson.jsonl", b'{"text": "a"}\n{"text": \n', "text", "data file {} line 2 is not valid JSON"),
+        ("number.jsonl", b'{"text": 3}\n', "text", "data file {} line 1 field 'text' is int, not text"),
+    ],
+)
 def test_bad_documents_are_refused_naming_file_and_line(tmp_path, name, content, field, expected):
     path = tmp_path / name
     path.write_bytes(content)

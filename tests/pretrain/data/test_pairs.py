@@ -1,5 +1,6 @@
 """Sentence pairs and token-budget batches: budgets kept, long pairs skipped and counted, every kept
 pair once per epoch, disjoint equal shards per rank, a pure function of (seed, k)."""
+
 import numpy as np
 import pytest
 
