@@ -157,6 +157,59 @@ def plan_launch(config, path, world_size, model_config):
     )
 
 
+# The DeepSpeed op each optimizer class DeepSpeed may build JIT-compiles at deepspeed.initialize on a GPU (its op
+# builder's NAME); torch.optim's classes compile nothing.
+COMPILED_OPS = {
+    "FusedAdam": "fused_adam",
+    "DeepSpeedCPUAdam": "cpu_adam",
+    "ZenFlowCPUAdam": "cpu_adam",
+    "FusedLamb": "fused_lamb",
+    "FusedLion": "fused_lion",
+    "DeepSpeedCPUAdagrad": "cpu_adagrad",
+    "DeepSpeedCPULion": "cpu_lion",
+}
+
+
+def optimizer_for_device(config, path, device):
+    """(``config`` with the optimizer this device runs, a one-line notice or None), decided at launch.
+
+    On the CPU the config goes as written: DeepSpeed's C++ Adam, which the README's figures and the exact-resume
+    replay (deepspeed_compat.replay_cpu_adam_bias_correction) are measured with. On CUDA, Adam and AdamW without an
+    explicit ``torch_adam`` become torch's fused AdamW (``torch_adam`` with ``fused``), the same update in one kernel:
+    DeepSpeed's FusedAdam would be compiled with nvcc at deepspeed.initialize, which needs a CUDA toolkit matching
+    torch's (a pip-installed torch brings none), takes minutes on the first start, and makes every rank wait on a
+    build lock that a job killed mid-build leaves behind. An optimizer that is still compiled on CUDA (asked for
+    with ``"torch_adam": false``, the CPU optimizers of ZeRO-Offload, Lamb, Lion) is refused in one line when
+    DeepSpeed could not compile it here, unless it was compiled at install."""
+    from switchyard import deepspeed_compat
+
+    section = config.get("optimizer") or {}
+    params = section.get("params") or {}
+    if device != "cuda" or not section:
+        return config, None
+    built = ds_schema.built_optimizer(config, path)
+    notice = None
+    if built is not None and built.__name__ == "FusedAdam" and "torch_adam" not in params:
+        config = {**config, "optimizer": {**section, "params": {**params, "torch_adam": True, "fused": True}}}
+        notice = (
+            f"optimizer: torch.optim.AdamW(fused=True) on CUDA for {section['type']} in {path} (DeepSpeed's FusedAdam "
+            f"would be compiled with nvcc at start; set optimizer.params.torch_adam to false to use it)"
+        )
+        built = ds_schema.built_optimizer(config, path)
+    op = COMPILED_OPS.get(built.__name__) if built is not None else None
+    if op and not deepspeed_compat.prebuilt_op(op):
+        problem = deepspeed_compat.cuda_toolkit_problem()
+        if problem:
+            if built.__name__ == "FusedAdam":
+                fix = "drop optimizer.params.torch_adam (torch's fused AdamW is built in), or install a CUDA toolkit matching torch's CUDA"
+            else:
+                fix = f"install a CUDA toolkit matching torch's CUDA (CUDA_HOME), or reinstall DeepSpeed with DS_BUILD_{op.upper()}=1"
+            raise ConfigError(
+                f"DeepSpeed config {path}: {built.__name__} is compiled by DeepSpeed at start on CUDA, which it cannot do here ({problem}); {fix}"
+            )
+    return config, notice
+
+
 def plan_resume(plan, config, path, saved_dp_size, model_config):
     """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
     go through DeepSpeed's universal checkpoint; what that cannot convert is refused."""

@@ -354,6 +354,21 @@ def _constructor_parameters(cls):
     return named, required
 
 
+def built_optimizer(config, where):
+    """The class DeepSpeed builds for ``config``'s optimizer (already checked), or None: no optimizer section
+    (the model's own), or Muon (DeepSpeed's, assembled in the engine)."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, MUON_OPTIMIZER
+
+    section = config.get("optimizer")
+    if not section:
+        return None
+    given = section["type"]
+    name = given.lower() if given.lower() in DEEPSPEED_OPTIMIZERS else given
+    if name == MUON_OPTIMIZER:
+        return None
+    return _optimizer_class(name, section.get("params", {}), config, where)[0]
+
+
 def _optimizer_keys(name, params, config, where):
     """The keys optimizer.params may have, and the class they go to (for the message)."""
     from deepspeed.runtime.config import MUON_OPTIMIZER

@@ -19,11 +19,13 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: reque
 
 def prepare(argv):
     """Everything that can be checked without a process group: args, model and DeepSpeed configs, data."""
+    from deepspeed.accelerator import get_accelerator
+
     from models import load_model_config
     from models.registry import family_of, with_launch_fields
     from pretrain import distributed, run_dir
     from pretrain.args import parse_args
-    from pretrain.ds_config import load_ds_config, plan_launch, plan_resume, resolve_schedule
+    from pretrain.ds_config import load_ds_config, optimizer_for_device, plan_launch, plan_resume, resolve_schedule
     from pretrain.tasks import TASKS
 
     args = parse_args(argv)
@@ -32,9 +34,8 @@ def prepare(argv):
     model_config = load_model_config(args.model_config)
     ds_config = load_ds_config(args.ds_config)
     plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config)
+    ds_config, optimizer_notice = optimizer_for_device(ds_config, args.ds_config, get_accelerator().device_name())
     if plan.precision == "fp16":
-        from deepspeed.accelerator import get_accelerator
-
         if not get_accelerator().is_fp16_supported():
             raise ConfigError(
                 f"DeepSpeed config {args.ds_config} enables fp16, which this device "
@@ -48,7 +49,7 @@ def prepare(argv):
     if args.resume:
         plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
-    notices = [schedule_notice]
+    notices = [optimizer_notice, schedule_notice]
     if args.resume:
         notices.append(run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task)))
     for notice in notices:

@@ -39,6 +39,9 @@ Checkpoints (pretrain/checkpoint.py, pretrain/run_dir.py)
                                 what DeepSpeed pickles into its checkpoint files beyond tensors and containers
   zero3_fp32_state_dict         ``deepspeed.utils.zero_to_fp32`` reads files with its module-level ``torch.load``
   expert_checkpoint_path        ``DeepSpeedEngine._get_expert_ckpt_name`` (layer_L_expert_E_mp_rank_00_model_states.pt)
+Optimizer build (pretrain/ds_config.py)
+  prebuilt_op                   ``deepspeed.git_version_info.installed_ops`` (ops compiled when DeepSpeed was installed)
+  cuda_toolkit_problem          ``ops.op_builder.builder.assert_no_cuda_mismatch`` (CUDA_HOME, its nvcc, torch's CUDA)
 ZeRO-3 (pretrain/main.py, bench/zero_memory.py)
   zero_init                     ``zero.Init._post_init_method(module)``, called after each module's constructor and
                                 before it is partitioned; ``Init.dtype`` and ``Init.local_device``
@@ -229,6 +232,29 @@ def expert_checkpoint_path(save_dir, moe_layer, expert, tag):
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine._get_expert_ckpt_name(os.fspath(save_dir), moe_layer, expert, tag)
+
+
+# Optimizer build --------------------------------------------------------------------------------------------
+
+
+def prebuilt_op(name):
+    """Whether DeepSpeed's op ``name`` (``fused_adam``, ``cpu_adam``...) was compiled when DeepSpeed was installed
+    (``DS_BUILD_FUSED_ADAM=1 pip install deepspeed``), so that nothing is compiled at start."""
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get(name))
+
+
+def cuda_toolkit_problem():
+    """None when DeepSpeed can JIT-compile a CUDA op here (a CUDA toolkit whose nvcc matches torch's CUDA), else
+    DeepSpeed's own reason, in one line."""
+    from deepspeed.ops.op_builder.builder import assert_no_cuda_mismatch
+
+    try:
+        assert_no_cuda_mismatch()
+    except Exception as e:  # MissingCUDAException, CUDAMismatchException, or no torch CUDA at all
+        return " ".join(str(e).lstrip(">- ").split())
+    return None
 
 
 # ZeRO-3 ----------------------------------------------------------------------------------------------------

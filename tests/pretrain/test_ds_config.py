@@ -7,10 +7,13 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from models.registry import ConfigError
-from pretrain.ds_config import resolve_schedule
-from tests.distributed import read_metrics, run_ranks, train_args
+from pretrain import ds_schema
+from pretrain.ds_config import load_ds_config, optimizer_for_device, resolve_schedule
+from switchyard import deepspeed_compat
+from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 LR, WARMUP, COS_MIN = 0.001, 10, 0.1  # ds_configs/zero0.json's optimizer and scheduler
 
@@ -77,3 +80,92 @@ def test_what_the_schedule_cannot_do_is_one_line_and_a_fixed_length_is_kept():
         'set scheduler.params.total_num_steps to "auto" to make it follow --max_steps'
     )
     assert resolve_schedule(schedule(100), "d.json", 100, False, None, False) == (schedule(100), None)
+
+
+# The optimizer by device (pretrain/ds_config.optimizer_for_device). No GPU here: the device is passed as "cuda",
+# and DeepSpeed's answers about compiling ops (a prebuilt op, a CUDA toolkit) are patched, saying what they stand in for.
+
+SHIPPED = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
+NO_TOOLKIT = "CUDA_HOME does not exist, unable to compile CUDA op(s)"  # DeepSpeed's MissingCUDAException on such a machine
+
+
+@pytest.fixture
+def gpu_without_toolkit(monkeypatch):
+    """A GPU machine with a pip-installed torch: no CUDA toolkit, no op compiled when DeepSpeed was installed."""
+    monkeypatch.setattr(deepspeed_compat, "cuda_toolkit_problem", lambda: NO_TOOLKIT)
+    monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: False)
+
+
+def shipped(name):
+    path = REPO / "ds_configs" / name
+    return load_ds_config(str(path)), str(path)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_cpu_keeps_every_shipped_optimizer_as_written(name):
+    config, path = shipped(name)
+    assert optimizer_for_device(config, path, "cpu") == (config, None)
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "zero3_offload.json"])
+def test_cuda_runs_adamw_as_torch_fused_adamw_and_compiles_nothing(name, gpu_without_toolkit):
+    config, path = shipped(name)
+    chosen, notice = optimizer_for_device(config, path, "cuda")
+    assert chosen["optimizer"]["params"] == {**config["optimizer"]["params"], "torch_adam": True, "fused": True}
+    assert {k: v for k, v in chosen.items() if k != "optimizer"} == {k: v for k, v in config.items() if k != "optimizer"}
+    assert ds_schema.built_optimizer(chosen, path) is torch.optim.AdamW
+    ds_schema.check(chosen, path)  # "fused" is a parameter of what DeepSpeed builds
+    assert notice.startswith("optimizer: torch.optim.AdamW(fused=True) on CUDA") and "torch_adam to false" in notice
+
+
+def test_a_compiled_optimizer_on_cuda_needs_a_toolkit_or_a_prebuilt_op(monkeypatch, gpu_without_toolkit):
+    config, path = shipped("zero1.json")
+    fused_adam = {**config, "optimizer": {**config["optimizer"], "params": {**config["optimizer"]["params"], "torch_adam": False}}}
+    with pytest.raises(ConfigError) as refused:
+        optimizer_for_device(fused_adam, path, "cuda")
+    assert str(refused.value) == (
+        f"DeepSpeed config {path}: FusedAdam is compiled by DeepSpeed at start on CUDA, which it cannot do here "
+        f"({NO_TOOLKIT}); drop optimizer.params.torch_adam (torch's fused AdamW is built in), or install a CUDA "
+        "toolkit matching torch's CUDA"
+    )
+    offload, offload_path = shipped("zero3_offload.json")  # ZeRO-Offload's optimizer is DeepSpeed's C++ CPU Adam
+    with pytest.raises(ConfigError, match=r"DeepSpeedCPUAdam is compiled .* reinstall DeepSpeed with DS_BUILD_CPU_ADAM=1$"):
+        optimizer_for_device(offload, offload_path, "cuda")
+
+    monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: name == "fused_adam")  # DS_BUILD_FUSED_ADAM=1 install
+    assert optimizer_for_device(fused_adam, path, "cuda") == (fused_adam, None)
+    monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: False)
+    monkeypatch.setattr(deepspeed_compat, "cuda_toolkit_problem", lambda: None)  # a matching toolkit: DeepSpeed compiles
+    assert optimizer_for_device(fused_adam, path, "cuda") == (fused_adam, None)
+    assert optimizer_for_device(offload, offload_path, "cuda") == (offload, None)
+
+
+def test_cuda_toolkit_problem_is_deepspeeds_answer_here():
+    """This machine has no CUDA toolkit and a CPU torch: DeepSpeed's own check says it cannot compile, in one line."""
+    problem = deepspeed_compat.cuda_toolkit_problem()
+    assert problem and "\n" not in problem
+    assert deepspeed_compat.prebuilt_op("fused_adam") is False  # the PyPI wheel compiles ops at first use
+
+
+def test_the_launch_decides_by_device_and_deepspeed_builds_torchs_fused_adamw(tmp_path, monkeypatch, gpu_without_toolkit):
+    """prepare() asks the accelerator (patched to say "cuda": the CUDA launch's decision), and the config it makes
+    trains through DeepSpeed here: the optimizer in the checkpoint is torch's AdamW with fused=True (torch 2.13
+    has a fused AdamW on the CPU too), with the config's hyperparameters."""
+    from deepspeed.accelerator import get_accelerator
+
+    from pretrain.main import prepare
+
+    accelerator = get_accelerator()
+    monkeypatch.setattr(accelerator, "device_name", lambda device_index=None: "cuda")
+    args = train_args(tmp_path, "zero0.json", "tiny-gpt.json", 2)
+    _, _, ds_config, _, _ = prepare([str(a) for a in args])
+    monkeypatch.undo()
+    assert ds_config["optimizer"]["params"]["torch_adam"] is True and ds_config["optimizer"]["params"]["fused"] is True
+
+    chosen = tmp_path / "zero0-cuda-choice.json"
+    chosen.write_text(json.dumps(ds_config))
+    run_ranks(train_args(tmp_path, chosen, "tiny-gpt.json", 2), 1, tmp_path / "logs")
+    states = torch.load(tmp_path / "run" / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)
+    groups = states["optimizer"]["param_groups"]
+    assert {(g["fused"], g["lr"] > 0, tuple(g["betas"])) for g in groups} == {(True, True, (0.9, 0.95))}
+    assert all(torch.is_tensor(s["step"]) and int(s["step"]) == 2 for s in states["optimizer"]["state"].values())
