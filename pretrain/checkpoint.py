@@ -47,6 +47,37 @@ def _rng_path(directory, rank):
     return os.path.join(directory, f"rng_state_rank{rank}.pt")
 
 
+def rng_states():
+    """This rank's random generators: the CPU's, and the accelerator's where it has its own (CUDA's draws dropout
+    masks on a GPU). DeepSpeed's checkpoints hold neither."""
+    from deepspeed.accelerator import get_accelerator
+
+    states = {"torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        states["accelerator"] = {"device": accelerator.device_name(), "state": accelerator.get_rng_state()}
+    return states
+
+
+def restore_rng_states(states):
+    """Set this rank's generators to ``states`` (rng_states'); returns a one-line notice when the accelerator's could
+    not be restored (saved on another kind of device, or before it was saved), else None."""
+    from deepspeed.accelerator import get_accelerator
+
+    torch.set_rng_state(states["torch"])
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None
+    saved = states.get("accelerator")
+    if saved is None or saved["device"] != accelerator.device_name():
+        where = f"on {saved['device']}" if saved else "without it"
+        return (
+            f"notice: the checkpoint's {accelerator.device_name()} random state was saved {where}: dropout continues from the seed, not bit-exactly"
+        )
+    accelerator.set_rng_state(saved["state"])
+    return None
+
+
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -83,7 +114,7 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
     dist.barrier()
     try:
         os.makedirs(partial_dir, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, _rng_path(partial_dir, dist.get_rank()))
+        torch.save(rng_states(), _rng_path(partial_dir, dist.get_rank()))
         engine.save_checkpoint(save_dir, tag=partial, client_state=client_state, save_latest=False)
     except Exception as e:
         why = _disk_full(save_dir, e)
@@ -176,7 +207,9 @@ def load(engine, save_dir, universal=False):
     deepspeed_compat.replay_cpu_adam_bias_correction(engine.optimizer)
     rng_path = _rng_path(os.path.join(save_dir, tag), dist.get_rank())
     if os.path.isfile(rng_path):  # absent for ranks beyond the saved world size
-        torch.set_rng_state(safe_load(rng_path)["torch"])
+        notice = restore_rng_states(safe_load(rng_path))
+        if notice and dist.get_rank() == 0:
+            print(notice, flush=True)
     dist.barrier()
     if universal and dist.get_rank() == 0:
         shutil.rmtree(os.path.join(save_dir, load_tag))
