@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, damage, safe_load, sha256
+from pretrain.watchdog import barrier_in_store, rank0_alone
 from switchyard import deepspeed_compat
 from switchyard.errors import ConfigError
 
@@ -109,9 +110,7 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
     tag = f"global_step{step}"
     partial = f"{tag}.partial"
     partial_dir = os.path.join(save_dir, partial)
-    if dist.get_rank() == 0 and os.path.isdir(partial_dir):  # left by a run killed while saving
-        shutil.rmtree(partial_dir)
-    dist.barrier()
+    rank0_alone(lambda: shutil.rmtree(partial_dir, ignore_errors=True))  # left by a run killed while saving
     try:
         os.makedirs(partial_dir, exist_ok=True)
         torch.save(rng_states(), _rng_path(partial_dir, dist.get_rank()))
@@ -126,22 +125,26 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
             f"{previous[0] if previous else '(none: this was the first)'} is intact and is what --resume continues "
             f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume"
         ) from e
-    dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        manifest = {}
-        for rel, path in _files(partial_dir):
-            _fsync(path)
-            manifest[rel] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
-        _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
-        final_dir = os.path.join(save_dir, tag)
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.rename(partial_dir, final_dir)
-        _write_atomically(os.path.join(save_dir, LATEST), tag)
-        if keep_last:
-            for old in complete_tags(save_dir)[keep_last:]:
-                shutil.rmtree(os.path.join(save_dir, old))
-    dist.barrier()
+    barrier_in_store()  # every rank's shards are on disk
+    rank0_alone(lambda: _complete(save_dir, tag, partial_dir, step, dp_size, keep_last))
+
+
+def _complete(save_dir, tag, partial_dir, step, dp_size, keep_last):
+    """Rank 0, once every rank's shards are written: the manifest, the rename, ``latest``, the old checkpoints'
+    removal (minutes for a large model on a slow filesystem, while the others wait in the store)."""
+    manifest = {}
+    for rel, path in _files(partial_dir):
+        _fsync(path)
+        manifest[rel] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
+    _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
+    final_dir = os.path.join(save_dir, tag)
+    if os.path.isdir(final_dir):
+        shutil.rmtree(final_dir)
+    os.rename(partial_dir, final_dir)
+    _write_atomically(os.path.join(save_dir, LATEST), tag)
+    if keep_last:
+        for old in complete_tags(save_dir)[keep_last:]:
+            shutil.rmtree(os.path.join(save_dir, old))
 
 
 def _to_universal(save_dir, tag):
@@ -172,34 +175,14 @@ def _to_universal(save_dir, tag):
 def load(engine, save_dir, universal=False):
     """Load the newest intact checkpoint; returns its client state (step, consumed_samples, ...).
 
-    Rank 0 checks the files and broadcasts its choice, so every rank loads the same tag. With
+    Rank 0 checks the files and tells the others its choice (rank0_alone), so every rank loads the same tag. With
     ``universal`` (another data-parallel size than the one saved; the engine was configured with
     ``checkpoint.load_universal``) rank 0 first converts it, and removes the conversion after loading.
     """
-    choice = [None]
-    if dist.get_rank() == 0:
-        damaged = []
-        for tag in complete_tags(save_dir):
-            problem = damage(save_dir, tag)
-            if problem is None:
-                choice[0] = tag
-                break
-            damaged.append(f"{tag}: {problem}")
-            print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one", file=sys.stderr, flush=True)
-        if choice[0] is None:
-            choice[0] = ConfigError(
-                f"--resume: every checkpoint in {save_dir} is damaged ({'; '.join(damaged) or 'none found'}); "
-                f"nothing intact to resume from: restore one from a backup, or start a new run"
-            )
-    dist.broadcast_object_list(choice, src=0)
-    tag = choice[0]
+    tag = rank0_alone(lambda: _newest_intact(save_dir))
     if isinstance(tag, ConfigError):
         raise tag
-    load_tag = tag
-    if universal:
-        choice = [_to_universal(save_dir, tag) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(choice, src=0)
-        load_tag = choice[0]
+    load_tag = rank0_alone(lambda: _to_universal(save_dir, tag)) if universal else tag
     deepspeed_compat.load_checkpoints_through(engine, safe_load)  # DeepSpeed's engine unpickles with weights_only=False
     path, client_state = engine.load_checkpoint(save_dir, tag=load_tag)
     if path is None:
@@ -210,8 +193,28 @@ def load(engine, save_dir, universal=False):
         notice = restore_rng_states(safe_load(rng_path))
         if notice and dist.get_rank() == 0:
             print(notice, flush=True)
-    dist.barrier()
-    if universal and dist.get_rank() == 0:
-        shutil.rmtree(os.path.join(save_dir, load_tag))
-        os.remove(os.path.join(save_dir, "latest_universal"))  # the converter's pointer; ours is ``latest``
+    barrier_in_store()  # every rank has loaded (its own shards, at its own pace), the conversion may go
+    if universal:
+        rank0_alone(lambda: _remove_universal(save_dir, load_tag))
     return client_state
+
+
+def _newest_intact(save_dir):
+    """Rank 0: the newest checkpoint whose files match their manifest (each is hashed whole: minutes for a large
+    model, while the others wait in the store), or the ConfigError every rank raises when none is."""
+    damaged = []
+    for tag in complete_tags(save_dir):
+        problem = damage(save_dir, tag)
+        if problem is None:
+            return tag
+        damaged.append(f"{tag}: {problem}")
+        print(f"warning: checkpoint {os.path.join(save_dir, tag)} is damaged ({problem}); trying the previous one", file=sys.stderr, flush=True)
+    return ConfigError(
+        f"--resume: every checkpoint in {save_dir} is damaged ({'; '.join(damaged) or 'none found'}); "
+        f"nothing intact to resume from: restore one from a backup, or start a new run"
+    )
+
+
+def _remove_universal(save_dir, universal):
+    shutil.rmtree(os.path.join(save_dir, universal))
+    os.remove(os.path.join(save_dir, "latest_universal"))  # the converter's pointer; ours is ``latest``

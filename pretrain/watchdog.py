@@ -3,8 +3,9 @@
 Two bounds, each a flag of pretrain/main.py:
 
 - ``--distributed_timeout_minutes`` (pretrain/distributed.py) bounds every collective, gloo and NCCL. It
-  must outlast what one rank legitimately does alone while the others wait (an op's first JIT build,
-  rank 0 hashing a large checkpoint, a universal-checkpoint conversion), so it is long.
+  must outlast what one rank legitimately does alone while the others wait in one (an op's first JIT
+  build at start, a validation), so it is long. Checkpoint work of unknown length is not waited for in a
+  collective (below).
 - ``--heartbeat_timeout_s`` (here) catches the ranks that stop without failing: frozen (SIGSTOP, a
   stuck filesystem), killed by the kernel, or on a lost host. Each rank's watchdog thread beats in the
   rendezvous store every few seconds and watches the next rank's beat (a ring, so the store's load
@@ -16,9 +17,17 @@ Two bounds, each a flag of pretrain/main.py:
 A rank that fails with an exception posts it too (``post_failure``), so the others end at once instead
 of waiting in their next collective for the bound. A rendezvous store that stops answering (it lives
 in rank 0's process, or in torchrun's agent) ends the rank the same way.
+
+Where ranks wait for work of unknown length that one rank does alone (rank 0 hashing and renaming a
+checkpoint, converting one to DeepSpeed's universal format; a rank writing its larger shards), they wait in
+the store instead of a collective (``rank0_alone``, ``barrier_in_store``): the collective bound, NCCL's
+timeout on a GPU, would end a job whose rank 0 is only busy, and the heartbeat already bounds a rank
+that stops.
 """
 
+import itertools
 import os
+import pickle
 import sys
 import threading
 import time
@@ -39,6 +48,51 @@ def _store():
     return dist.distributed_c10d._get_default_store()
 
 
+_running = None  # this process's started Watchdog: the store waits below are bounded by its heartbeats
+_waits = itertools.count()  # every rank makes the same store waits in the same order: their keys match
+
+
+def _wait_for(store, done):
+    """Poll ``done()`` (a few store requests) until it holds, from every 50 ms up to every second: a long wait
+    costs the store one request per rank per second."""
+    pause = 0.05
+    while not done():
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+
+
+def rank0_alone(work):
+    """``work()`` run on rank 0 alone; its result (picklable) returned on every rank.
+
+    While a watchdog runs, the other ranks wait in the rendezvous store, for as long as rank 0 works: a rank 0
+    that stops or fails ends them as any stopped or failed rank does (its exception is posted; the others
+    never see a result). Without one (a world of one, or a caller that started none), a broadcast."""
+    if dist.get_world_size() == 1 or _running is None:
+        result = [work() if dist.get_rank() == 0 else None]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
+    key = f"{_running.prefix}alone/{next(_waits)}"
+    if dist.get_rank() == 0:
+        result = work()
+        _running.store.set(key, pickle.dumps(result))
+        return result
+    _wait_for(_running.store, lambda: _running.store.check([key]))
+    return pickle.loads(_running.store.get(key))
+
+
+def barrier_in_store():
+    """Every rank waits until all have arrived, in the store while a watchdog runs (as rank0_alone waits), so a
+    rank whose own work before it takes long (writing its checkpoint shards) is bounded by its heartbeat, not
+    the collective bound; else dist.barrier."""
+    if dist.get_world_size() == 1 or _running is None:
+        dist.barrier()
+        return
+    key = f"{_running.prefix}barrier/{next(_waits)}"
+    _running.store.add(key, 1)
+    _wait_for(_running.store, lambda: _running.store.add(key, 0) >= dist.get_world_size())
+
+
 class Watchdog:
     def __init__(self, heartbeat_timeout_s, before_exit=None):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -54,15 +108,19 @@ class Watchdog:
         self._posted = False
 
     def start(self):
+        global _running
         if self.world == 1:  # nobody to wait for
             return self
+        _running = self
         for target in (self._beat_and_watch, self._watch_store):
             threading.Thread(target=target, name=f"watchdog-{target.__name__}", daemon=True).start()
         return self
 
     def stop(self):
         """The run has ended normally: the ranks leave one by one, and a silent neighbour is no failure now."""
+        global _running
         self._stopped.set()
+        _running = None
 
     def post_failure(self, message):
         """Tell every rank why the job ends (the first failure posted wins); they end within a beat. Waits (at most

@@ -139,6 +139,28 @@ def test_a_collective_that_waits_past_the_timeout_fails_the_job(tmp_path):
     assert line.startswith("error: rank 1: rank 0 failed: ")
 
 
+def test_rank_0_hashing_a_checkpoint_longer_than_the_collective_bound_ends_nothing(tmp_path):
+    """Rank 0 hashes each checkpoint 10 s longer than it takes (what a multi-GB checkpoint on a GPU node is), on save
+    and on resume, with collectives bounded at 0.1 minutes: rank 1 waits in the store, not in a collective, so both
+    runs finish; with a barrier there, rank 1's wait would time out at 6 s."""
+    env = {"SWITCHYARD_TEST_FAULT": "slow_hash:0:0:10"}
+    run = tmp_path / "run"
+    bound = ["--distributed_timeout_minutes", 0.1, "--save_interval", 2]
+    for max_steps, resume in ((2, []), (3, ["--resume"])):
+        procs = start_ranks(
+            train_args(tmp_path, "zero1.json", "tiny-gpt.json", max_steps, *bound, *resume, save_dir=run),
+            2,
+            tmp_path / f"logs{max_steps}",
+            env,
+            script=HERE / "faulty_rank.py",
+        )
+        results = wait_ranks(procs, tmp_path / f"logs{max_steps}", timeout=240)
+        assert [r.returncode for r in results] == [0, 0], results[1].output[-2000:]
+    assert "resumed from step 2" in results[0].output
+    assert (run / "latest").read_text() == "global_step3"
+    assert_latest_intact(run)
+
+
 def test_sigterm_to_the_deepspeed_runner_reaches_the_ranks(tmp_path):
     """The runner forwards nothing on one node: the ranks notice it is gone, save and exit 75 like on SIGTERM."""
     run = tmp_path / "run"
