@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from eval.cli import fail, fire_command, print_result
 from eval.perplexity import evaluate
 from models import build_model
+from pretrain.distributed import local_device
 from pretrain.run_dir import UnsafeCheckpoint, recorded_model_config, require_run_config
 from switchyard.errors import ConfigError
 
@@ -41,10 +42,10 @@ def kept_percent(baseline_loss, student_loss, teacher_loss):
 
 @torch.no_grad()
 def pair_loss(run_dir, prefix, max_tokens=4096):
-    """Mean cross entropy per target token of translation run RUN_DIR over every pair of PREFIX that fits."""
+    """Mean cross entropy per target token of translation run RUN_DIR over every pair of PREFIX that fits, on this
+    process's device (its GPU, else the CPU)."""
     from eval.bleu import translation_model
     from pretrain.data.pairs import PairDataset, TokenBudgetBatches
-    from pretrain.tasks.translation import TranslationTask, positions_past
 
     model, config, src_tokenizer, tgt_tokenizer = translation_model(run_dir, None)
     pairs = PairDataset(prefix)
@@ -56,14 +57,28 @@ def pair_loss(run_dir, prefix, max_tokens=4096):
     batches = TokenBudgetBatches(
         pairs, max(max_tokens, config.max_seq_len), config.max_seq_len, tgt_tokenizer.sp.pad_id(), tgt_tokenizer.sp.bos_id(), seed=0
     )
-    nll, tokens = 0.0, 0
-    for k in range(len(batches)):  # one epoch on one rank: every pair that fits, once
-        batch = batches.batch(k)
+    device = local_device()
+    nll, tokens = pair_sums(model.to(device), (batches.batch(k) for k in range(len(batches))), device)
+    nll, tokens = nll.item(), int(tokens)  # the one read of the device, at the end
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens, "data": str(prefix), "skipped_pairs": batches.skipped}
+
+
+def pair_sums(model, batches, device):
+    """(summed NLL in float64, target tokens) of translation ``model`` over ``batches`` (one epoch on one rank:
+    every pair that fits, once), both on ``device``: masked sums, no boolean indexing, nothing read back."""
+    from pretrain.tasks.translation import TranslationTask, positions_past
+    from pretrain.trainer import to_device
+
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
+    for batch in batches:
+        batch = to_device(batch, device)
         logits = model(*TranslationTask.inputs(batch))[0].float()
         real = ~positions_past(batch["tgt_lengths"], batch["tgt_out"].shape[1])
-        nll += F.cross_entropy(logits[real], batch["tgt_out"][real], reduction="sum").item()
-        tokens += int(real.sum())
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens, "data": str(prefix), "skipped_pairs": batches.skipped}
+        per_token = F.cross_entropy(logits.transpose(1, 2), batch["tgt_out"].masked_fill(~real, 0), reduction="none")
+        nll += torch.where(real, per_token, 0.0).sum()
+        tokens += real.sum()
+    return nll, tokens
 
 
 def parameter_counts(run_dir):

@@ -78,3 +78,30 @@ def test_translation_runs_are_scored_by_cross_entropy_over_every_held_out_pair(t
 
     proc, result = distill_report("--teacher", translation_run, "--student", translation_run, "--baseline", translation_run, "--pairs", val)
     assert proc.returncode == 2 and "no better than the baseline" in proc.stderr  # one run in all three roles: no gain
+
+
+def test_translation_pairs_are_scored_on_the_process_device(translation_run, pair_data, monkeypatch):
+    """Stands in for a GPU: the device pair scoring is given is "meta", where an op mixing in a CPU tensor (a batch
+    or a weight left behind) raises, and a read (.item(), a boolean index) is impossible; the sums come back on it.
+    And pair_loss hands the model and the batches to the device its process has (pretrain.distributed.local_device)."""
+    import eval.distill
+    from eval.bleu import translation_model
+    from pretrain.data.pairs import PairDataset, TokenBudgetBatches
+
+    _, val, _ = pair_data
+    model, config, _, tokenizer = translation_model(str(translation_run), None)
+    batches = TokenBudgetBatches(PairDataset(val), 256, config.max_seq_len, tokenizer.sp.pad_id(), tokenizer.sp.bos_id(), seed=0)
+    meta = torch.device("meta")
+    nll, tokens = eval.distill.pair_sums(model.to(meta), (batches.batch(k) for k in range(len(batches))), meta)
+    assert (nll.device, nll.dtype, tokens.device) == (meta, torch.float64, meta)
+
+    handed = {}
+
+    def recording_pair_sums(model, batches, device):
+        handed.update(model_device=next(model.parameters()).device, device=device)
+        return torch.tensor(1.0, dtype=torch.float64), torch.tensor(1)
+
+    monkeypatch.setattr(eval.distill, "local_device", lambda: meta)
+    monkeypatch.setattr(eval.distill, "pair_sums", recording_pair_sums)
+    eval.distill.pair_loss(str(translation_run), str(val))
+    assert handed == {"model_device": meta, "device": meta}
