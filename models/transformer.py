@@ -126,7 +126,7 @@ class EncoderLayer(nn.Module):
         self.ffn = ffn if ffn is not None else FeedForward(config.d_model, config.d_ff, config.dropout)
 
     def forward(self, x, attend_mask, used_token):
-        """used_token (B, S): True at the real source tokens."""
+        """used_token (B, S): True at the real source tokens (None: all)."""
         h = self.ln_attn(x)
         x = x + self.attn(h, *self.attn.keys_values(h), attend_mask=attend_mask)
         return add_ffn(x, self.ffn, self.ln_ffn(x), used_token)
@@ -193,15 +193,18 @@ class Transformer(nn.Module):
 
     @staticmethod
     def attend_mask(src_pad_mask):
-        return ~src_pad_mask[:, None, None, :]
+        """The attention mask of the source keys; None without source padding: SDPA's FlashAttention kernel takes
+        no mask, so only an unmasked call can use it (a boolean mask goes to the memory-efficient kernel)."""
+        return None if src_pad_mask is None else ~src_pad_mask[:, None, None, :]
 
     def encode(self, src, src_pad_mask):
-        """src (B, S), src_pad_mask (B, S) True at padding -> (memory (B, S, C), aux_loss, stats)."""
+        """src (B, S), src_pad_mask (B, S) True at padding (None: no padding) -> (memory (B, S, C), aux_loss, stats)."""
         x = self.embed(self.src_emb, getattr(self, "src_pos", None), src)
         attend_mask = self.attend_mask(src_pad_mask)
+        used_token = None if src_pad_mask is None else ~src_pad_mask
         aux_loss, stats = x.new_zeros((), dtype=torch.float32), []
         for layer in self.encoder:
-            x, layer_aux, layer_stats = layer(x, attend_mask, ~src_pad_mask)
+            x, layer_aux, layer_stats = layer(x, attend_mask, used_token)
             if layer_aux is not None:
                 aux_loss, stats = aux_loss + layer_aux, stats + [layer_stats]
         return self.ln_enc(x), aux_loss, stats
@@ -229,7 +232,7 @@ class Transformer(nn.Module):
 
     def forward(self, src, src_pad_mask, tgt_in, tgt_pad_mask=None):
         """(logits (B, T, V), aux_loss scalar, per-MoE-layer stats list), the LMs' output shape.
-        Padding (src_pad_mask, tgt_pad_mask: True there; tgt_pad_mask None: no target padding) takes no
+        Padding (src_pad_mask, tgt_pad_mask: True there; None: no padding on that side) takes no
         Switch expert capacity and counts in neither the aux loss nor the stats."""
         memory, enc_aux, enc_stats = self.encode(src, src_pad_mask)
         logits, dec_aux, dec_stats = self.decode(tgt_in, self.cross_keys_values(memory), src_pad_mask, tgt_pad_mask=tgt_pad_mask)

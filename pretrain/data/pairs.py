@@ -11,13 +11,16 @@ API, for a task such as translation:
                                  seed=1234, dp_rank=rank, dp_size=world)
     batches.skipped, batches.padding_fraction              # pairs over max_positions; padding share of all batches
     batch = batches.batch(k)                               # k-th batch of this rank, k = 0, 1, 2, ... over epochs
-    batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_out"], batch["tgt_lengths"]
+    batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_out"], batch["tgt_lengths"], batch["src_padded"]
 
-A batch is a dict of LongTensors: ``src`` (B, S) and ``tgt_out`` (B, T) are the stored sentences
+A batch is a dict of LongTensors and one bool: ``src`` (B, S) and ``tgt_out`` (B, T) are the stored sentences
 (each ending with EOS) right-padded with ``pad_id``; ``tgt_in`` is ``tgt_out`` shifted right behind
 ``bos_id`` (teacher forcing: position t predicts tgt_out[t] from tgt_in[:t + 1]); the lengths say
 which positions are real (pad_id is only a fill value: mask with the lengths, or ignore_index=pad_id
-when pad_id is a reserved id such as sentencepiece's 0 from pretrain.tokenizer).
+when pad_id is a reserved id such as sentencepiece's 0 from pretrain.tokenizer). ``src_padded`` says,
+from the host's copy of the lengths, whether any source is padded: a batch without source padding needs
+no attention mask, which lets a GPU run FlashAttention (models/transformer.py), and the model learns it
+without reading the lengths back from the device.
 
 Batching: pairs whose source or target is longer than ``max_positions`` tokens are skipped and
 counted (never truncated). The rest are sorted by (source length, target length), ties in a
@@ -143,4 +146,5 @@ class TokenBudgetBatches:
             "tgt_in": torch.from_numpy(tgt_in),
             "tgt_out": torch.from_numpy(tgt_out),
             "tgt_lengths": torch.from_numpy(tgt_lengths.astype(np.int64)),
+            "src_padded": bool(src_lengths.min() < src_lengths.max()),
         }

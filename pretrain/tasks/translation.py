@@ -239,9 +239,11 @@ class TranslationTask:
     @staticmethod
     def inputs(batch):
         """The model's arguments: (src, src_pad_mask, tgt_in, tgt_pad_mask); the masks keep padding out of
-        Switch expert capacity."""
+        attention and Switch expert capacity. A batch without source padding passes no source mask (None), so
+        its attention runs without one (FlashAttention on a GPU)."""
         src, tgt_in = batch["src"], batch["tgt_in"]
-        return (src, positions_past(batch["src_lengths"], src.shape[1]), tgt_in, positions_past(batch["tgt_lengths"], tgt_in.shape[1]))
+        src_pad_mask = positions_past(batch["src_lengths"], src.shape[1]) if batch.get("src_padded", True) else None
+        return (src, src_pad_mask, tgt_in, positions_past(batch["tgt_lengths"], tgt_in.shape[1]))
 
     @staticmethod
     def targets(batch):

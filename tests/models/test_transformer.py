@@ -211,3 +211,25 @@ def test_dense_transformer_takes_and_ignores_the_target_pad_mask():
     tgt_pad_mask = torch.zeros_like(tgt, dtype=torch.bool)
     tgt_pad_mask[0, 4:] = True
     torch.testing.assert_close(model(src, src_pad_mask, tgt, tgt_pad_mask)[0], model(src, src_pad_mask, tgt)[0])
+
+
+@pytest.mark.parametrize("family", ["transformer", "switch-transformer"])
+def test_a_batch_without_source_padding_attends_without_a_mask(family, monkeypatch):
+    """src_pad_mask None (no source padding): every attention call gets no mask, which is what lets a GPU run
+    FlashAttention (it takes none), and the output equals the masked call's with nothing masked."""
+    import torch.nn.functional as F
+
+    over = {"num_experts": 4} if family == "switch-transformer" else {}
+    model = tiny(family, **over)
+    src, nothing_padded, tgt = batch()
+    masked = model(src, nothing_padded, tgt)
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: masks.append(kw.get("attn_mask")) or sdpa(*a, **kw))
+    unmasked = model(src, None, tgt)
+    assert len(masks) == 2 + 2 * 2 and all(mask is None for mask in masks)  # encoder self, decoder self and cross
+    torch.testing.assert_close(unmasked[0], masked[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unmasked[1], masked[1])
+    masks.clear()
+    model(src, nothing_padded.index_fill(1, torch.tensor([6]), True), tgt)  # padding: the encoder and cross masks stay
+    assert sum(mask is not None for mask in masks) == 2 + 2

@@ -3,6 +3,7 @@ pair once per epoch, disjoint equal shards per rank, a pure function of (seed, k
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.data.indexed import IndexedWriter
 from pretrain.data.pairs import PairDataset, TokenBudgetBatches
@@ -59,7 +60,25 @@ def test_batch_is_padded_sentences_with_shifted_decoder_input(tmp_path):
     assert b["tgt_out"][0, :n_tgt].tolist() == pairs.tgt(i).tolist() and b["tgt_out"][0, n_tgt - 1] == EOS
     assert b["tgt_in"][0, :n_tgt].tolist() == [2] + pairs.tgt(i)[:-1].tolist() and (b["tgt_in"][0, n_tgt:] == 0).all()
     assert ((b["tgt_out"] == 0) == (b["tgt_in"] == 0)).all()  # the same padding positions on both target tensors
-    assert all(t.dtype.is_signed and not t.dtype.is_floating_point for t in b.values())
+    assert all(t.dtype.is_signed and not t.dtype.is_floating_point for name, t in b.items() if name != "src_padded")
+
+
+def test_a_batch_says_on_the_host_whether_any_source_is_padded(tmp_path):
+    """Length-sorted batches mostly share one source length: those pass no source mask to the model (translation's
+    inputs), which on a GPU lets attention run FlashAttention; the flag comes from the host's lengths, no device read."""
+    from pretrain.tasks.translation import TranslationTask
+
+    pairs = random_pairs(tmp_path)
+    batches = TokenBudgetBatches(pairs, max_tokens=120, max_positions=40, pad_id=0, bos_id=2, seed=1)
+    flags = []
+    for k in range(len(batches)):
+        b = batches.batch(k)
+        assert b["src_padded"] is bool((b["src_lengths"] < b["src"].shape[1]).any())
+        src_pad_mask = TranslationTask.inputs(b)[1]
+        assert (src_pad_mask is None) == (not b["src_padded"])
+        assert src_pad_mask is None or torch.equal(src_pad_mask, torch.arange(b["src"].shape[1]) >= b["src_lengths"][:, None])
+        flags.append(b["src_padded"])
+    assert 0 < flags.count(False) and 0 < flags.count(True)
 
 
 def test_ranks_take_disjoint_batches_of_equal_count_and_order_is_pure_in_seed_and_k(tmp_path):
