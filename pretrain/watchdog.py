@@ -72,13 +72,23 @@ def rank0_alone(work):
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(result, src=0)
         return result[0]
-    key = f"{_running.prefix}alone/{next(_waits)}"
+    store, key = _running.store, f"{_running.prefix}alone/{next(_waits)}"
     if dist.get_rank() == 0:
         result = work()
-        _running.store.set(key, pickle.dumps(result))
+        store.set(key, pickle.dumps(result))
+        _until_all_read(store, key)
         return result
-    _wait_for(_running.store, lambda: _running.store.check([key]))
-    return pickle.loads(_running.store.get(key))
+    _wait_for(store, lambda: store.check([key]))
+    result = pickle.loads(store.get(key))
+    store.add(key + "/read", 1)
+    return result
+
+
+def _until_all_read(store, key):
+    """Rank 0 goes on only once every rank has read ``key``: the store lives in its process (except under
+    torchrun), and a rank 0 that went on and ended (a refusal every rank meets, say) would take the answer with it."""
+    if dist.get_rank() == 0:
+        _wait_for(store, lambda: store.add(key + "/read", 0) >= dist.get_world_size() - 1)
 
 
 def barrier_in_store():
@@ -88,9 +98,12 @@ def barrier_in_store():
     if dist.get_world_size() == 1 or _running is None:
         dist.barrier()
         return
-    key = f"{_running.prefix}barrier/{next(_waits)}"
-    _running.store.add(key, 1)
-    _wait_for(_running.store, lambda: _running.store.add(key, 0) >= dist.get_world_size())
+    store, key = _running.store, f"{_running.prefix}barrier/{next(_waits)}"
+    store.add(key, 1)
+    _wait_for(store, lambda: store.add(key, 0) >= dist.get_world_size())
+    if dist.get_rank() != 0:
+        store.add(key + "/read", 1)
+    _until_all_read(store, key)
 
 
 class Watchdog:
