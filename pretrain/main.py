@@ -55,7 +55,34 @@ def prepare(argv):
     for notice in notices:
         if notice and distributed.rank_from_env() == 0:
             print(notice, flush=True)
+    for warning in stale_build_locks() if distributed.rank_from_env() == 0 else []:
+        print(warning, file=sys.stderr, flush=True)
     return args, model_config, ds_config, plan, task
+
+
+STALE_BUILD_LOCK_S = 15 * 60  # a DeepSpeed op builds in minutes; a lock this old is a build that was killed
+
+
+def stale_build_locks(now=None):
+    """A warning line for each lock of torch's JIT builds (DeepSpeed compiles its ops through them) older than
+    STALE_BUILD_LOCK_S: a job killed mid-build leaves its lock behind, and every later start that needs that op
+    waits on it forever, silently. A warning, not a refusal: another job may be building right now."""
+    import glob
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # what torch's build directory follows
+    now = time.time() if now is None else now
+    warnings = []
+    for lock in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        age = now - os.path.getmtime(lock)
+        if age > STALE_BUILD_LOCK_S:
+            warnings.append(
+                f"warning: {lock} is {age / 60:.0f} minutes old: a JIT build of a DeepSpeed op killed mid-way leaves "
+                f"it, and every start that needs the op then waits on it forever; remove it if no build is running"
+            )
+    return warnings
 
 
 def task_tokenizers(task):

@@ -47,3 +47,25 @@ def test_bf16_trains_on_cpu(tmp_path):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[STEPS] < losses[1]
+
+
+def test_a_stale_build_lock_is_named_at_start(tmp_path, monkeypatch, capsys):
+    """A JIT build killed mid-way (a job's time limit, scancel) leaves torch's lock file, and every start needing
+    that op then hangs on it without a word: the start names a lock older than 15 minutes, and only such."""
+    import os
+    import time
+
+    from pretrain.main import prepare, stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    old, fresh = tmp_path / "ext" / "fused_adam" / "lock", tmp_path / "ext" / "py311_cu128" / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (warning,) = stale_build_locks()
+    assert warning.startswith(f"warning: {old} is 60 minutes old: a JIT build of a DeepSpeed op killed mid-way")
+    assert len(stale_build_locks(now=time.time() + 3600)) == 2  # the torch-default layout (py311_cu128/NAME) too
+
+    prepare([str(a) for a in train_args(tmp_path, "zero0.json", "tiny-gpt.json", 1)])
+    assert [line for line in capsys.readouterr().err.splitlines() if "lock" in line] == [warning]
