@@ -55,9 +55,10 @@ def ds_config_file(base, precision, micro_batch, accumulation, workdir):
     return path
 
 
-def plain_loop(model, task, plan, lr, precision, device):
-    """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast; ``model`` on
-    ``device``, each batch moved there as the Trainer moves it."""
+def plain_loop(task, plan, lr, precision, device):
+    """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast, on the task's
+    model (drawn from the global RNG as it is) moved to ``device``, each batch moved there as the Trainer moves it."""
+    model = task.build_model().to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -107,10 +108,9 @@ def measure(model_name, recipe, opts, workdir):
         trainer.take_step()
 
     torch.manual_seed(args.seed)
-    plain_model = task.build_model().to(engine.device)  # where the engine's model is: the same device is measured
     tokens = plan.train_batch_size * task.seq_len
     lr = ds_config["optimizer"]["params"]["lr"]
-    plain_step = plain_loop(plain_model, task, plan, lr, precision, engine.device)
+    plain_step = plain_loop(task, plan, lr, precision, engine.device)  # where the engine's model is: the same device is measured
     # tokens/s by wall clock, by process CPU time (None on a GPU: its kernels are not in the process's CPU time)
     best = {"plain": (0.0, 0.0), "switchyard": (0.0, 0.0)}
     for _ in range(opts.rounds):  # interleaved, best of each: both see the same machine load
