@@ -11,6 +11,11 @@ Prints a table, then the ratios (Switchyard tokens/s / plain tokens/s) last: by 
 the process's CPU time (time.process_time), which other processes' load on a shared machine disturbs
 far less than the wall clock (it still counts gloo's threads; both loops run in this one process). The 125M shape runs at
 seq 128 and micro-batch 2 so a CPU finishes it (the tiny one at its own max_seq_len, 64); on a GPU pass --seq_len 2048 --micro_batch 8.
+
+Both loops run on the engine's device (the plain model and its batches too, under torch.autocast of that
+device's type). On a GPU the clocks are read after torch.cuda.synchronize, and only the wall-clock figures
+are printed: the GPU's kernels are not in the process's CPU time (bench/device_timing.py). --profile then
+ranks operators by their kernels' GPU time; --phases still reports host CPU time, the cost of launching the work.
 """
 
 import argparse
@@ -24,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from bench.device_timing import on_cuda, profiled_time_field, profiler_activities, synchronize, time_steps
 from pretrain import distributed
 from pretrain.main import build_engine, prepare
-from pretrain.trainer import Trainer
+from pretrain.trainer import Trainer, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny-gpt.json", "125m-shape": "gpt-125m.json"}
@@ -49,18 +55,10 @@ def ds_config_file(base, precision, micro_batch, accumulation, workdir):
     return path
 
 
-def time_steps(step, steps, warmup):
-    """(wall-clock seconds, process CPU seconds) per step."""
-    for _ in range(warmup):
-        step()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
-
-
-def plain_loop(model, task, plan, lr, precision):
-    """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast."""
+def plain_loop(task, plan, lr, precision, device):
+    """What a user would write without DeepSpeed: AdamW, accumulation, clipping, optional bf16 autocast, on the task's
+    model (drawn from the global RNG as it is) moved to ``device``, each batch moved there as the Trainer moves it."""
+    model = task.build_model().to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -70,8 +68,8 @@ def plain_loop(model, task, plan, lr, precision):
 
     def step():
         for micro in range(plan.grad_accum_steps):
-            batch = task.train_batch(consumed[0], micro, plan.micro_batch_size, 0, 1)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            batch = to_device(task.train_batch(consumed[0], micro, plan.micro_batch_size, 0, 1), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss, _ = task.loss(model(task.inputs(batch)), batch)
             (loss / plan.grad_accum_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,18 +108,19 @@ def measure(model_name, recipe, opts, workdir):
         trainer.take_step()
 
     torch.manual_seed(args.seed)
-    plain_model = task.build_model()
     tokens = plan.train_batch_size * task.seq_len
     lr = ds_config["optimizer"]["params"]["lr"]
-    plain_step = plain_loop(plain_model, task, plan, lr, precision)
-    best = {"plain": (0.0, 0.0), "switchyard": (0.0, 0.0)}  # tokens/s by wall clock, by process CPU time
+    plain_step = plain_loop(task, plan, lr, precision, engine.device)  # where the engine's model is: the same device is measured
+    # tokens/s by wall clock, by process CPU time (None on a GPU: its kernels are not in the process's CPU time)
+    best = {"plain": (0.0, 0.0), "switchyard": (0.0, 0.0)}
     for _ in range(opts.rounds):  # interleaved, best of each: both see the same machine load
         for name, step in (("plain", plain_step), ("switchyard", switchyard_step)):
-            wall, cpu = time_steps(step, opts.steps, opts.warmup)
-            best[name] = (max(best[name][0], tokens / wall), max(best[name][1], tokens / cpu))
+            timed = time_steps(step, opts.steps, opts.warmup, engine.device)
+            cpu = timed.cpu_s(engine.device)
+            best[name] = (max(best[name][0], tokens / timed.wall_s), None if cpu is None else max(best[name][1], tokens / cpu))
     if opts.profile:
-        print_profile(f"{model_name} {recipe}: Switchyard step", switchyard_step, opts.steps)
-        print_profile(f"{model_name} {recipe}: plain step", plain_step, opts.steps)
+        print_profile(f"{model_name} {recipe}: Switchyard step", switchyard_step, opts.steps, engine.device)
+        print_profile(f"{model_name} {recipe}: plain step", plain_step, opts.steps, engine.device)
     if opts.phases:
         print_phases(f"{model_name} {recipe}", engine, switchyard_step, plain_step, opts.steps)
     return best["plain"], best["switchyard"]
@@ -173,14 +172,14 @@ def print_phases(title, engine, switchyard_step, plain_step, steps):
         clock.wrap(engine, "step", "engine.step")
         for owner, attribute, name in in_step:
             clock.wrap(owner, attribute, "  " + name)
-        total = time_steps(switchyard_step, steps, 0)[1]
+        total = time_steps(switchyard_step, steps, 0, engine.device).process_cpu_s
         rows.append(("Switchyard", total, [(n, clock.seconds[n]) for n in clock.names if n in clock.seconds]))
     with PhaseClock() as clock:
         clock.wrap(plain_step.model, "forward", "forward")
         clock.wrap(torch.Tensor, "backward", "backward")
         clock.wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm_")
         clock.wrap(plain_step.optimizer, "step", "AdamW")
-        total = time_steps(plain_step, steps, 0)[1]
+        total = time_steps(plain_step, steps, 0, engine.device).process_cpu_s
         rows.append(("plain", total, [(n, clock.seconds[n]) for n in clock.names if n in clock.seconds]))
     print(f"\n--- {title}: process CPU ms per step, {steps} steps")
     for name, total, seconds in rows:
@@ -189,15 +188,16 @@ def print_phases(title, engine, switchyard_step, plain_step, steps):
             print(f"  {phase:44s} {value / steps * 1000:10.1f}")
 
 
-def print_profile(title, step, steps):
-    """The operators that take the most time in `steps` steps, self time first (where the time really goes)."""
-    from torch.profiler import ProfilerActivity, profile
+def print_profile(title, step, steps, device):
+    """The operators that take the most time on ``device`` in `steps` steps, self time first (where the time really goes)."""
+    from torch.profiler import profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=profiler_activities()) as prof:
         for _ in range(steps):
             step()
+        synchronize(device)  # the last step's kernels inside the profile
     print(f"\n--- {title}, {steps} steps")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="self_" + profiled_time_field(device), row_limit=15))
 
 
 def main():
@@ -224,13 +224,19 @@ def main():
             for recipe in opts.recipes:
                 plain, ours = measure(model_name, recipe, opts, workdir)
                 rows.append((model_name, recipe, plain, ours))
-    print(f"\n{'':25s} {'wall clock':>29s} {'process CPU time':>29s}")
-    print(f"{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
-    for model_name, recipe, plain, ours in rows:
-        print(f"{model_name:12s} {recipe:12s} {plain[0]:12.1f} {ours[0]:17.1f} {plain[1]:12.1f} {ours[1]:17.1f}")
-    print("\nratios by process CPU time (switchyard / plain PyTorch, target >= 0.95):")
-    for model_name, recipe, plain, ours in rows:
-        print(f"{model_name} {recipe} (cpu): {ours[1] / plain[1]:.3f}")
+    if on_cuda(distributed.device()):  # process CPU time holds none of the GPU's work: wall clock of synchronized steps only
+        print(f"\n{'':25s} {'wall clock (synchronized)':>29s}")
+        print(f"{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
+        for model_name, recipe, plain, ours in rows:
+            print(f"{model_name:12s} {recipe:12s} {plain[0]:12.1f} {ours[0]:17.1f}")
+    else:
+        print(f"\n{'':25s} {'wall clock':>29s} {'process CPU time':>29s}")
+        print(f"{'model':12s} {'recipe':12s} {'plain tok/s':>12s} {'switchyard tok/s':>17s} {'plain tok/s':>12s} {'switchyard tok/s':>17s}")
+        for model_name, recipe, plain, ours in rows:
+            print(f"{model_name:12s} {recipe:12s} {plain[0]:12.1f} {ours[0]:17.1f} {plain[1]:12.1f} {ours[1]:17.1f}")
+        print("\nratios by process CPU time (switchyard / plain PyTorch, target >= 0.95):")
+        for model_name, recipe, plain, ours in rows:
+            print(f"{model_name} {recipe} (cpu): {ours[1] / plain[1]:.3f}")
     print("\nratios by wall clock (switchyard / plain PyTorch, target >= 0.95):")
     for model_name, recipe, plain, ours in rows:
         print(f"{model_name} {recipe}: {ours[0] / plain[0]:.3f}")

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.device_timing import profiled_time_field, profiler_activities, synchronize, time_steps
 from models import config_from_dict
 from models.registry import family_of
 from pretrain.local_ranks import start_ranks, wait_ranks
@@ -105,20 +106,6 @@ def build_trainer(model_path, ds_path, opts, run_dir):
     return engine, step
 
 
-def time_steps(step, steps, warmup):
-    """Seconds per step; barriers around the timed steps so the slowest rank sets the time."""
-    import torch.distributed as dist
-
-    for _ in range(warmup):
-        step()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dist.barrier()
-    return (time.perf_counter() - start) / steps
-
-
 def label(owner, attribute, name):
     """Wrap owner.attribute (a method) in a profiler label."""
     from torch.profiler import record_function
@@ -149,16 +136,24 @@ def label_switch_parts(engines):
             label(experts, "forward", "experts")
 
 
-def profile_steps(step, steps):
-    """Milliseconds per step in each labelled part, and the whole step, from torch.profiler on this rank."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_steps(step, steps, device):
+    """Milliseconds per step in each labelled part, and the whole step, from torch.profiler on this rank.
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    On the CPU a part's time is the CPU time inside its label; on a GPU it is the GPU time of the kernels the
+    profiler attributes to the label (launched inside it), the step's the wall time of synchronized steps. Not run
+    on a GPU yet: autograd launches backward kernels from a thread of its own, outside the labels, so there the
+    "backward" figure may miss them (the printed "rest" column still holds them)."""
+    from torch.profiler import profile
+
+    field = profiled_time_field(device)
+    with profile(activities=profiler_activities()) as prof:
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        synchronize(device)
         total = time.perf_counter() - start
-    by_name = {event.key: event.cpu_time_total for event in prof.key_averages()}
+    by_name = {event.key: getattr(event, field) for event in prof.key_averages()}
     parts = {part: by_name.get(part, 0.0) / 1e3 / steps for part in PROFILE_PARTS}  # microseconds in total -> ms per step
     parts["step"] = total * 1e3 / steps
     return parts
@@ -175,14 +170,16 @@ def rank_main(opts):
     files = json.loads(Path(opts.inputs).read_text())
     workdir = Path(opts.inputs).parent
     built = {name: build_trainer(model_path, ds_path, opts, workdir / f"run-{name}") for name, (model_path, ds_path) in files.items()}
+    device = distributed.device()
     seconds = {name: float("inf") for name in built}
     for _ in range(opts.rounds):
         for name, (_, step) in built.items():
-            seconds[name] = min(seconds[name], time_steps(step, opts.steps, opts.warmup))
+            # barriers around the timed steps so the slowest rank sets the time; on a GPU synchronized first
+            seconds[name] = min(seconds[name], time_steps(step, opts.steps, opts.warmup, device, barrier=dist.barrier).wall_s)
     result = {"step_ms": {name: s * 1e3 for name, s in seconds.items()}}
     if opts.profile:
         label_switch_parts([engine for engine, _ in built.values()])
-        result["profile"] = {name: profile_steps(step, opts.steps) for name, (_, step) in built.items()}
+        result["profile"] = {name: profile_steps(step, opts.steps, device) for name, (_, step) in built.items()}
     if dist.get_rank() == 0:
         out = Path(opts.result)
         out.with_suffix(".tmp").write_text(json.dumps(result))

@@ -15,7 +15,10 @@ glibc's malloc keeps freed heap pages, so the RSS marks also count fragmentation
 fixes the threshold above which malloc maps and unmaps each allocation: it changes these figures).
 RSS rather than torch's allocator statistics because torch keeps no statistics for CPU memory
 (torch.cpu has no memory_allocated), and because RSS is what runs out: it also counts gloo's and
-DeepSpeed's C++ buffers and pages malloc keeps after a free.
+DeepSpeed's C++ buffers and pages malloc keeps after a free. On GPUs (one per rank) each rank also
+reports torch.cuda.max_memory_allocated, reset at the same moment, at the same three points, in a
+table of its own: there the model states live in GPU memory, and the host RSS is what stays on the host.
+The ratios then compare the GPU figures with the formula (the CPU's, in BENCHMARKS.md, the RSS ones).
 
 The formula (ZeRO paper, sec. 3.1 and fig. 1), Psi parameters, N = 2 data-parallel ranks:
   mixed precision (bf16): 2Psi weights + 2Psi gradients + K*Psi optimizer states, K = 12
@@ -77,6 +80,7 @@ def rank_main(opts):
     import torch
     import torch.distributed as dist
 
+    from bench.device_timing import device_memory_bytes, reset_peak_memory, synchronize
     from pretrain import distributed
     from pretrain.main import build_engine, prepare
     from pretrain.trainer import Trainer
@@ -99,24 +103,29 @@ def rank_main(opts):
         str(opts.seq_len),
     ]
     args, model_config, ds, plan, task = prepare(argv)
+    device = distributed.device()
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = rss_kib("VmRSS")
+    reset_peak_memory(device)  # on a GPU the same marks of its allocator, next to the host's
+    gpu_before = device_memory_bytes(device, peak=False)
     made, make = {}, task.build_model
 
     def make_and_measure():
         model = make()
-        made["kib"] = rss_kib("VmHWM")
+        made["kib"], made["gpu"] = rss_kib("VmHWM"), device_memory_bytes(device)
         return model
 
     task.build_model = make_and_measure
     engine, _ = build_engine(args, model_config, ds, plan, task)
-    built = rss_kib("VmHWM")
+    built, gpu_built = rss_kib("VmHWM"), device_memory_bytes(device)
     trainer = Trainer(engine, task, plan, args, logger=None, flops_per_token=0)
     for _ in range(opts.steps):  # Adam's states appear at the first step; later steps show the steady peak
         trainer.take_step()
+    synchronize(device)
     params = sum(full_numel(p) for p in engine.module.parameters())
     mine = {"before_kib": before, "made_kib": made["kib"], "built_kib": built, "peak_kib": rss_kib("VmHWM"), "params": params}
+    mine.update(gpu_before=gpu_before, gpu_made=made["gpu"], gpu_built=gpu_built, gpu_peak=device_memory_bytes(device))  # bytes; None on CPU
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
     if dist.get_rank() == 0:
@@ -158,6 +167,13 @@ def run_case(opts, stage, precision, workdir, argv):
     return json.loads(result.read_text())
 
 
+def added_bytes(rank):
+    """What building the engine and training added on a rank: in GPU memory where the rank had a GPU, else its RSS."""
+    if rank["gpu_peak"] is not None:
+        return rank["gpu_peak"] - rank["gpu_before"]
+    return (rank["peak_kib"] - rank["before_kib"]) * 1024
+
+
 def print_report(rows, opts):
     params = rows[0][2][0]["params"]
     print(
@@ -183,10 +199,23 @@ def print_report(rows, opts):
         made = [(r["made_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
         built = [(r["built_kib"] - r["before_kib"]) * 1024 / GIB for r in ranks]
         print(f"zero{stage:<1d} {precision:9s} {4 * params / GIB:8.3f} {made[0]:8.3f} {made[1]:8.3f} {built[0]:9.3f} {built[1]:9.3f}")
+    if rows[0][2][0]["gpu_peak"] is not None:
+        print(
+            "\nGPU memory (torch.cuda.max_memory_allocated, reset before the model was built), GiB per rank; "
+            "added = peak - allocated before; made, built = the high-water mark at those points"
+        )
+        print(f"{'precision':9s} {'stage':>5s} {'formula':>8s} {'added r0':>9s} {'added r1':>9s} {'made r0':>8s} {'built r0':>9s}")
+        for precision, stage, ranks in rows:
+            formula = model_state_bytes(params, precision, stage) / GIB
+            added = [(r["gpu_peak"] - r["gpu_before"]) / GIB for r in ranks]
+            print(
+                f"{precision:9s} {stage:5d} {formula:8.3f} {added[0]:9.3f} {added[1]:9.3f} "
+                f"{(ranks[0]['gpu_made'] - ranks[0]['gpu_before']) / GIB:8.3f} {(ranks[0]['gpu_built'] - ranks[0]['gpu_before']) / GIB:9.3f}"
+            )
     print("\nratios (added memory, the larger rank / formula; and each stage / ZeRO-0 of the same precision, measured vs formula):")
     zero0 = {}
     for precision, stage, ranks in rows:
-        added = max(r["peak_kib"] - r["before_kib"] for r in ranks) * 1024
+        added = max(added_bytes(r) for r in ranks)
         formula = model_state_bytes(params, precision, stage)
         zero0.setdefault(precision, (added, formula))
         measured_saving = added / zero0[precision][0]
