@@ -1,6 +1,6 @@
 """GPU check: what only a GPU shows about Switchyard, in one command sized for about five minutes on one GPU.
 
-    python scripts/gpu_check.py --out $OUT/gpu_check.json            # on the GPU (see BENCHMARKS.md, "GPU check")
+    PYTHONPATH=. python scripts/gpu_check.py --out $OUT/gpu_check.json  # on the GPU, from a copy of the tree (BENCHMARKS.md)
     python scripts/gpu_check.py --dry_run --out /tmp/gpu_check.json  # the same code path on the CPU: tiny models, no MFU
     python scripts/gpu_check.py --out ... --only mfu/gpt-1.3b         # some measurements only (a rerun of what a cut-short run missed)
 
@@ -47,13 +47,12 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from bench.device_timing import device_memory_bytes, on_cuda, profiler_activities, reset_peak_memory, synchronize, time_steps
+from switchyard.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run by path from a copy of the tree where Switchyard is not pip-installed (the GPU machine)
-
-import torch  # noqa: E402
-
-from bench.device_timing import device_memory_bytes, on_cuda, profiler_activities, reset_peak_memory, synchronize, time_steps  # noqa: E402
-from switchyard.errors import ConfigError  # noqa: E402
 
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 CONFIGS = REPO / "models" / "configs"
