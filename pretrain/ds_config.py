@@ -210,12 +210,25 @@ def optimizer_for_device(config, path, device):
     return config, notice
 
 
-def plan_resume(plan, config, path, saved_dp_size, model_config):
+def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None):
     """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
-    go through DeepSpeed's universal checkpoint; what that cannot convert is refused."""
+    go through DeepSpeed's universal checkpoint; what that cannot convert is refused. A model with experts
+    resumes only at the data- and expert-parallel sizes it was saved with, whatever the ZeRO stage: DeepSpeed
+    writes its optimizer state per expert-parallel rank (``expp_rank_R_*``), holding that rank's experts only,
+    and the universal checkpoint cannot convert experts. ``saved_ep_size``: the recorded one (None: unknown)."""
+    if family_of(model_config).experts:
+        saved = (saved_dp_size or plan.dp_size, saved_ep_size or plan.expert_parallel_size)
+        if saved != (plan.dp_size, plan.expert_parallel_size):
+            raise ConfigError(
+                f"the checkpoint of this {family_of(model_config).name!r} model was saved with {saved[0]} data-parallel "
+                f"ranks and expert-parallel size {saved[1]}, and this launch has {plan.dp_size} and "
+                f"{plan.expert_parallel_size}: a model with experts resumes only as it was saved (no conversion of "
+                f"experts exists yet); launch {saved[0] * plan.pipeline_stages} ranks with moe.expert_parallel_size {saved[1]}"
+            )
+        return plan, config
     if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
         return plan, config
-    if family_of(model_config).experts or plan.pipeline_stages > 1:
+    if plan.pipeline_stages > 1:
         raise ConfigError(
             f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "
             f"only dense models without pipeline stages resume at another data-parallel size; launch "

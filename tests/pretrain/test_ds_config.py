@@ -179,3 +179,20 @@ def test_offloaded_state_is_pinned(name):
     for section in ("offload_optimizer", "offload_param"):
         if zero.get(section, {}).get("device") in ("cpu", "nvme"):
             assert zero[section].get("pin_memory") is True, f"{name}: {section}"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_model_with_experts_resumes_only_at_its_saved_data_and_expert_parallel_sizes(stage):
+    from models import load_model_config
+    from pretrain.ds_config import plan_launch, plan_resume
+
+    model = load_model_config(str(REPO / "models" / "configs" / "tiny-switch.json"))
+    config = {**shipped("moe_ep2_zero2.json")[0], "zero_optimization": {"stage": stage}}
+    plan = plan_launch(config, "moe.json", 2, model)  # 2 ranks, expert-parallel size 2
+    assert plan_resume(plan, config, "moe.json", 2, model, 2) == (plan, config)
+    assert plan_resume(plan, config, "moe.json", None, model, None) == (plan, config)  # a checkpoint without a record
+    for saved_dp, saved_ep in ((2, 1), (1, 2), (4, 2)):
+        with pytest.raises(
+            ConfigError, match=f"saved with {saved_dp} data-parallel ranks and expert-parallel size {saved_ep}, and this launch has 2 and 2"
+        ):
+            plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep)
