@@ -74,7 +74,12 @@ def build_parser():
     )
     p.add_argument("--eval_interval", type=int, default=0, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval_iters", type=int, default=4, help="validation micro-batches per rank")
-    p.add_argument("--log_interval", type=int, default=1, help="log every N steps")
+    p.add_argument(
+        "--log_interval",
+        type=int,
+        default=10,
+        help="log every N steps; a stop signal (SIGTERM, SIGUSR1) is acted on at the next log, validation or checkpoint step",
+    )
     p.add_argument(
         "--distributed_timeout_minutes",
         type=float,
