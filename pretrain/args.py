@@ -102,6 +102,13 @@ def build_parser():
         default=None,
         help="per-device peak TFLOP/s for MFU (default: known GPUs' bf16 dense peak; MFU is not reported on CPU)",
     )
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fp32 runs on NVIDIA GPUs: matmuls on TF32 tensor cores (torch.set_float32_matmul_precision('high')); "
+        "--no-tf32 keeps full fp32. No effect in bf16/fp16 or on CPU",
+    )
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
     return p
 
