@@ -74,7 +74,12 @@ def build_parser():
     )
     p.add_argument("--eval_interval", type=int, default=0, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval_iters", type=int, default=4, help="validation micro-batches per rank")
-    p.add_argument("--log_interval", type=int, default=1, help="log every N steps")
+    p.add_argument(
+        "--log_interval",
+        type=int,
+        default=10,
+        help="log every N steps; a stop signal (SIGTERM, SIGUSR1) is acted on at the next log, validation or checkpoint step",
+    )
     p.add_argument(
         "--distributed_timeout_minutes",
         type=float,
@@ -96,6 +101,13 @@ def build_parser():
         type=float,
         default=None,
         help="per-device peak TFLOP/s for MFU (default: known GPUs' bf16 dense peak; MFU is not reported on CPU)",
+    )
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fp32 runs on NVIDIA GPUs: matmuls on TF32 tensor cores (torch.set_float32_matmul_precision('high')); "
+        "--no-tf32 keeps full fp32. No effect in bf16/fp16 or on CPU",
     )
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher")
     return p

@@ -22,12 +22,14 @@ def rank_from_env():
     return int(os.environ.get("RANK", "0"))
 
 
-def init(timeout_minutes=60.0):
+def init(timeout_minutes=60.0, precision=None, tf32=True):
     """Start torch.distributed: gloo on CPU, NCCL on GPUs (DeepSpeed's accelerator picks), every collective bounded
-    by ``timeout_minutes`` (pretrain/watchdog.py says why it is long)."""
+    by ``timeout_minutes`` (pretrain/watchdog.py says why it is long). With the run's ``precision`` ("fp32", "bf16",
+    "fp16") and --tf32, also how fp32 matmuls run on this device (set_up_fp32_matmuls), before any model is built."""
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    local_device()  # one GPU per rank (the CPU on CPU)
+    this_device = local_device()  # one GPU per rank (the CPU on CPU)
+    set_up_fp32_matmuls(this_device.type, precision, tf32)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # The groups DeepSpeed makes (data-, expert-, pipeline-parallel) come from torch's new_group, which takes
     # torch's own default (30 min for gloo, 10 for NCCL) instead of the world group's timeout or DEEPSPEED_TIMEOUT:
@@ -67,6 +69,29 @@ def local_device():
     index = visible_device_index(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0")), accelerator.device_count())
     accelerator.set_device(index)
     return torch.device(accelerator.device_name(index))
+
+
+def tf32_matmuls(device_type, precision, tf32):
+    """Whether fp32 matmuls and convolutions run on TF32 tensor cores: --tf32 (default on) for an fp32 run on a CUDA
+    GPU, where full fp32 matmuls run several times slower (A100, H100); None (torch's defaults left as they are)
+    anywhere else: bf16 and fp16 runs, whose matmuls are not fp32, and the CPU, where "high" may let oneDNN
+    compute fp32 matmuls in lower precision and so change every CPU figure."""
+    if device_type != "cuda" or precision != "fp32":
+        return None
+    return tf32
+
+
+def set_up_fp32_matmuls(device_type, precision, tf32):
+    """Apply tf32_matmuls' choice, and say it on rank 0. Before the trainer is built: its MFU peak for fp32 is
+    the TF32 one when torch.get_float32_matmul_precision() allows it (pretrain/trainer.device_peak_tflops)."""
+    use_tf32 = tf32_matmuls(device_type, precision, tf32)
+    if use_tf32 is None:
+        return
+    torch.set_float32_matmul_precision("high" if use_tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = use_tf32
+    if rank_from_env() == 0:
+        chosen = "TF32 tensor cores (--no-tf32 for full fp32)" if use_tf32 else "full fp32 (--no-tf32)"
+        print(f"fp32 matmuls and convolutions: {chosen}", flush=True)
 
 
 def device():

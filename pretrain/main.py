@@ -216,7 +216,7 @@ def run(args, model_config, ds_config, plan, task, signals):
     from pretrain.watchdog import Watchdog, forward_runner_termination
 
     forward_runner_termination(signals.runner_terminated)
-    distributed.init(args.distributed_timeout_minutes)
+    distributed.init(args.distributed_timeout_minutes, plan.precision, args.tf32)
     watchdog = Watchdog(args.heartbeat_timeout_s).start()
     lock = None
     try:

@@ -5,7 +5,7 @@ steps the optimizer on the last one), or through one PipelineEngine.train_batch 
 is split into pipeline stages; then logging, validation and checkpointing.
 """
 
-import math
+import contextlib
 import signal
 import time
 
@@ -33,6 +33,7 @@ def grad_norm(engine, expert_parallel_size):
     Shared weights' gradients are identical on every rank; each expert's lives on world/ep ranks.
     One read of each gradient (torch._foreach_norm), no squared copy: the elementwise square().sum()
     this replaces allocated and wrote a copy of every gradient, 5% of the 125M shape's step (BENCHMARKS.md).
+    Returns a 0-dim float32 tensor on the gradients' device: reading it on the host would wait for the GPU.
     """
     from deepspeed.moe.utils import is_moe_param
 
@@ -43,7 +44,15 @@ def grad_norm(engine, expert_parallel_size):
     if any(is_moe_param(p) for p in params):
         dist.all_reduce(expert)
         expert /= dist.get_world_size() // expert_parallel_size
-    return float((shared + expert).sqrt())
+    return (shared + expert).sqrt()
+
+
+def clip_factor(norm, max_norm):
+    """(max_norm / (norm + 1e-6), whether it is below 1), on ``norm``'s device, computed in float64 as Python
+    computed it from the norm read to the host; the caller casts the factor to float32, as torch cast that Python
+    float to multiply float32 gradients, so the clipped gradients are the same bits as before."""
+    factor = torch.full((), max_norm, dtype=torch.float64, device=norm.device) / (norm.double() + 1e-6)
+    return factor, factor < 1.0
 
 
 # The CPU's vector norm accumulates a long tensor with an error that grows with its length (0.3% of the norm of a
@@ -81,8 +90,10 @@ class TrainingDiverged(RuntimeError):
 class StopSignals:
     """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a clean stop.
 
-    The handler only sets a flag; ranks agree on it through one all-reduce per step, so every rank
-    finishes the same step before saving, whichever rank the signal reached first.
+    The handler only sets a flag; ranks agree on it at log, validation and checkpoint steps (the log step's
+    all-reduce carries it, Trainer.log_train), so every rank finishes the same step before saving, whichever
+    rank the signal reached first, within --log_interval steps of the signal. Not at every step: agreeing
+    is a collective whose answer the host must read, a wait for the GPU at each step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -99,9 +110,14 @@ class StopSignals:
         """pretrain/watchdog.forward_runner_termination: the deepspeed runner was sent SIGTERM and did not pass it on."""
         self.received = "SIGTERM (to the deepspeed runner)"
 
+    def flag(self):
+        """1.0 where this rank received a signal, else 0.0, on this rank's device: summed over ranks, > 0 means stop.
+        Filled there (torch.full), not copied from the host: torch.tensor(..., device=GPU) waits for the GPU."""
+        return torch.full((1,), 1.0 if self.received else 0.0, device=device())
+
     def any_rank_received(self):
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = self.flag()
+        dist.all_reduce(flag)
         return bool(flag.item())
 
 
@@ -116,15 +132,16 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len
-        self.fp32_grad_norm = 0.0
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
         self.progress = None  # rank 0's bar or ETA while train() runs
-        # fp32 without ZeRO: DeepSpeed keeps no gradient norm; grad_norm computes it and clip_and_step clips with it.
-        self.clips_itself = (
-            plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined and not deepspeed_compat.uses_autocast_grad_scaler(engine)
-        )  # unscaled gradients
+        # fp32 without ZeRO: DeepSpeed keeps no gradient norm (it wraps the optimizer, and keeps one, only for ZeRO,
+        # bf16 and fp16) and applies a non-finite step: own_step computes the norm, skips such steps and clips.
+        self.computes_own_norm = plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
+        self.own_grad_norm = None  # own_step's last norm, a 0-dim tensor on the device
+        # Unscaled gradients: without torch's GradScaler (fp16 autocast), DeepSpeed's clip can be replaced by own_step's.
+        self.clips_itself = self.computes_own_norm and not deepspeed_compat.uses_autocast_grad_scaler(engine)
         if dist.get_world_size() == 1 and plan.zero_stage == 0 and not self.pipelined:
             # Alone, DeepSpeed's gradient all-reduce flattens every gradient into buckets, all-reduces them
             # with themselves and copies them back: a no-op that cost 12% of the tiny model's step (BENCHMARKS.md).
@@ -165,7 +182,7 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step on the batch at ``consumed_samples``, which it does not advance (take_step does);
-        returns the sums of the logged parts over its micro-batches."""
+        returns the sums of the logged parts over its micro-batches, on the device."""
         if self.pipelined:
             return self.pipeline_train_step()
         lm_sum, aux_sum, moe_sum = 0.0, 0.0, None
@@ -173,13 +190,9 @@ class Trainer:
             outputs = self.forward(batch)
             loss, parts = self.task.loss(outputs, batch)
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
-                self.fp32_grad_norm = grad_norm(self.engine, self.plan.expert_parallel_size)
-            if self.engine.is_gradient_accumulation_boundary() and not math.isfinite(self.fp32_grad_norm):
-                self.skip_optimizer_step()
-            elif self.engine.is_gradient_accumulation_boundary() and self.clips_itself:
-                self.clip_and_step()
-            else:
+            if self.engine.is_gradient_accumulation_boundary() and self.computes_own_norm:
+                self.own_step()
+            else:  # DeepSpeed steps the optimizer at the boundary only
                 self.engine.step()
             lm_sum = lm_sum + parts["lm_loss"]
             aux_sum = aux_sum + parts["aux_loss"]
@@ -187,6 +200,33 @@ class Trainer:
                 layer = torch.stack([torch.cat([s["expert_fraction"], s["dropped_fraction"].reshape(1)]) for s in parts["moe"]])
                 moe_sum = layer if moe_sum is None else moe_sum + layer
         return lm_sum, aux_sum, moe_sum
+
+    # own_step's one read from the device per step: what to do with the step.
+    SKIP, STEP, CLIP_AND_STEP = 0, 1, 2
+
+    def own_step(self):
+        """fp32 without ZeRO: the optimizer step DeepSpeed would take, from the norm grad_norm computes, kept on the device.
+
+        A non-finite norm skips the step (skip_optimizer_step); otherwise the gradients are clipped by DeepSpeed's
+        rule (scaled by max / (norm + 1e-6) where that is below 1) instead of letting DeepSpeed compute the norm a
+        second time (a further pass over every gradient, plus a multiplication of every gradient by 1.0 when
+        nothing is clipped). Whether to skip must reach the host before the optimizer steps, so the host reads one
+        integer per step, which also says whether the factor clips (no multiplication when it does not): one wait
+        for the GPU, the least a step that may be skipped needs. The norm itself stays on the device until a log step.
+        """
+        norm = grad_norm(self.engine, self.plan.expert_parallel_size)
+        self.own_grad_norm = norm
+        max_norm = self.engine.gradient_clipping() if self.clips_itself else 0.0
+        factor, clips = clip_factor(norm, max_norm) if max_norm > 0.0 else (None, False)
+        action = int(torch.where(norm.isfinite(), self.STEP + clips, self.SKIP))
+        if action == self.SKIP:
+            self.skip_optimizer_step()
+            return
+        if action == self.CLIP_AND_STEP:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, factor.float())
+        with deepspeed_compat.gradient_clipping_off(self.engine) if self.clips_itself else contextlib.nullcontext():
+            self.engine.step()
 
     def skip_optimizer_step(self):
         """DeepSpeed skips non-finite steps itself under ZeRO and fp16; without ZeRO in fp32 it would apply
@@ -196,17 +236,6 @@ class Trainer:
         with deepspeed_compat.gradient_clipping_off(self.engine):
             self.engine.step()
         self.own_skipped_steps += 1
-
-    def clip_and_step(self):
-        """fp32 without ZeRO: clip by the norm grad_norm has just computed, by DeepSpeed's rule (scale the gradients
-        by max / (norm + 1e-6) where that is below 1), instead of letting DeepSpeed compute it a second time
-        (a further pass over every gradient, plus a multiplication of every gradient by 1.0 when nothing is clipped)."""
-        max_norm = self.engine.gradient_clipping()
-        if max_norm > 0.0 and max_norm / (self.fp32_grad_norm + 1e-6) < 1.0:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, max_norm / (self.fp32_grad_norm + 1e-6))
-        with deepspeed_compat.gradient_clipping_off(self.engine):
-            self.engine.step()
 
     def pipeline_train_step(self):
         """train_batch pulls this rank's micro-batches as (inputs, targets), runs the pipeline schedule and
@@ -276,14 +305,20 @@ class Trainer:
             if moe_sum is not None:
                 step_sums = torch.cat([step_sums, moe_sum.flatten()])
             sums = step_sums if sums is None else sums + step_sums
-            if self.step % args.log_interval == 0 or self.step == args.max_steps:
+            log_now = self.step % args.log_interval == 0 or self.step == args.max_steps
+            stop = False
+            if log_now:
                 elapsed = time.perf_counter() - window_start
-                self.log_train(sums, window_steps, elapsed, moe_sum)
+                stop = self.log_train(sums, window_steps, elapsed, moe_sum)
                 window_start, window_steps, sums = time.perf_counter(), 0, None
             self.check_bad_step(skipped_before)
-            if args.eval_interval and self.step % args.eval_interval == 0:
+            eval_now = args.eval_interval and self.step % args.eval_interval == 0
+            save_now = args.save_interval and self.step % args.save_interval == 0
+            if eval_now:
                 self.validate()
-            if signals.any_rank_received():
+            if not log_now and (eval_now or save_now):  # these steps wait for the device anyway: agree on a signal too
+                stop = signals.any_rank_received()
+            if stop:
                 self.save()
                 if dist.get_rank() == 0:
                     self.progress.write(
@@ -291,7 +326,7 @@ class Trainer:
                         f"checkpoint {self.last_saved_step} is the one to resume from; exiting for requeue"
                     )
                 return signals.received or "signal"
-            if args.save_interval and self.step % args.save_interval == 0:
+            if save_now:
                 self.save()
         if not args.eval_interval or self.step % args.eval_interval:
             self.validate()
@@ -300,25 +335,30 @@ class Trainer:
         return "done"
 
     def log_train(self, sums, steps, elapsed, last_moe):
-        # One all-reduce per log step: every rank's sums become the data-parallel mean.
-        dist.all_reduce(sums)
-        sums = (sums / (dist.get_world_size() * steps * self.plan.grad_accum_steps)).tolist()
+        """Log the means over ranks and the window's ``steps`` of the logged parts; returns whether any rank received
+        a stop signal. The log step's one wait for the device: one all-reduce of every rank's sums and stop flag,
+        and one read of its result together with the gradient norm."""
+        reduced = torch.cat([sums, self.signals.flag()])
+        dist.all_reduce(reduced)
+        parts = [reduced[:-1] / (dist.get_world_size() * steps * self.plan.grad_accum_steps), reduced[-1:]]
+        norm = self.grad_norm_to_log(sums.device)
+        values = torch.cat(parts if norm is None else [*parts, norm]).tolist()
+        means, stop = values[: len(sums)], values[len(sums)] > 0
         tokens_per_s = self.tokens_per_step * steps / elapsed
         metrics = {
-            "train/loss": sums[0] + sums[1],
-            "train/lm_loss": sums[0],
+            "train/loss": means[0] + means[1],
+            "train/lm_loss": means[0],
             "train/lr": self.engine.get_lr()[0],
         }
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None or not self.pipelined:  # a pipeline in fp32 without ZeRO has none to report
-            metrics["train/grad_norm"] = float(norm or self.fp32_grad_norm)
+        if norm is not None:
+            metrics["train/grad_norm"] = values[-1]
         metrics.update({"perf/step_time_s": elapsed / steps, "perf/tokens_per_s": tokens_per_s})
         histograms = {}
         if last_moe is not None:
-            metrics["train/aux_loss"] = sums[1]
+            metrics["train/aux_loss"] = means[1]
             n_layers, width = last_moe.shape
             for layer in range(n_layers):
-                row = sums[2 + layer * width : 2 + (layer + 1) * width]
+                row = means[2 + layer * width : 2 + (layer + 1) * width]
                 metrics[f"moe/layer{layer}/dropped_fraction"] = row[-1]
                 metrics[f"moe/layer{layer}/max_expert_fraction"] = max(row[:-1])
                 histograms[f"moe/layer{layer}/expert_fraction"] = row[:-1]
@@ -328,6 +368,18 @@ class Trainer:
         if self.peak:
             metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / dist.get_world_size() / (self.peak * 1e12)
         self.logger.log(self.step, metrics, histograms)
+        return stop
+
+    def grad_norm_to_log(self, target):
+        """The last step's gradient norm as a 1-element float32 tensor on ``target``, not read yet; None where there is
+        none (a pipeline in fp32 without ZeRO, ZeRO with compute_grad_norm off). DeepSpeed's is a tensor, or a
+        Python float (inf after an overflow): that one is filled on the device, not copied (a blocking copy waits)."""
+        norm = self.own_grad_norm if self.computes_own_norm else self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        if not isinstance(norm, torch.Tensor):
+            return torch.full((1,), float(norm), device=target)
+        return norm.detach().reshape(1).float().to(target, non_blocking=True)
 
     @torch.no_grad()
     def validate(self):

@@ -36,6 +36,8 @@ def run_ranks(args, world_size, log_dir, extra_env=None, timeout=600, check=True
 
 
 def train_args(tmp_path, ds_config, model_config, max_steps, *extra, save_dir=None):
+    """pretrain/main.py's arguments for a run; it logs every step (--log_interval 1, which EXTRA may override): the
+    tests read per-step metrics, and a stop signal is acted on at a log step."""
     return [
         "--ds_config",
         REPO / "ds_configs" / ds_config,
@@ -47,6 +49,8 @@ def train_args(tmp_path, ds_config, model_config, max_steps, *extra, save_dir=No
         max_steps,
         "--save_dir",
         save_dir or tmp_path / "run",
+        "--log_interval",
+        1,
         *extra,
     ]
 
@@ -86,6 +90,8 @@ def translation_args(tmp_path, pair_data, ds_config, model_config, steps, *extra
         tmp_path / "run",
         "--eval_interval",
         steps,
+        "--log_interval",
+        1,
         *extra,
     ]
 

@@ -31,12 +31,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def soft_target_loss(student_logits, teacher_logits, targets, temperature):
-    """T^2 x KL(teacher || student) at temperature T, mean over the positions whose target is not IGNORE."""
+    """T^2 x KL(teacher || student) at temperature T, mean over the positions whose target is not IGNORE.
+
+    A sum over the kept positions divided by their count, not ``per_token[keep].mean()``: indexing by a mask has a
+    data-dependent shape, which on a GPU waits for the device to count the mask, at every micro-batch."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
     keep = targets != IGNORE
-    return temperature**2 * per_token[keep].mean()
+    # where, not a product with the mask: a non-finite KL at a padding position must not make the sum NaN (0 x inf).
+    return temperature**2 * torch.where(keep, per_token, 0.0).sum() / keep.sum()
 
 
 @register_task("distill")

@@ -194,6 +194,8 @@ def test_training_runs_on_a_preprocessed_prefix(shakespeare, tmp_path):
         3,
         "--save_dir",
         tmp_path / "run",
+        "--log_interval",
+        1,
     ]
     run_ranks(args, 1, tmp_path / "logs")
     losses = read_metrics(tmp_path / "run")
