@@ -57,6 +57,14 @@ def plan_launch(config, path, world_size, model_config):
     """The LaunchPlan of DeepSpeed config ``config`` (read from ``path``) for ``model_config`` on ``world_size`` ranks;
     what the model's family cannot run (its registration says: pipeline form, experts) is refused here."""
     family = family_of(model_config)
+    if (config.get("data_efficiency") or {}).get("enabled"):
+        # DeepSpeed applies data_efficiency only through the data loader deepspeed.initialize builds from
+        # training_data and layers wrapped for it; Switchyard's own data pipeline would leave it silently off.
+        raise ConfigError(
+            f"DeepSpeed config {path}: data_efficiency (DeepSpeed's curriculum data sampling and random-LTD) works only "
+            f"with DeepSpeed's own data loader, which Switchyard does not use, and random-LTD with a CUDA op and "
+            f"DeepSpeed's layer wrappers: it would be ignored; remove it"
+        )
     zero = config.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -208,6 +216,40 @@ def optimizer_for_device(config, path, device):
                 f"DeepSpeed config {path}: {built.__name__} is compiled by DeepSpeed at start on CUDA, which it cannot do here ({problem}); {fix}"
             )
     return config, notice
+
+
+# ZeRO++'s quantized communication: DeepSpeed quantizes with CUDA kernels of its quantizer op (CUDAQuantizer in
+# runtime/zero/partition_parameters.py), which the CPU accelerator does not have: there qwZ fails at the first
+# all-gather, and qgZ silently falls back to a plain reduce-scatter under the deepspeed launcher.
+QUANTIZED_ZERO = {
+    "zero_quantized_weights": "qwZ",
+    "zero_quantized_nontrainable_weights": "qwZ of frozen weights",
+    "zero_quantized_gradients": "qgZ",
+}
+
+
+def check_device_features(config, path, device):
+    """Refuse, in one line, what the DeepSpeed config asks of a device that does not have it: ZeRO++'s quantized
+    weights and gradients (qwZ, qgZ) need DeepSpeed's CUDA quantizer, compiled at start (on CUDA: the same
+    toolkit condition as a compiled optimizer, optimizer_for_device)."""
+    from switchyard import deepspeed_compat
+
+    zero = config.get("zero_optimization") or {}
+    for key, name in QUANTIZED_ZERO.items():
+        if not zero.get(key):
+            continue
+        if device != "cuda":
+            raise ConfigError(
+                f"DeepSpeed config {path}: zero_optimization.{key} (ZeRO++ {name}) quantizes with DeepSpeed's CUDA "
+                f"kernels, which the {device} does not have; remove it here (hpZ, zero_hpz_partition_size, runs anywhere)"
+            )
+        problem = None if deepspeed_compat.prebuilt_op("quantizer") else deepspeed_compat.cuda_toolkit_problem()
+        if problem:
+            raise ConfigError(
+                f"DeepSpeed config {path}: zero_optimization.{key} (ZeRO++ {name}) needs DeepSpeed's quantizer op, "
+                f"compiled at start, which it cannot do here ({problem}); install a CUDA toolkit matching torch's CUDA "
+                f"(CUDA_HOME), or remove it"
+            )
 
 
 def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None):

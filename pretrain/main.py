@@ -25,7 +25,7 @@ def prepare(argv):
     from models.registry import family_of, with_launch_fields
     from pretrain import distributed, run_dir
     from pretrain.args import parse_args
-    from pretrain.ds_config import load_ds_config, optimizer_for_device, plan_launch, plan_resume, resolve_schedule
+    from pretrain.ds_config import check_device_features, load_ds_config, optimizer_for_device, plan_launch, plan_resume, resolve_schedule
     from pretrain.tasks import TASKS
 
     args = parse_args(argv)
@@ -34,6 +34,7 @@ def prepare(argv):
     model_config = load_model_config(args.model_config)
     ds_config = load_ds_config(args.ds_config)
     plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config)
+    check_device_features(ds_config, args.ds_config, get_accelerator().device_name())
     ds_config, optimizer_notice = optimizer_for_device(ds_config, args.ds_config, get_accelerator().device_name())
     if plan.precision == "fp16":
         if not get_accelerator().is_fp16_supported():

@@ -1,5 +1,5 @@
-"""Test-only rank: pretrain/main.py's build_engine, then the engine's weights gathered whole, and what each
-rank held right after the model was built (before deepspeed.initialize), into one file.
+"""Test-only rank: pretrain/main.py's build_engine, then the engine's weights gathered whole, what each rank held
+right after the model was built (before deepspeed.initialize) and the hpZ partition it holds, into one file.
 
     python tests/pretrain/built_weights.py OUT.pt MAIN_PY_ARGS...   (started as ranks by tests/distributed.py)
 """
@@ -34,6 +34,8 @@ def main():
     pretrain.main.build_model = recording_build_model
     engine, _ = pretrain.main.build_engine(*prepared)
     params = list(engine.module.parameters())
+    # ZeRO++ hpZ: the second, larger partition each rank keeps for the all-gathers within its group (none without)
+    held["secondary"] = sum(p.ds_secondary_tensor.numel() for p in params if getattr(p, "ds_secondary_tensor", None) is not None)
     with deepspeed.zero.GatheredParameters(params):  # a no-op below ZeRO-3
         state = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     ranks = [None] * dist.get_world_size()

@@ -4,6 +4,7 @@ the learning rate real runs log."""
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -196,3 +197,21 @@ def test_a_model_with_experts_resumes_only_at_its_saved_data_and_expert_parallel
             ConfigError, match=f"saved with {saved_dp} data-parallel ranks and expert-parallel size {saved_ep}, and this launch has 2 and 2"
         ):
             plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep)
+
+
+def test_zero_plus_plus_quantization_on_cuda_needs_the_quantizer_op(monkeypatch, gpu_without_toolkit):
+    """qwZ/qgZ on CUDA compile DeepSpeed's quantizer at start: refused in one line without a toolkit, accepted with one
+    or with the op prebuilt (on the CPU they are refused outright: tests/pretrain/test_errors.py)."""
+    from pretrain.ds_config import check_device_features
+
+    config, path = shipped("zero3.json")
+    qgz = {**config, "zero_optimization": {**config["zero_optimization"], "zero_quantized_gradients": True}}
+    check_device_features(config, path, "cuda")
+    refusal = f"ZeRO++ qgZ) needs DeepSpeed's quantizer op, compiled at start, which it cannot do here ({NO_TOOLKIT})"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        check_device_features(qgz, path, "cuda")
+    monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: name == "quantizer")
+    check_device_features(qgz, path, "cuda")
+    monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: False)
+    monkeypatch.setattr(deepspeed_compat, "cuda_toolkit_problem", lambda: None)
+    check_device_features(qgz, path, "cuda")

@@ -172,6 +172,23 @@ CASES = {
         lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--extend_schedule"], 1),
         "--extend_schedule stretches a resumed run's learning-rate schedule; pass it with --resume",
     ),
+    "zero++ qwz on the cpu": (
+        lambda t: (ds_with(t, zero_optimization={"stage": 3, "zero_quantized_weights": True}), MODELS / "tiny-gpt.json", [], 1),
+        "zero_optimization.zero_quantized_weights (ZeRO++ qwZ) quantizes with DeepSpeed's CUDA kernels, which the cpu does not have",
+    ),
+    "zero++ qgz on the cpu": (
+        lambda t: (ds_with(t, zero_optimization={"stage": 3, "zero_quantized_gradients": True}), MODELS / "tiny-gpt.json", [], 1),
+        "zero_optimization.zero_quantized_gradients (ZeRO++ qgZ) quantizes with DeepSpeed's CUDA kernels",
+    ),
+    "data efficiency and random-ltd": (
+        lambda t: (
+            ds_with(t, data_efficiency={"enabled": True, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}}),
+            MODELS / "tiny-gpt.json",
+            [],
+            1,
+        ),
+        "data_efficiency (DeepSpeed's curriculum data sampling and random-LTD) works only with DeepSpeed's own data loader",
+    ),
     "missing second blend corpus": (
         lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, t / "none.txt"], 1),
         "none.txt does not exist",

@@ -118,3 +118,19 @@ def test_zero3_trains_as_zero0(tmp_path):
     gaps = [abs(losses["zero0.json"][s] - losses["zero3.json"][s]) / abs(losses["zero0.json"][s]) for s in range(1, STEPS + 1)]
     print("zero0 vs zero3 relative gaps per step", gaps)
     assert max(gaps) < RTOL, f"relative gaps per step {gaps}"
+
+
+def test_hpz_keeps_a_half_partition_per_pair_of_ranks_and_trains_as_zero3(tmp_path):
+    """ZeRO++ hpZ (ds_configs/zero3_hpz.json, zero_hpz_partition_size 2) on 4 ranks: each rank holds its quarter
+    of every tensor and, for the all-gathers within its pair, a second partition of half of it; the losses are
+    plain ZeRO-3's (hpZ moves where the gathers come from, not the arithmetic). On 2 ranks it would degenerate."""
+    built, _ = built_weights(tmp_path, [str(a) for a in train_args(tmp_path, "zero3_hpz.json", "tiny-gpt.json", 1)], world=4)
+    for held in built["held"]:
+        assert held["full"] / 4 <= held["values"] <= held["full"] / 4 + 3 * held["tensors"], held
+        assert held["full"] / 2 <= held["secondary"] <= held["full"] / 2 + held["tensors"], held
+    losses = {}
+    for config in ("zero3.json", "zero3_hpz.json"):
+        run = tmp_path / config
+        run_ranks(train_args(tmp_path, config, "tiny-gpt.json", 4, save_dir=run), 4, tmp_path / f"logs-{config}")
+        losses[config] = read_metrics(run)
+    assert len(losses["zero3.json"]) == 4 and losses["zero3_hpz.json"] == pytest.approx(losses["zero3.json"], rel=1e-6)
