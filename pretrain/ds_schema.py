@@ -276,9 +276,11 @@ def _check_with_model(value, model, key_path, where):
             if parent is not None:
                 candidates = set(parent.model_fields) | {f.alias for f in parent.model_fields.values() if f.alias}
             raise _unknown_key(where, full, loc[-1], candidates) from None
-        got = f", got {_shown(error['input'])}" if "input" in error and not isinstance(error["input"], dict) else ""
-        # "Value error, " is pydantic's prefix for a validator's own message, which already says it all.
-        message = error["msg"].removeprefix("Value error, ").splitlines()[0]
+        # A section's own validator gets the section (a dict, or the model built from it): not worth printing whole.
+        got = f", got {_shown(error['input'])}" if "input" in error and not isinstance(error["input"], (dict, BaseModel)) else ""
+        # "Value error, " and "Assertion failed, " are pydantic's prefixes for a validator's own message, which
+        # already says it all.
+        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ").splitlines()[0]
         raise ConfigError(f"{where}: {full}: {message}{got}") from None
     except (ValueError, TypeError, AssertionError) as e:  # a validator that raises instead of reporting
         raise ConfigError(f"{where}: {key_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -180,6 +180,11 @@ CASES = {
         lambda t: (ds_with(t, zero_optimization={"stage": 3, "zero_quantized_gradients": True}), MODELS / "tiny-gpt.json", [], 1),
         "zero_optimization.zero_quantized_gradients (ZeRO++ qgZ) quantizes with DeepSpeed's CUDA kernels",
     ),
+    "twin-flow below zero-3": (
+        lambda t: (ds_with(t, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}), MODELS / "tiny-gpt.json", [], 1),
+        # DeepSpeed's own config model refuses it (pretrain/ds_schema.py reports its validator's line)
+        "zero_optimization: Partial offloading only supported for ZeRO Stage 3.",
+    ),
     "data efficiency and random-ltd": (
         lambda t: (
             ds_with(t, data_efficiency={"enabled": True, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}}),

@@ -134,3 +134,20 @@ def test_hpz_keeps_a_half_partition_per_pair_of_ranks_and_trains_as_zero3(tmp_pa
         run_ranks(train_args(tmp_path, config, "tiny-gpt.json", 4, save_dir=run), 4, tmp_path / f"logs-{config}")
         losses[config] = read_metrics(run)
     assert len(losses["zero3.json"]) == 4 and losses["zero3_hpz.json"] == pytest.approx(losses["zero3.json"], rel=1e-6)
+
+
+def test_twin_flow_partial_offload_trains_as_full_offload(tmp_path):
+    """ZeRO-Offload++ twin-flow (ds_configs/zero3_twinflow.json, offload_optimizer.ratio 0.3): DeepSpeed keeps the
+    first 70% of each rank's optimizer sub-groups on the accelerator and steps the rest with its CPU Adam. On the CPU
+    both halves are on the CPU, so it degenerates, but it is accepted and trains as full offload does, here with
+    sub-groups small enough (20000 values) that each rank has several."""
+    twin_flow = json.loads((REPO / "ds_configs" / "zero3_twinflow.json").read_text())
+    assert twin_flow["zero_optimization"]["offload_optimizer"]["ratio"] < 1
+    twin_flow["zero_optimization"]["sub_group_size"] = 20000
+    (tmp_path / "twin_flow.json").write_text(json.dumps(twin_flow))
+    losses = {}
+    for config in ("zero3_offload.json", tmp_path / "twin_flow.json"):
+        run = tmp_path / f"run-{Path(config).stem}"
+        run_ranks(train_args(tmp_path, config, "tiny-gpt.json", 4, save_dir=run), 2, tmp_path / f"logs-{Path(config).stem}")
+        losses[Path(config).stem] = read_metrics(run)
+    assert len(losses["zero3_offload"]) == 4 and losses["twin_flow"] == pytest.approx(losses["zero3_offload"], rel=1e-6)
