@@ -184,6 +184,8 @@ class Watchdog:
                     self.end(failure)
                 beat = self.store.get(key) if self.store.check([key]) else None
             except Exception as e:  # the store's process has ended (a broken connection, not a slow one)
+                if self._posted:  # this rank is ending by its own exception, which it posted: rank 0 read it and went
+                    return
                 self.end(
                     f"lost the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
                     f"{os.environ.get('MASTER_PORT')}, served by rank 0's process or the launcher): "
@@ -203,7 +205,7 @@ class Watchdog:
     def _watch_store(self):
         while not self._stopped.wait(self.interval):
             silent = time.monotonic() - self.last_store_answer
-            if silent > self.timeout + self.interval:
+            if silent > self.timeout + self.interval and not self._posted:
                 self.end(
                     f"the rendezvous store (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, port "
                     f"{os.environ.get('MASTER_PORT')}, in rank 0's process or the launcher's) has not answered for "
