@@ -240,7 +240,8 @@ def with_loop_experts(layer):
 
     twin = copy.deepcopy(layer)
     config = layer.config
-    loop = Experts(LoopExpert(config.d_model, config.d_ff), config.num_experts, twin.moe.expert_group_name).to(layer.local_experts().fc_weight.dtype)
+    n_local = layer.local_experts().num_local_experts
+    loop = Experts(LoopExpert(config.d_model, config.d_ff), n_local, twin.moe.expert_group_name).to(layer.local_experts().fc_weight.dtype)
     replace_experts(twin.moe, loop)
     twin.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.endswith("." + GroupedExperts.STACKED_KEY)}, strict=True)
     return twin
@@ -322,3 +323,15 @@ def test_grouped_experts_refuse_a_state_dict_that_does_not_fit():
     wrong = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.0.fc.weight": torch.zeros(4, 8)}
     with pytest.raises(RuntimeError, match="size mismatch for .*deepspeed_experts.0.fc.weight"):
         layer.load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_grouped_experts_equal_the_loop_on_two_ranks(tmp_path, ep_size):
+    """On 2 real ranks, through DeepSpeed's all-to-all at EP 2 (each rank holds 2 of the 4 experts and computes
+    the other rank's tokens routed to them), and without it at EP 1: outputs and gradients equal the loop's."""
+    from tests.distributed import REPO, start_ranks, wait_ranks
+
+    results = wait_ranks(start_ranks([ep_size], 2, tmp_path, script=REPO / "tests" / "models" / "grouped_experts_ranks.py"), tmp_path)
+    n_local = 4 // ep_size
+    assert all(r.returncode == 0 for r in results), results[0].output[-3000:] + results[1].output[-3000:]
+    assert all(f"rank {r.rank}: {n_local} local experts of 4 match the loop" in r.output for r in results)
