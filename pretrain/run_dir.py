@@ -417,8 +417,9 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
 def check_experts_stacked(save_dir, model_config):
     """Refuse to resume a model with experts from a checkpoint saved before its experts were stacked
     (models/switch.py GroupedExperts): its weights load, but DeepSpeed's optimizer state there is per expert
-    parameter and would not fit the stacked ones (ZeRO 1-2 would even load its flat partitions, silently in
-    another order). Such a checkpoint's expert files lack GroupedExperts.STACKED_KEY."""
+    parameter and does not fit the stacked ones (DeepSpeed stops with a traceback mid-load: torch's "different
+    number of parameter groups" under ZeRO-0, a parameter-alignment layout mismatch under ZeRO-2). Such a
+    checkpoint's expert files lack GroupedExperts.STACKED_KEY."""
     from models.switch import GroupedExperts
 
     tags = complete_tags(save_dir)
