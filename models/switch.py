@@ -1,7 +1,8 @@
 """Switch Transformer LM: the GPT of models/gpt.py with chosen FFNs replaced by top-1 expert layers.
 
 The expert layer is DeepSpeed's ``deepspeed.moe.layer.MoE`` (k=1), so experts are sharded over
-expert-parallel ranks and tokens travel by all-to-all. What the Switch paper adds on top lives here:
+expert-parallel ranks and tokens travel by all-to-all; only its per-expert loop is replaced, by
+GroupedExperts (a layer's local experts stacked, computed as one batched matmul). What the Switch paper adds on top lives here:
 the capacity factors, the load-balancing loss coefficient, router z-loss, expert dropout, the
 reduced init (init_scale 0.1 in the presets) and each expert initialized on its own.
 DeepSpeed's gate already computes the router in float32 whatever the model's dtype
@@ -75,19 +76,84 @@ class SwitchConfig(SwitchSettings, GPTConfig):
         return list(range(1, self.n_layers, 2)) if self.moe_layers is None else list(self.moe_layers)
 
 
-class Expert(nn.Module):
-    """One expert's FFN; its dropout (expert dropout) is separate from the rest of the model's."""
+class GroupedExperts(nn.Module):
+    """A layer's local experts (each fc d_model->d_ff, GELU, expert dropout, proj d_ff->d_model) held as stacked
+    weights and computed as one batched matmul per projection.
 
-    own_init = True  # SwitchFFN.init_experts draws each expert's weights
+    It replaces DeepSpeed's ``Experts``, a Python loop over deep copies of one expert module: at Switch's
+    expert counts the loop's per-expert matmuls, and the optimizer's, ZeRO's and clipping's work per parameter
+    (4 per expert there, 4 per layer here), cost more time than the experts' FLOPs are worth. It takes the
+    capacity-padded buffer DeepSpeed's MOELayer dispatches to it, [ep, E_local, capacity, d_model], whose rows
+    are the slots of each local expert from each expert-parallel rank, so DeepSpeed's gate, all-to-all and
+    combine are unchanged; empty slots are computed and discarded, as in DeepSpeed's loop.
 
-    def __init__(self, d_model, d_ff, dropout):
+    Its state_dict holds each expert under DeepSpeed's keys (``deepspeed_experts.<local index>.fc.weight``...),
+    slices of the stacked tensors, so DeepSpeed's engine still writes one file per global expert and reads them
+    back, and checkpoints saved with DeepSpeed's ``Experts`` load. Each expert also carries STACKED_KEY: a
+    checkpoint without it was saved by the loop, whose optimizer state (per expert parameter) does not fit
+    these parameters (pretrain/run_dir.py refuses to resume it)."""
+
+    # On-disk name of each expert's tensor (DeepSpeed's Experts: the Linear modules' keys) -> stacked parameter.
+    EXPERT_TENSORS = {"fc.weight": "fc_weight", "fc.bias": "fc_bias", "proj.weight": "proj_weight", "proj.bias": "proj_bias"}
+    STACKED_KEY = "stacked"
+
+    def __init__(self, num_local_experts, d_model, d_ff, dropout):
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
+        self.num_local_experts = num_local_experts
+        # Uninitialized: SwitchFFN.init_experts draws every expert (nothing else initializes these). The weights
+        # are stored [in, out], the transpose of nn.Linear's, so that baddbmm reads them without a transpose:
+        # measured the fastest of the batched forms on the CPU (README, "Switch layer").
+        self.fc_weight = nn.Parameter(torch.empty(num_local_experts, d_model, d_ff))
+        self.fc_bias = nn.Parameter(torch.empty(num_local_experts, d_ff))
+        self.proj_weight = nn.Parameter(torch.empty(num_local_experts, d_ff, d_model))
+        self.proj_bias = nn.Parameter(torch.empty(num_local_experts, d_model))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        return self.proj(self.dropout(F.gelu(self.fc(x))))
+    def expert(self, i):
+        """Local expert ``i``'s tensors by their on-disk name, shaped as nn.Linear's: views into the stacked
+        parameters (the weights transposed ones)."""
+        return {
+            name: getattr(self, stacked)[i].mT if name.endswith("weight") else getattr(self, stacked)[i]
+            for name, stacked in self.EXPERT_TENSORS.items()
+        }
+
+    def params_per_expert(self):
+        return sum(p.numel() for p in self.parameters()) // self.num_local_experts
+
+    def forward(self, dispatched):
+        """dispatched [ep, E_local, capacity, d_model] -> the same shape, expert e applied to [:, e]."""
+        ep, n_local, capacity, d_model = dispatched.shape
+        x = dispatched.transpose(0, 1).reshape(n_local, ep * capacity, d_model)
+        h = self.dropout(F.gelu(torch.baddbmm(self.fc_bias.unsqueeze(1), x, self.fc_weight)))
+        out = torch.baddbmm(self.proj_bias.unsqueeze(1), h, self.proj_weight)
+        return out.reshape(n_local, ep, capacity, d_model).transpose(0, 1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Copies, contiguous as nn.Linear's tensors: views would share the stacked storage, which torch.save
+        # writes whole with each and safetensors refuses (eval/export_hf.py).
+        for i in range(self.num_local_experts):
+            key = f"{prefix}deepspeed_experts.{i}."
+            for name, tensor in self.expert(i).items():
+                destination[key + name] = tensor if keep_vars else tensor.detach().clone(memory_format=torch.contiguous_format)
+            destination[key + self.STACKED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        expected = set()
+        for i in range(self.num_local_experts):
+            key = f"{prefix}deepspeed_experts.{i}."
+            expected.add(key + self.STACKED_KEY)  # optional: checkpoints of DeepSpeed's Experts lack it
+            for name, target in self.expert(i).items():
+                expected.add(key + name)
+                if key + name not in state_dict:
+                    missing_keys.append(key + name)
+                elif state_dict[key + name].shape != target.shape:
+                    error_msgs.append(
+                        f"size mismatch for {key + name}: checkpoint {tuple(state_dict[key + name].shape)}, model {tuple(target.shape)}"
+                    )
+                else:
+                    with torch.no_grad():
+                        target.copy_(state_dict[key + name])
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
 
 
 class SwitchFFN(nn.Module):
@@ -95,9 +161,11 @@ class SwitchFFN(nn.Module):
         super().__init__()
         self.config = config
         expert_dropout = config.dropout if config.expert_dropout is None else config.expert_dropout
+        # DeepSpeed's MoE deep-copies ``expert`` into its per-expert loop; an Identity (no weights) stands in
+        # there until GroupedExperts replaces the loop.
         self.moe = MoE(
             hidden_size=config.d_model,
-            expert=Expert(config.d_model, config.d_ff, expert_dropout),
+            expert=nn.Identity(),
             num_experts=config.num_experts,
             ep_size=config.expert_parallel_size,
             k=1,
@@ -107,13 +175,18 @@ class SwitchFFN(nn.Module):
             drop_tokens=True,
             use_rts=False,  # Switch drops the overflow; random token selection would make runs depend on RNG
         )
+        n_local = config.num_experts // config.expert_parallel_size
+        experts = GroupedExperts(n_local, config.d_model, config.d_ff, expert_dropout)
+        deepspeed_compat.replace_experts(self.moe, experts)
         self.layer_idx = layer_idx
 
     def local_experts(self):
+        """This rank's experts: one GroupedExperts."""
         return deepspeed_compat.local_experts(self.moe)
 
     def init_experts(self, seed):
-        """DeepSpeed deep-copies one expert, so every expert starts identical: give each its own draw.
+        """Each expert its own draw, as when each was a module of its own (DeepSpeed's deep copies of one
+        expert): the same weights as checkpoints from then.
 
         Expert parallel groups are contiguous ranks, so this rank holds global experts
         ep_rank * n_local ... ; seeding by the global index makes the weights the same
@@ -122,12 +195,19 @@ class SwitchFFN(nn.Module):
         ep_size = self.config.expert_parallel_size
         ep_rank = dist.get_rank() % ep_size if dist.is_initialized() else 0
         n_local = self.config.num_experts // ep_size
-        for i, expert in enumerate(self.local_experts()):
+        experts = self.local_experts()
+        for i in range(n_local):
             global_idx = ep_rank * n_local + i
             gen = torch.Generator().manual_seed(seed * 1_000_003 + self.layer_idx * 10_007 + global_idx)
-            for module in (expert.fc, expert.proj):
-                init_linear_(module.weight, self.config.init_scale, generator=gen)
-                nn.init.zeros_(module.bias)
+            expert = experts.expert(i)
+            for layer in ("fc", "proj"):
+                # Drawn into an nn.Linear-shaped tensor: the random fill of a transposed view would follow its
+                # memory order, and the draws would not be the ones each expert had as a module.
+                weight = torch.empty(expert[f"{layer}.weight"].shape)
+                init_linear_(weight, self.config.init_scale, generator=gen)
+                with torch.no_grad():
+                    expert[f"{layer}.weight"].copy_(weight)
+                    expert[f"{layer}.bias"].zero_()
 
     def forward(self, x, used_token=None):
         """x (B, T, C); used_token (B, T) True/1 at real tokens, 0 at padding (None: every token is real).
@@ -194,6 +274,6 @@ class SwitchLM(GPT):
 
     def param_counts(self):
         here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
-        per_expert = [sum(p.numel() for p in b.ffn.local_experts()[0].parameters()) for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
+        per_expert = [b.ffn.local_experts().params_per_expert() for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
         shared = here - sum(n * (self.config.num_experts // self.config.expert_parallel_size) for n in per_expert)
         return shared + self.config.num_experts * sum(per_expert), shared + sum(per_expert)  # k=1: one expert active

@@ -300,6 +300,6 @@ class SwitchTransformer(Transformer):
 
     def param_counts(self):
         here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
-        per_expert = [sum(p.numel() for p in ffn.local_experts()[0].parameters()) for ffn in self.switch_layers()]
+        per_expert = [ffn.local_experts().params_per_expert() for ffn in self.switch_layers()]
         shared = here - sum(n * (self.config.num_experts // self.config.expert_parallel_size) for n in per_expert)
         return shared + self.config.num_experts * sum(per_expert), shared + sum(per_expert)  # k=1: one expert active

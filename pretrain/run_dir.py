@@ -379,6 +379,7 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
     and expert-parallel sizes are pretrain.ds_config.plan_resume's."""
     from models.registry import resume_differences
 
+    check_experts_stacked(save_dir, model_config)
     recorded = read_run_config(save_dir)
     if recorded is None:  # a checkpoint copied in without its record: nothing to compare against
         return None
@@ -411,6 +412,25 @@ def check_resume_compatible(save_dir, model_config, ds_config, tokenizers):
         changed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in settings)
         return f"notice: resuming with changed training settings: {changed}"
     return None
+
+
+def check_experts_stacked(save_dir, model_config):
+    """Refuse to resume a model with experts from a checkpoint saved before its experts were stacked
+    (models/switch.py GroupedExperts): its weights load, but DeepSpeed's optimizer state there is per expert
+    parameter and does not fit the stacked ones (DeepSpeed stops with a traceback mid-load: torch's "different
+    number of parameter groups" under ZeRO-0, a parameter-alignment layout mismatch under ZeRO-2). Such a
+    checkpoint's expert files lack GroupedExperts.STACKED_KEY."""
+    from models.switch import GroupedExperts
+
+    tags = complete_tags(save_dir)
+    if not family_of(model_config).experts or not tags:
+        return
+    path = deepspeed_compat.expert_checkpoint_path(save_dir, 0, 0, tags[0])  # every expert file is alike
+    if os.path.isfile(path) and not any(key.endswith("." + GroupedExperts.STACKED_KEY) for key in safe_load(path, map_location="cpu")):
+        raise ConfigError(
+            f"--resume: {os.path.join(save_dir, tags[0])} was saved before Switchyard stacked each layer's experts, "
+            f"and its optimizer state does not fit them; evaluate or export it as it is, or train a new run in another --save_dir"
+        )
 
 
 # Reading a run's checkpoints back. Whatever layout a run was trained in, the model comes back as the module

@@ -51,7 +51,15 @@ ZeRO-3 (pretrain/main.py, bench/zero_memory.py)
   full_shape, full_numel, local_numel
                                 the ``ds_shape``, ``ds_numel`` and ``ds_tensor`` attributes of a partitioned parameter
 Models (models/switch.py, models/gpt.py)
-  local_experts                 ``MoE.deepspeed_moe.experts.deepspeed_experts`` (also the state_dict keys of experts)
+  replace_experts               ``MoE.deepspeed_moe.experts`` (``MOELayer`` calls it on the [ep, E_local, capacity,
+                                d_model] buffer after its first all-to-all, and its output goes through the second);
+                                DeepSpeed's expert tagging, ``param.allreduce = False`` and ``param.group_name``
+                                (``moe.experts.Experts``): ``moe.utils.is_moe_param``, ZeRO 1-2, the bf16 optimizer
+                                and the engine's gradient reduction use them to reduce experts over the
+                                expert-data-parallel group ``group_name`` names
+  local_experts                 ``MoE.deepspeed_moe.experts``; the engine saves and loads expert files by matching
+                                ``.deepspeed_moe.experts.deepspeed_experts.<local index>`` in state_dict keys
+                                (``_save_moe_checkpoint``, ``load_moe_state_dict``)
   gate_weight                   ``MoE.deepspeed_moe.gate.wg.weight`` (``TopKGate``'s router)
   stage_layers                  ``PipelineModule._local_start`` and ``.forward_funcs``
   tied_modules                  ``PipelineModule.tied_modules``
@@ -325,9 +333,20 @@ def local_numel(param):
 # Models ----------------------------------------------------------------------------------------------------
 
 
+def replace_experts(moe_layer, experts):
+    """Make ``experts`` the module a ``deepspeed.moe.layer.MoE`` computes its local experts with, its parameters
+    tagged as DeepSpeed's own ``Experts`` tags them, so that the engine and ZeRO reduce their gradients over the
+    layer's expert-data-parallel group instead of all ranks. Its state_dict keys must name each expert as
+    ``deepspeed_experts.<local index>.*`` (the engine's expert files are found by that)."""
+    for param in experts.parameters():
+        param.allreduce = False
+        param.group_name = moe_layer.expert_group_name
+    moe_layer.deepspeed_moe.experts = experts
+
+
 def local_experts(moe_layer):
-    """The experts a ``deepspeed.moe.layer.MoE`` holds on this rank (an nn.ModuleList, local index order)."""
-    return moe_layer.deepspeed_moe.experts.deepspeed_experts
+    """The module that computes the experts a ``deepspeed.moe.layer.MoE`` holds on this rank."""
+    return moe_layer.deepspeed_moe.experts
 
 
 def gate_weight(moe_layer):

@@ -1,6 +1,7 @@
 """Switch layer: routing, capacity and dropped tokens against a hand-computed case; the paper's
 details (distinct expert init, aux loss reaching the router, fp32 router, z-loss)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from models import config_from_dict, config_to_dict
-from models.switch import SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
+from models.switch import GroupedExperts, SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
 from switchyard.deepspeed_compat import gate_weight
 from switchyard.errors import ConfigError
 
@@ -29,6 +30,12 @@ def switch_config(**over):
         "min_capacity": 0,
     }
     return config_from_dict({**base, **over})
+
+
+def expert_ffn(expert, x):
+    """What one expert computes, from its tensors by their on-disk names (nn.Linear's layout), in eval mode."""
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(x, expert["fc.weight"], expert["fc.bias"]))
+    return torch.nn.functional.linear(h, expert["proj.weight"], expert["proj.bias"])
 
 
 def routed_layer(**over):
@@ -55,7 +62,7 @@ def test_routing_capacity_and_dropped_tokens_match_hand_computation():
     logits = TOKENS[0, :, :2]
     gates = torch.softmax(logits, dim=-1)
     experts = layer.local_experts()
-    expected = [gates[i, e] * experts[e](TOKENS[0, i]) for i, e in enumerate([0, 0, 0, 0, 1, 1])]
+    expected = [gates[i, e] * expert_ffn(experts.expert(e), TOKENS[0, i]) for i, e in enumerate([0, 0, 0, 0, 1, 1])]
     zero_rows = [i for i in range(6) if torch.all(out[0, i] == 0)]
     assert len(zero_rows) == 1 and zero_rows[0] < 4  # exactly one expert-0 token over capacity, output 0
     for i in range(6):
@@ -84,10 +91,11 @@ def test_experts_start_different_and_seed_by_global_index():
     torch.manual_seed(0)
     layer = SwitchFFN(switch_config(num_experts=4), layer_idx=1)
     layer.init_experts(seed=7)
-    weights = [e.fc.weight.clone() for e in layer.local_experts()]
+    experts = layer.local_experts()
+    weights = [experts.expert(e)["fc.weight"].clone() for e in range(4)]
     assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
     layer.init_experts(seed=7)
-    assert all(torch.equal(w, e.fc.weight) for w, e in zip(weights, layer.local_experts()))
+    assert all(torch.equal(w, experts.expert(e)["fc.weight"]) for e, w in enumerate(weights))
 
 
 def test_switch_init_is_reduced_scale():
@@ -135,7 +143,7 @@ def test_param_counts_total_and_active():
     torch.manual_seed(0)
     model = SwitchLM(switch_config(num_experts=4))
     total, active = model.param_counts()
-    per_expert = sum(p.numel() for p in model.blocks[1].ffn.local_experts()[0].parameters())
+    per_expert = 2 * 4 * 8 + 8 + 4  # fc and proj weights, their biases (d_model 4, d_ff 8)
     assert total == sum(p.numel() for p in model.parameters())
     assert total - active == 3 * per_expert
 
@@ -144,8 +152,7 @@ def test_expert_dropout_acts_inside_experts_only():
     torch.manual_seed(0)
     config = switch_config(dropout=0.0, expert_dropout=0.5)
     model = SwitchLM(config)
-    expert = model.blocks[1].ffn.local_experts()[0]
-    assert expert.dropout.p == 0.5
+    assert model.blocks[1].ffn.local_experts().dropout.p == 0.5
     assert all(m.p == 0.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "experts" not in n)
     x = torch.randn(1, 6, 4)
     model.blocks[1].ffn.train()
@@ -209,3 +216,122 @@ def test_switch_fields_are_declared_once_and_saved_configs_load(family):
         config_from_dict(saved)
     del saved["expert_parallel_size"]  # what pretrain/run_dir.py's loader drops
     assert config_from_dict(saved) == config
+
+
+class LoopExpert(torch.nn.Module):
+    """One expert as a module of its own, as SwitchFFN built them for DeepSpeed's Experts loop before
+    GroupedExperts: its state_dict keys are the ones checkpoints hold."""
+
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.fc = torch.nn.Linear(d_model, d_ff)
+        self.proj = torch.nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.gelu(self.fc(x)))
+
+
+def with_loop_experts(layer):
+    """A copy of SwitchFFN ``layer`` whose experts are DeepSpeed's per-expert loop, loaded from ``layer``'s
+    state_dict without the stacked marker: the old module structure and its checkpoint keys."""
+    from deepspeed.moe.experts import Experts
+
+    from switchyard.deepspeed_compat import replace_experts
+
+    twin = copy.deepcopy(layer)
+    config = layer.config
+    n_local = layer.local_experts().num_local_experts
+    loop = Experts(LoopExpert(config.d_model, config.d_ff), n_local, twin.moe.expert_group_name).to(layer.local_experts().fc_weight.dtype)
+    replace_experts(twin.moe, loop)
+    twin.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.endswith("." + GroupedExperts.STACKED_KEY)}, strict=True)
+    return twin
+
+
+# fp32: the same products summed by other kernels (baddbmm against addmm), so equal to float32 rounding.
+# bf16: each kernel rounds its fp32 accumulation to bf16 (8 bits), so results may differ by a few bf16 ulps
+# (2^-8 relative each); gradients summed over tokens carry a few such roundings.
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-6, atol=2**-6)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_per_expert_loop(dtype):
+    """Outputs and every gradient (router, each expert's weights; 4 experts of which expert 3 receives no
+    token, and padding that routes nowhere) equal those of DeepSpeed's loop over one module per expert."""
+    torch.manual_seed(0)
+    layer = SwitchFFN(switch_config(num_experts=4, d_model=8, d_ff=16, n_heads=2, capacity_factor=1.25, min_capacity=2), layer_idx=1)
+    layer.init_experts(seed=3)
+    with torch.no_grad():
+        gate_weight(layer.moe)[:, 7] = 0.0
+        gate_weight(layer.moe)[3, 7] = -100.0  # feature 7 is 1 at every token: expert 3's logit is far below
+    layer = layer.to(dtype)
+    twin = with_loop_experts(layer)
+    x = torch.randn(2, 12, 8, dtype=dtype)
+    x[..., 7] = 1.0
+    used = torch.ones(2, 12, dtype=torch.bool)
+    used[1, 9:] = False
+    outputs = []
+    for module in (layer, twin):
+        xx = x.clone().requires_grad_()
+        out, aux, stats = module(xx, used)
+        (out.float().square().sum() + aux).backward()
+        outputs.append((out, xx.grad, stats))
+    (out, x_grad, stats), (loop_out, loop_x_grad, loop_stats) = outputs
+    assert float(stats["expert_fraction"][3]) == 0.0
+    torch.testing.assert_close(out, loop_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(x_grad, loop_x_grad, **TOLERANCES[dtype])
+    torch.testing.assert_close(gate_weight(layer.moe).grad, gate_weight(twin.moe).grad, **TOLERANCES[dtype])
+    grads = {name: p.grad for name, p in layer.local_experts().named_parameters()}
+    for e, expert in enumerate(twin.local_experts().deepspeed_experts):
+        for name, stacked in GroupedExperts.EXPERT_TENSORS.items():
+            grad = grads[stacked][e].mT if name.endswith("weight") else grads[stacked][e]
+            torch.testing.assert_close(grad, expert.get_parameter(name).grad, **TOLERANCES[dtype])
+    assert all(torch.all(expert_grad[3] == 0) for expert_grad in grads.values())  # expert 3 had no token
+
+
+def test_checkpoint_of_the_per_expert_modules_loads_into_grouped_experts():
+    """A state_dict with the old module structure's keys (DeepSpeed's Experts: deepspeed_experts.E.fc.weight...)
+    loads each expert into its slice; a state_dict of GroupedExperts has those keys too, plus the marker."""
+    torch.manual_seed(0)
+    old = with_loop_experts(SwitchFFN(switch_config(num_experts=4), layer_idx=1))
+    with torch.no_grad():
+        for p in old.local_experts().parameters():
+            p.normal_()  # weights the new layer could not have by chance
+    saved = old.state_dict()
+    assert not any(k.endswith(GroupedExperts.STACKED_KEY) for k in saved)
+    torch.manual_seed(1)
+    new = SwitchFFN(switch_config(num_experts=4), layer_idx=1)
+    new.load_state_dict(saved, strict=True)
+    for e, expert in enumerate(old.local_experts().deepspeed_experts):
+        for name, tensor in new.local_experts().expert(e).items():
+            assert torch.equal(tensor, expert.get_parameter(name))
+    x = torch.randn(1, 6, 4)
+    torch.testing.assert_close(new(x)[0], old(x)[0], **TOLERANCES[torch.float32])
+    state = new.state_dict()
+    assert all(f"moe.deepspeed_moe.experts.deepspeed_experts.{e}.{GroupedExperts.STACKED_KEY}" in state for e in range(4))
+    assert set(saved) == {k for k in state if not k.endswith(GroupedExperts.STACKED_KEY)}
+
+
+def test_grouped_experts_refuse_a_state_dict_that_does_not_fit():
+    layer = SwitchFFN(switch_config(num_experts=2), layer_idx=1)
+    state = layer.state_dict()
+    extra = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.2.fc.weight": torch.zeros(8, 4)}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        layer.load_state_dict(extra)
+    missing = {k: v for k, v in state.items() if "deepspeed_experts.1.proj.bias" not in k}
+    with pytest.raises(RuntimeError, match="Missing key.*deepspeed_experts.1.proj.bias"):
+        layer.load_state_dict(missing)
+    wrong = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.0.fc.weight": torch.zeros(4, 8)}
+    with pytest.raises(RuntimeError, match="size mismatch for .*deepspeed_experts.0.fc.weight"):
+        layer.load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_grouped_experts_equal_the_loop_on_two_ranks(tmp_path, ep_size):
+    """On 2 real ranks, through DeepSpeed's all-to-all at EP 2 (each rank holds 2 of the 4 experts and computes
+    the other rank's tokens routed to them), and without it at EP 1: outputs and gradients equal the loop's."""
+    from tests.distributed import REPO, start_ranks, wait_ranks
+
+    results = wait_ranks(start_ranks([ep_size], 2, tmp_path, script=REPO / "tests" / "models" / "grouped_experts_ranks.py"), tmp_path)
+    n_local = 4 // ep_size
+    assert all(r.returncode == 0 for r in results), results[0].output[-3000:] + results[1].output[-3000:]
+    assert all(f"rank {r.rank}: {n_local} local experts of 4 match the loop" in r.output for r in results)

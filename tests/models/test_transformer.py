@@ -139,7 +139,7 @@ def test_switch_transformer_has_experts_in_encoder_and_decoder():
 def test_switch_transformer_counts_one_expert_as_active():
     model = tiny("switch-transformer", num_experts=4)
     total, active = model.param_counts()
-    per_expert = sum(sum(p.numel() for p in ffn.local_experts()[0].parameters()) for ffn in model.switch_layers())
+    per_expert = sum(ffn.local_experts().params_per_expert() for ffn in model.switch_layers())
     assert total - active == 3 * per_expert
     dense_ffn = sum(p.numel() for p in tiny().encoder[1].ffn.parameters())
     assert per_expert == 2 * dense_ffn  # one encoder and one decoder Switch layer of the dense shape
@@ -147,7 +147,8 @@ def test_switch_transformer_counts_one_expert_as_active():
 
 def test_experts_start_different():
     model = tiny("switch-transformer", num_experts=4)
-    weights = [e.fc.weight for e in model.switch_layers()[0].local_experts()]
+    experts = model.switch_layers()[0].local_experts()
+    weights = [experts.expert(e)["fc.weight"] for e in range(experts.num_local_experts)]
     assert not torch.equal(weights[0], weights[1])
 
 

@@ -1,5 +1,6 @@
 """Faults: stop signals, kills at random moments (also while saving), damaged checkpoints, NaN steps."""
 
+import json
 import os
 import random
 import shutil
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from pretrain.run_dir import checkpoint_state_dict, recorded_model_config, require_run_config
+from pretrain.run_dir import checkpoint_state_dict, load_model, recorded_model_config, require_run_config, sha256
 from tests.distributed import REPO, read_metrics, run_ranks, start_ranks, stop_ranks, train_args, wait_ranks
 
 HERE = REPO / "tests" / "pretrain"
@@ -191,6 +192,35 @@ def test_switch_run_at_another_data_parallel_size_is_refused(tmp_path, ds_config
     errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "saved with 2 data-parallel ranks and expert-parallel size 1, and this launch has 1 and 1" in errors[0]
     assert "Traceback" not in results[0].output
+
+
+def test_switch_checkpoint_from_before_stacked_experts_is_refused_for_resume_and_still_evaluates(tmp_path):
+    """A checkpoint whose expert files lack GroupedExperts' marker was saved by DeepSpeed's per-expert loop: same
+    files and keys, but an optimizer state per expert parameter. Resuming it is refused in one line; its weights
+    still load for evaluation."""
+    from models.switch import GroupedExperts
+
+    run = tmp_path / "run"
+    run_ranks(train_args(tmp_path, "zero0.json", "tiny-switch.json", 2, save_dir=run), 1, tmp_path / "l1")
+    files = sorted((run / "global_step2").glob("layer_*_expert_*_model_states.pt"))
+    assert len(files) == 4
+    for path in files:  # what the per-expert loop saved: the same keys without the marker
+        state = torch.load(path, weights_only=True)
+        torch.save({k: v for k, v in state.items() if not k.endswith("." + GroupedExperts.STACKED_KEY)}, path)
+    manifest_path = run / "global_step2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for path in files:  # the manifest the old run wrote with them
+        manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    manifest_path.write_text(json.dumps(manifest))
+    results = run_ranks(train_args(tmp_path, "zero0.json", "tiny-switch.json", 4, "--resume", save_dir=run), 1, tmp_path / "l2", check=False)
+    assert results[0].returncode == 2, results[0].output[-3000:]
+    errors = [line for line in results[0].output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was saved before Switchyard stacked each layer's experts" in errors[0], errors
+    assert "Traceback" not in results[0].output
+    model, _, _ = load_model(run)
+    saved = torch.load(files[2], weights_only=True)
+    weight = model.blocks[1].ffn.local_experts().expert(2)["fc.weight"]
+    assert torch.equal(weight, saved["blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.2.fc.weight"])
 
 
 class Payload:

@@ -47,12 +47,12 @@ def test_switch_experts_all_local_distinct_and_in_place(trained):
     moe_blocks = [block for block in model.blocks if hasattr(block.ffn, "local_experts")]
     assert len(moe_blocks) == len(config.layers_with_experts()) == 1
     experts = moe_blocks[0].ffn.local_experts()
-    assert len(experts) == config.num_experts == 4
-    weights = [expert.fc.weight for expert in experts]
+    assert experts.num_local_experts == config.num_experts == 4
+    weights = [experts.expert(e)["fc.weight"] for e in range(4)]
     assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
-    for e, expert in enumerate(experts):  # expert e holds the weights DeepSpeed saved as global expert e
+    for e, weight in enumerate(weights):  # expert e holds the weights DeepSpeed saved as global expert e
         saved = safe_load(run / "global_step3" / f"layer_0_expert_{e}_mp_rank_00_model_states.pt")
-        torch.testing.assert_close(expert.fc.weight, saved[f"blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{e}.fc.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(weight, saved[f"blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{e}.fc.weight"], rtol=0, atol=0)
 
 
 def test_explicit_tag_and_refusals(trained, tmp_path):

@@ -225,20 +225,46 @@ def test_plain_parameters_read_as_themselves():
 # Models -----------------------------------------------------------------------------------------------------
 
 
+class RecordingExperts(nn.Module):
+    """Experts that double their input and record its shape; one parameter, for the tagging."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.shapes = []
+
+    def forward(self, dispatched):
+        self.shapes.append(tuple(dispatched.shape))
+        return dispatched * self.scale
+
+
 def test_moe_layer_internals():
+    import inspect
+
     from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
     torch.manual_seed(0)
-    moe = MoE(hidden_size=4, expert=nn.Linear(4, 4), num_experts=2, ep_size=1, k=1)
-    experts = deepspeed_compat.local_experts(moe)
-    assert isinstance(experts, nn.ModuleList) and len(experts) == 2 and all(isinstance(e, nn.Linear) for e in experts)
-    assert experts[0].weight is not experts[1].weight
+    moe = MoE(hidden_size=4, expert=nn.Identity(), num_experts=2, ep_size=1, k=1, min_capacity=0, capacity_factor=2.0)
+    experts = RecordingExperts()
+    deepspeed_compat.replace_experts(moe, experts)
+    assert deepspeed_compat.local_experts(moe) is experts
+    # Tagged as DeepSpeed's Experts tags its parameters: reduced over the expert-data-parallel group it names.
+    assert is_moe_param(experts.scale) and experts.scale.group_name == moe.expert_group_name
+    x = torch.randn(1, 6, 4)
+    out, _, _ = moe(x)
+    assert experts.shapes == [(1, 2, 6, 4)]  # [ep, local experts, capacity 6 / 2 x 2.0, d_model]
+    # The capacity holds every token: each output is 2 x its gate value x its input.
+    gates = torch.softmax(x.reshape(6, 4) @ deepspeed_compat.gate_weight(moe).T, dim=-1).max(-1).values
+    torch.testing.assert_close(out.reshape(6, 4), 2 * gates[:, None] * x.reshape(6, 4))
     weight = deepspeed_compat.gate_weight(moe)
     assert weight.shape == (2, 4) and any(weight is p for p in moe.parameters())
-    # The state_dict keys of experts that checkpoints (and tests/pretrain/test_run_dir_layouts.py) rely on:
-    assert "deepspeed_moe.experts.deepspeed_experts.1.weight" in moe.state_dict()
+    # The engine finds each expert's keys by this prefix (models/switch.py GroupedExperts writes them):
+    for method in (DeepSpeedEngine._save_moe_checkpoint, DeepSpeedEngine.load_moe_state_dict):
+        assert "'.deepspeed_moe.experts.deepspeed_experts.'" in inspect.getsource(method)
     [(gate, held)] = deepspeed_compat.moe_gates_and_experts(nn.Sequential(moe))
-    assert gate.wg.weight is weight and held.deepspeed_experts is experts
+    assert gate.wg.weight is weight and held is experts
     all_to_all = deepspeed_compat.moe_all_to_all()
     assert issubclass(all_to_all, torch.autograd.Function) and "forward" in all_to_all.__dict__
 
