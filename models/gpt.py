@@ -60,12 +60,11 @@ def init_linear_(weight, init_scale, generator=None):
 
 
 def init_weights_(model, init_scale):
-    """Every Linear and Embedding of ``model`` by init_linear_, biases zero. Modules marked ``own_init``
-    (Switch experts) are initialized by their layer, outside the global RNG stream, so the rest of the
-    model is the same whatever the expert-parallel size."""
-    own = {id(m) for owner in model.modules() if getattr(owner, "own_init", False) for m in owner.modules()}
+    """Every Linear and Embedding of ``model`` by init_linear_, biases zero. (Switch experts are stacked
+    parameters, not Linear modules: their layer draws them itself, outside the global RNG stream, so the rest
+    of the model is the same whatever the expert-parallel size.)"""
     for module in model.modules():
-        if id(module) in own or not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         # Built under deepspeed.zero.Init (ZeRO-3), every module is partitioned by the time its model's __init__
         # calls this: each is gathered whole, fp32 on the CPU, while it is drawn, so the draws are a plain build's.
