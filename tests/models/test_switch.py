@@ -331,7 +331,9 @@ def test_grouped_experts_equal_the_loop_on_two_ranks(tmp_path, ep_size):
     the other rank's tokens routed to them), and without it at EP 1: outputs and gradients equal the loop's."""
     from tests.distributed import REPO, start_ranks, wait_ranks
 
-    results = wait_ranks(start_ranks([ep_size], 2, tmp_path, script=REPO / "tests" / "models" / "grouped_experts_ranks.py"), tmp_path)
+    # The rank script imports this module's helpers as tests.models.test_switch: the checkout on its path.
+    script = REPO / "tests" / "models" / "grouped_experts_ranks.py"
+    results = wait_ranks(start_ranks([ep_size], 2, tmp_path, {"PYTHONPATH": str(REPO)}, script=script), tmp_path)
     n_local = 4 // ep_size
     assert all(r.returncode == 0 for r in results), results[0].output[-3000:] + results[1].output[-3000:]
     assert all(f"rank {r.rank}: {n_local} local experts of 4 match the loop" in r.output for r in results)
