@@ -1,12 +1,24 @@
-"""Switch Transformer LM: the GPT of models/gpt.py with chosen FFNs replaced by top-1 expert layers.
+"""Switch Transformer LM: the GPT of models/gpt.py with chosen FFNs replaced by mixture-of-experts layers.
 
-The expert layer is DeepSpeed's ``deepspeed.moe.layer.MoE`` (k=1), so experts are sharded over
-expert-parallel ranks and tokens travel by all-to-all; only its per-expert loop is replaced, by
-GroupedExperts (a layer's local experts stacked, computed as one batched matmul). What the Switch paper adds on top lives here:
-the capacity factors, the load-balancing loss coefficient, router z-loss, expert dropout, the
-reduced init (init_scale 0.1 in the presets) and each expert initialized on its own.
-DeepSpeed's gate already computes the router in float32 whatever the model's dtype
-(TopKGate.forward casts input and weight), which is the paper's selective precision.
+A Switch layer sends each token to its top-k experts (k=1: Switch; k=2: GShard, Mixtral), each expert a GELU
+or SwiGLU FFN, either within a capacity (the capacity factor; tokens over it are dropped and pass through the
+block's residual) or dropless, optionally with a shared expert every token also takes (DeepSeekMoE) and a
+load-balancing bias on the router's choice (DeepSeek-V3's auxiliary-loss-free balancing), next to the
+load-balancing loss and router z-loss. The router runs in float32 whatever the model's dtype (the paper's
+selective precision), the experts start from the reduced init (init_scale 0.1 in the presets), each its own draw.
+
+What it keeps of DeepSpeed's MoE, ``deepspeed.moe.layer.MoE`` as the container: the router's weight (its
+``TopKGate``'s), the expert-parallel process groups, the expert-parameter tags by which ZeRO and the engine
+reduce expert gradients over the expert-data-parallel group, and the engine's one checkpoint file per expert.
+What it replaces, and why (README, "Switch layer"):
+- DeepSpeed's dispatch and combine are einsums over a dense [tokens, experts, capacity] mask, work that grows
+  with the square of the tokens per micro-batch: at 4096 tokens of d_model 128 and 8 experts they took 35 ms of
+  this CPU against 4 ms for the experts' own matmuls. Here tokens are sorted by expert and gathered: index work,
+  linear in the tokens.
+- DeepSpeed's ``Experts`` loops over one deep copy of an expert module per expert; GroupedExperts stacks them
+  and computes a layer's local experts as one grouped GEMM over the tokens each received.
+- DeepSpeed's gate has no router bias and no dropless top-1, and its all-to-all sends capacity-padded buffers:
+  the all-to-all here sends each expert-parallel rank only the tokens routed to it (variable split sizes).
 """
 
 from dataclasses import dataclass, field
@@ -17,10 +29,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from torch.profiler import record_function
 
 from models.gpt import GPT, Block, GPTConfig, init_linear_
 from models.registry import TRAINING_SETTING, register_model
 from switchyard import deepspeed_compat
+
+EXPERT_ACTIVATIONS = ("gelu", "swiglu")
 
 
 @dataclass
@@ -43,15 +58,31 @@ class SwitchSettings:
     expert_dropout: Optional[float] = field(default=None, metadata=TRAINING_SETTING)  # None: same as dropout
     # Set at launch from the DeepSpeed config's "moe": {"expert_parallel_size": N}, never in a model file.
     expert_parallel_size: int = field(default=1, metadata={"from_launch": True})
+    top_k: int = 1  # experts per token: 1 (Switch) or more (2: GShard, Mixtral), their outputs weighted by the router
+    # No capacity: every expert computes every token routed to it (the capacity factors are then unused).
+    dropless: bool = field(default=False, metadata=TRAINING_SETTING)
+    expert_activation: str = "gelu"  # "gelu": proj(gelu(fc x)), with biases; "swiglu": w2(silu(w1 x) * w3 x), none
+    shared_expert: bool = False  # DeepSeekMoE: a dense FFN of the experts' shape that every token also takes
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each optimizer step, each expert's bias on the router's
+    # choice (not on its output weight) moves by this much, up when the expert took fewer than the mean of the
+    # step's tokens, down when more. 0 turns it off; it keeps a buffer in the checkpoint when on.
+    router_bias_rate: float = 0.0
 
     def switch_problem(self):
         """What is wrong with the expert and routing settings, or None."""
         if self.num_experts < 1:
             return f"num_experts must be >= 1, got {self.num_experts}"
+        if not 1 <= self.top_k <= self.num_experts:
+            return f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}"
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            return f"expert_activation must be one of {', '.join(EXPERT_ACTIVATIONS)}, got {self.expert_activation!r}"
+        if self.d_model % 8 or self.d_ff % 8:
+            # torch's grouped GEMM (CPU and CUDA) needs rows of a multiple of 16 bytes: 8 bf16 or fp16 values.
+            return f"d_model ({self.d_model}) and d_ff ({self.d_ff}) of a model with experts must be multiples of 8"
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             return "capacity_factor and eval_capacity_factor must be positive"
-        if self.min_capacity < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            return "min_capacity, aux_loss_coef and z_loss_coef must be >= 0"
+        if self.min_capacity < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.router_bias_rate < 0:
+            return "min_capacity, aux_loss_coef, z_loss_coef and router_bias_rate must be >= 0"
         if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
             return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
         if self.num_experts % self.expert_parallel_size:
@@ -77,69 +108,93 @@ class SwitchConfig(SwitchSettings, GPTConfig):
 
 
 class GroupedExperts(nn.Module):
-    """A layer's local experts (each fc d_model->d_ff, GELU, expert dropout, proj d_ff->d_model) held as stacked
-    weights and computed as one batched matmul per projection.
+    """Experts held as stacked weights, [experts, in, out] per projection, computed as one grouped GEMM
+    (``torch.nn.functional.grouped_mm``) over rows grouped by expert.
 
-    It replaces DeepSpeed's ``Experts``, a Python loop over deep copies of one expert module: at Switch's
-    expert counts the loop's per-expert matmuls, and the optimizer's, ZeRO's and clipping's work per parameter
-    (4 per expert there, 4 per layer here), cost more time than the experts' FLOPs are worth. It takes the
-    capacity-padded buffer DeepSpeed's MOELayer dispatches to it, [ep, E_local, capacity, d_model], whose rows
-    are the slots of each local expert from each expert-parallel rank, so DeepSpeed's gate, all-to-all and
-    combine are unchanged; empty slots are computed and discarded, as in DeepSpeed's loop.
+    It replaces DeepSpeed's ``Experts``, a Python loop over deep copies of one expert module: at Switch's expert
+    counts the loop's per-expert matmuls, and the optimizer's, ZeRO's and clipping's work per parameter (4 per
+    expert there, 3 or 4 per layer here), cost more time than the experts' FLOPs are worth. On CUDA the grouped
+    GEMM is one kernel in bf16 on Hopper and Blackwell (sm90, sm100); elsewhere (A100, fp32) torch runs it as a
+    loop of matmuls after reading the group sizes to the host: correct, at a loop's speed.
 
-    Its state_dict holds each expert under DeepSpeed's keys (``deepspeed_experts.<local index>.fc.weight``...),
-    slices of the stacked tensors, so DeepSpeed's engine still writes one file per global expert and reads them
-    back, and checkpoints saved with DeepSpeed's ``Experts`` load. Each expert also carries STACKED_KEY: a
-    checkpoint without it was saved by the loop, whose optimizer state (per expert parameter) does not fit
-    these parameters (pretrain/run_dir.py refuses to resume it)."""
+    As a layer's experts (``per_expert_keys``), its state_dict holds each expert under DeepSpeed's keys
+    (``deepspeed_experts.<local index>.fc.weight``...: copies of slices, shaped as nn.Linear's), so the engine
+    still writes one file per global expert and reads them back whatever the expert-parallel size, and
+    checkpoints of DeepSpeed's ``Experts`` load; each expert also carries STACKED_KEY: a checkpoint without it
+    was saved by the loop, whose optimizer state (per expert parameter) does not fit these parameters
+    (pretrain/run_dir.py refuses to resume it). As a shared expert, its parameters are saved as they are."""
 
-    # On-disk name of each expert's tensor (DeepSpeed's Experts: the Linear modules' keys) -> stacked parameter.
-    EXPERT_TENSORS = {"fc.weight": "fc_weight", "fc.bias": "fc_bias", "proj.weight": "proj_weight", "proj.bias": "proj_bias"}
+    # Each expert's tensors by their on-disk name (nn.Linear's layout) -> the stacked parameter ([in, out]).
+    EXPERT_TENSORS = {
+        "gelu": {"fc.weight": "fc_weight", "fc.bias": "fc_bias", "proj.weight": "proj_weight", "proj.bias": "proj_bias"},
+        "swiglu": {"w1.weight": "w1", "w3.weight": "w3", "w2.weight": "w2"},
+    }
     STACKED_KEY = "stacked"
 
-    def __init__(self, num_local_experts, d_model, d_ff, dropout):
+    def __init__(self, num_experts, d_model, d_ff, dropout, activation="gelu", per_expert_keys=True):
         super().__init__()
-        self.num_local_experts = num_local_experts
-        # Uninitialized: SwitchFFN.init_experts draws every expert (nothing else initializes these). The weights
-        # are stored [in, out], the transpose of nn.Linear's, so that baddbmm reads them without a transpose:
-        # measured the fastest of the batched forms on the CPU (README, "Switch layer").
-        self.fc_weight = nn.Parameter(torch.empty(num_local_experts, d_model, d_ff))
-        self.fc_bias = nn.Parameter(torch.empty(num_local_experts, d_ff))
-        self.proj_weight = nn.Parameter(torch.empty(num_local_experts, d_ff, d_model))
-        self.proj_bias = nn.Parameter(torch.empty(num_local_experts, d_model))
+        self.num_experts = num_experts
+        self.activation = activation
+        self.per_expert_keys = per_expert_keys
+        # Uninitialized: SwitchFFN.init_experts draws every expert (nothing else initializes these). Stored
+        # [in, out], the transpose of nn.Linear's, so that the grouped GEMM reads them without a transpose.
+        if activation == "gelu":
+            self.fc_weight = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+            self.fc_bias = nn.Parameter(torch.empty(num_experts, d_ff))
+            self.proj_weight = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+            self.proj_bias = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # gate projection (through SiLU)
+            self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # up projection
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))  # down projection
         self.dropout = nn.Dropout(dropout)
 
     def expert(self, i):
-        """Local expert ``i``'s tensors by their on-disk name, shaped as nn.Linear's: views into the stacked
+        """Expert ``i``'s tensors by their on-disk name, shaped as nn.Linear's: views into the stacked
         parameters (the weights transposed ones)."""
         return {
             name: getattr(self, stacked)[i].mT if name.endswith("weight") else getattr(self, stacked)[i]
-            for name, stacked in self.EXPERT_TENSORS.items()
+            for name, stacked in self.EXPERT_TENSORS[self.activation].items()
         }
 
     def params_per_expert(self):
-        return sum(p.numel() for p in self.parameters()) // self.num_local_experts
+        return sum(p.numel() for p in self.parameters()) // self.num_experts
 
-    def forward(self, dispatched):
-        """dispatched [ep, E_local, capacity, d_model] -> the same shape, expert e applied to [:, e]."""
-        ep, n_local, capacity, d_model = dispatched.shape
-        x = dispatched.transpose(0, 1).reshape(n_local, ep * capacity, d_model)
-        h = self.dropout(F.gelu(torch.baddbmm(self.fc_bias.unsqueeze(1), x, self.fc_weight)))
-        out = torch.baddbmm(self.proj_bias.unsqueeze(1), h, self.proj_weight)
-        return out.reshape(n_local, ep, capacity, d_model).transpose(0, 1)
+    def forward(self, x, offsets):
+        """x [N, d_model], its rows grouped by expert: expert e's are rows offsets[e-1] up to offsets[e] (int32,
+        cumulative, on x's device: no host sync). Rows from offsets[-1] on give 0 and pass no gradient."""
+        # The grouped GEMM neither reads nor writes rows past offsets[-1], forward or backward: they hold
+        # whatever the memory held (measured). Masking every product's input and output keeps that out of the
+        # output and out of every gradient (a bias's included).
+        computed = (torch.arange(x.shape[0], device=x.device) < offsets[-1]).unsqueeze(1)
+
+        def grouped_mm(rows, weight):
+            return torch.where(computed, F.grouped_mm(torch.where(computed, rows, 0), weight, offs=offsets), 0)
+
+        if self.activation == "swiglu":
+            h = F.silu(grouped_mm(x, self.w1)) * grouped_mm(x, self.w3)
+            return grouped_mm(self.dropout(h), self.w2)
+        # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient).
+        expert = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets, right=True).clamp_(max=self.num_experts - 1)
+        h = self.dropout(F.gelu(grouped_mm(x, self.fc_weight) + self.fc_bias[expert]))
+        return torch.where(computed, grouped_mm(h, self.proj_weight) + self.proj_bias[expert], 0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.per_expert_keys:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
         # Copies, contiguous as nn.Linear's tensors: views would share the stacked storage, which torch.save
         # writes whole with each and safetensors refuses (eval/export_hf.py).
-        for i in range(self.num_local_experts):
+        for i in range(self.num_experts):
             key = f"{prefix}deepspeed_experts.{i}."
             for name, tensor in self.expert(i).items():
                 destination[key + name] = tensor if keep_vars else tensor.detach().clone(memory_format=torch.contiguous_format)
             destination[key + self.STACKED_KEY] = torch.tensor(True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if not self.per_expert_keys:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         expected = set()
-        for i in range(self.num_local_experts):
+        for i in range(self.num_experts):
             key = f"{prefix}deepspeed_experts.{i}."
             expected.add(key + self.STACKED_KEY)  # optional: checkpoints of DeepSpeed's Experts lack it
             for name, target in self.expert(i).items():
@@ -156,28 +211,62 @@ class GroupedExperts(nn.Module):
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
 
 
+class AllToAll(torch.autograd.Function):
+    """``dist.all_to_all_single`` of rows with variable split sizes, its backward the reverse exchange.
+    (torch.distributed.nn's differentiable one is deprecated; DeepSpeed's ``_AllToAll`` takes equal splits.)"""
+
+    @staticmethod
+    def forward(ctx, rows, receive_splits, send_splits, group):
+        ctx.splits, ctx.group = (send_splits, receive_splits), group
+        received = rows.new_empty(sum(receive_splits), rows.shape[1])
+        dist.all_to_all_single(received, rows.contiguous(), receive_splits, send_splits, group=group)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, receive_splits = ctx.splits
+        grad_rows = grad.new_empty(sum(send_splits), grad.shape[1])
+        dist.all_to_all_single(grad_rows, grad.contiguous(), send_splits, receive_splits, group=ctx.group)
+        return grad_rows, None, None, None
+
+
+def inverse_permutation(order):
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 class SwitchFFN(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
         expert_dropout = config.dropout if config.expert_dropout is None else config.expert_dropout
         # DeepSpeed's MoE deep-copies ``expert`` into its per-expert loop; an Identity (no weights) stands in
-        # there until GroupedExperts replaces the loop.
+        # there until GroupedExperts replaces the loop. Only its router weight, its process group and its
+        # experts' place are used: forward routes the tokens itself (the module docstring says why).
         self.moe = MoE(
             hidden_size=config.d_model,
             expert=nn.Identity(),
             num_experts=config.num_experts,
             ep_size=config.expert_parallel_size,
             k=1,
-            capacity_factor=config.capacity_factor,
-            eval_capacity_factor=config.eval_capacity_factor,
-            min_capacity=config.min_capacity,
-            drop_tokens=True,
-            use_rts=False,  # Switch drops the overflow; random token selection would make runs depend on RNG
+            use_rts=False,
         )
         n_local = config.num_experts // config.expert_parallel_size
-        experts = GroupedExperts(n_local, config.d_model, config.d_ff, expert_dropout)
+        experts = GroupedExperts(n_local, config.d_model, config.d_ff, expert_dropout, config.expert_activation)
         deepspeed_compat.replace_experts(self.moe, experts)
+        # Not an expert parameter: replicated and reduced over every rank, like the rest of the dense model.
+        self.shared = (
+            GroupedExperts(1, config.d_model, config.d_ff, expert_dropout, config.expert_activation, per_expert_keys=False)
+            if config.shared_expert
+            else None
+        )
+        if config.router_bias_rate > 0:
+            # The bias as a count of its steps (bias = rate x count): int64 is exact, and casting the model to
+            # bf16 casts floating buffers only, so no update is rounded away.
+            self.register_buffer("router_bias_steps", torch.zeros(config.num_experts, dtype=torch.int64))
+            # Real tokens routed to each expert (before any drop) since the last optimizer step: the bias's input.
+            self.register_buffer("routed_tokens", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False)
         self.layer_idx = layer_idx
 
     def local_experts(self):
@@ -186,7 +275,7 @@ class SwitchFFN(nn.Module):
 
     def init_experts(self, seed):
         """Each expert its own draw, as when each was a module of its own (DeepSpeed's deep copies of one
-        expert): the same weights as checkpoints from then.
+        expert): the same weights as checkpoints from then. The shared expert draws as expert num_experts.
 
         Expert parallel groups are contiguous ranks, so this rank holds global experts
         ep_rank * n_local ... ; seeding by the global index makes the weights the same
@@ -195,66 +284,154 @@ class SwitchFFN(nn.Module):
         ep_size = self.config.expert_parallel_size
         ep_rank = dist.get_rank() % ep_size if dist.is_initialized() else 0
         n_local = self.config.num_experts // ep_size
-        experts = self.local_experts()
-        for i in range(n_local):
-            global_idx = ep_rank * n_local + i
+        draws = [(self.local_experts(), i, ep_rank * n_local + i) for i in range(n_local)]
+        if self.shared is not None:
+            draws.append((self.shared, 0, self.config.num_experts))
+        for experts, i, global_idx in draws:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + self.layer_idx * 10_007 + global_idx)
-            expert = experts.expert(i)
-            for layer in ("fc", "proj"):
-                # Drawn into an nn.Linear-shaped tensor: the random fill of a transposed view would follow its
-                # memory order, and the draws would not be the ones each expert had as a module.
-                weight = torch.empty(expert[f"{layer}.weight"].shape)
-                init_linear_(weight, self.config.init_scale, generator=gen)
+            for name, tensor in experts.expert(i).items():
                 with torch.no_grad():
-                    expert[f"{layer}.weight"].copy_(weight)
-                    expert[f"{layer}.bias"].zero_()
+                    if name.endswith("bias"):
+                        tensor.zero_()
+                        continue
+                    # Drawn into an nn.Linear-shaped tensor: the random fill of a transposed view would follow
+                    # its memory order, and the draws would not be the ones each expert had as a module.
+                    weight = torch.empty(tensor.shape)
+                    init_linear_(weight, self.config.init_scale, generator=gen)
+                    tensor.copy_(weight)
+
+    def router_bias(self):
+        return self.config.router_bias_rate * self.router_bias_steps.float()
 
     def forward(self, x, used_token=None):
         """x (B, T, C); used_token (B, T) True/1 at real tokens, 0 at padding (None: every token is real).
-        -> (output, aux loss, routing stats). Padding gets a zero output and takes no expert capacity:
-        DeepSpeed's top1gating zeroes its routing before it fills the capacity, so it counts neither in
-        exp_counts nor in the slots. The capacity itself is still DeepSpeed's, from all B x T tokens."""
+        -> (output, aux loss, routing stats). Padding is routed nowhere: it takes no expert capacity and counts
+        in neither the aux loss nor the stats; its output is 0 (the shared expert's, with one). The capacity
+        itself, as DeepSpeed's, counts all B x T tokens, so that it is the same on every rank and step."""
         B, T, C = x.shape
-        used = None if used_token is None else used_token.reshape(-1).long()  # long: top1gating's one-hot dtype
-        out, l_aux, exp_counts = self.moe(x, used)
-        num_real = B * T if used is None else used.sum().clamp(min=1)
-        if used is not None or self.config.z_loss_coef > 0:
-            # Same float32 logits as DeepSpeed's gate computes (TopKGate.forward).
-            logits = F.linear(x.reshape(-1, C).float(), deepspeed_compat.gate_weight(self.moe).float())
-        if used is not None:
-            # DeepSpeed's l_aux is num_experts x sum(mean gate probability x routed count / B*T) with both means
-            # over all B x T tokens: padding adds its gate probabilities to the first factor (a gradient that
-            # balances the router on padding) and scales the second by the real fraction, so the loss's
-            # strength would depend on how padded a batch is. Switch eq. 4 over the real tokens instead:
-            mean_gates = real_token_mean(torch.softmax(logits, dim=-1), used)
-            l_aux = self.config.num_experts * (mean_gates * exp_counts.float() / num_real).sum()
-        aux = self.config.aux_loss_coef * l_aux.float()
+        tokens = x.reshape(-1, C)
+        S, E, k = tokens.shape[0], self.config.num_experts, self.config.top_k
+        used = None if used_token is None else used_token.reshape(-1).bool()
+        with record_function("switch/router"):
+            logits = F.linear(tokens.float(), deepspeed_compat.gate_weight(self.moe).float())
+            probs = torch.softmax(logits, dim=-1)
+            scores = probs.detach() if self.config.router_bias_rate == 0 else probs.detach() + self.router_bias()
+            # argmax for one: the first of tied experts, as DeepSpeed's top-1 gate chooses.
+            choice = scores.argmax(dim=-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices  # [S, k]
+            weights = probs.gather(1, choice)
+            if k > 1:  # GShard, Mixtral: the chosen experts' probabilities renormalized; Switch (k=1) keeps it raw
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        with record_function("switch/dispatch"):
+            # Assignment a = j * S + t is token t's j-th choice: every token's first choice comes before any
+            # second one, so first choices fill the capacity first and, among them, earlier tokens.
+            expert_of = choice.t().reshape(-1)
+            real = torch.ones_like(expert_of, dtype=torch.bool) if used is None else used.repeat(k)
+            routed = torch.bincount(torch.where(real, expert_of, E), minlength=E + 1)[:E]  # real assignments
+            keep = real if self.config.dropless else real & (self.position_in_expert(expert_of, real) < self.capacity(S))
+            kept_expert = torch.where(keep, expert_of, E)
+            order = torch.argsort(kept_expert, stable=True)  # kept assignments grouped by expert, then the rest
+            kept = torch.bincount(kept_expert, minlength=E + 1)[:E]
+            rows = tokens[order % S]
+
+        if self.config.expert_parallel_size == 1:
+            with record_function("switch/experts"):
+                out_rows = self.local_experts()(rows, kept.cumsum(0).to(torch.int32))
+        else:
+            out_rows = self.expert_parallel(rows, kept)
+
+        with record_function("switch/combine"):
+            out_assigned = out_rows[inverse_permutation(order)]
+            weight = torch.where(keep, weights.t().reshape(-1), 0).to(x.dtype)
+            out = (out_assigned * weight.unsqueeze(1)).view(k, S, C).sum(dim=0)  # in choice order: deterministic
+            if self.shared is not None:
+                out = out + self.shared(tokens, torch.tensor([S], dtype=torch.int32, device=x.device))
+
+        num_real = torch.tensor(S, device=x.device) if used is None else used.sum().clamp(min=1)
+        # The load-balancing loss (Switch eq. 4; with k > 1 over all k choices, as Megatron-LM's): num_experts x
+        # sum over experts of the fraction of real assignments routed to it (before any drop) x its mean
+        # router probability over the real tokens.
+        l_aux = E * (routed.float() / (num_real * k) * real_token_mean(probs, used)).sum()
+        aux = self.config.aux_loss_coef * l_aux
         if self.config.z_loss_coef > 0:
             aux = aux + self.config.z_loss_coef * real_token_mean(torch.logsumexp(logits, dim=-1).square(), used)
+        if self.training and self.config.router_bias_rate > 0:
+            self.routed_tokens += routed
+        stats = {
+            "expert_fraction": routed.float() / (num_real * k),
+            "dropped_fraction": (routed.sum() - kept.sum()).float() / (num_real * k),
+        }
+        return out.view(B, T, C), aux, stats
+
+    def capacity(self, num_tokens):
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-        stats = routing_stats(exp_counts, B * T, num_real, self.config.num_experts, factor, self.config.min_capacity)
-        return out, aux, stats
+        return expert_capacity(self.config.top_k * num_tokens, self.config.num_experts, factor, self.config.min_capacity)
+
+    def position_in_expert(self, expert_of, real):
+        """Each assignment's place in its expert's queue (0 for the first real assignment routed to it), in
+        assignment order; padding's is meaningless (it is not kept)."""
+        key = torch.where(real, expert_of, self.config.num_experts)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=self.config.num_experts + 1)
+        first = counts.cumsum(0) - counts  # where each expert's queue starts among the sorted assignments
+        place = torch.arange(key.numel(), device=key.device) - first[key[order]]
+        return place[inverse_permutation(order)]
+
+    def expert_parallel(self, rows, kept):
+        """The kept rows (grouped by global expert, hence by the expert-parallel rank holding it) to their ranks,
+        through this rank's local experts, and back: [rows, C] as the grouped GEMM would have given them here."""
+        group = deepspeed_compat.expert_parallel_group(self.moe)
+        ep = self.config.expert_parallel_size
+        n_local = self.config.num_experts // ep
+        with record_function("switch/all-to-all"):
+            send_counts = kept.view(ep, n_local)
+            receive_counts = torch.empty_like(send_counts)  # [source rank, local expert]
+            dist.all_to_all_single(receive_counts, send_counts, group=group)
+            # The split sizes must reach the host: one sync per layer, which expert parallelism always costs.
+            send_splits, receive_splits = torch.stack([send_counts.sum(1), receive_counts.sum(1)]).tolist()
+            received = AllToAll.apply(rows[: sum(send_splits)], receive_splits, send_splits, group)
+        # Received by source rank, then by local expert; the grouped GEMM takes them by local expert.
+        local_expert = torch.arange(n_local, device=rows.device).repeat(ep).repeat_interleave(receive_counts.flatten())
+        by_expert = torch.argsort(local_expert, stable=True)
+        with record_function("switch/experts"):
+            computed = self.local_experts()(received[by_expert], receive_counts.sum(0).cumsum(0).to(torch.int32))
+        with record_function("switch/all-to-all"):
+            returned = AllToAll.apply(computed[inverse_permutation(by_expert)], send_splits, receive_splits, group)
+        return F.pad(returned, (0, 0, 0, rows.shape[0] - returned.shape[0]))
 
 
 def real_token_mean(values, used):
-    """Mean over the tokens (dim 0) of ``values`` at the tokens where ``used`` is 1; None: every token."""
+    """Mean over the tokens (dim 0) of ``values`` at the tokens where ``used`` is True; None: every token."""
     if used is None:
         return values.mean(dim=0)
     return used.to(values.dtype) @ values / used.sum().clamp(min=1)
 
 
-def expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity):
-    """Slots per expert, as DeepSpeed's ``_capacity`` computes them for this rank's tokens."""
-    return max(-(-num_tokens * capacity_factor // num_experts), min_capacity)
+def expert_capacity(num_assignments, num_experts, capacity_factor, min_capacity):
+    """Slots per expert for ``num_assignments`` (tokens x k), as DeepSpeed's gates compute them."""
+    return max(-(-num_assignments * capacity_factor // num_experts), min_capacity)
 
 
-def routing_stats(exp_counts, num_tokens, num_real_tokens, num_experts, capacity_factor, min_capacity):
-    """Fraction of this rank's real tokens routed to each expert, and the fraction of them dropped over
-    capacity. ``exp_counts`` counts real tokens only; the capacity comes from all ``num_tokens``."""
-    counts = exp_counts.detach().float()
-    capacity = expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
-    dropped = (counts - capacity).clamp(min=0).sum() / num_real_tokens
-    return {"expert_fraction": counts / num_real_tokens, "dropped_fraction": dropped}
+def balance_routers(layers):
+    """DeepSeek-V3's bias update for SwitchFFN ``layers`` (router_bias_rate > 0), after an optimizer step: each
+    expert's load over the step's global batch (every micro-batch, every rank: one all-reduce for all layers)
+    against the mean load, and the bias of each expert above it one step down, below it one up."""
+    loads = torch.stack([layer.routed_tokens for layer in layers])
+    if dist.is_initialized():
+        dist.all_reduce(loads)
+    for layer, load in zip(layers, loads):
+        layer.router_bias_steps += torch.sign(load.double().mean() - load).long()
+        layer.routed_tokens.zero_()
+
+
+def switch_param_counts(model, layers):
+    """(total, active per token) parameters of ``model`` whose Switch layers are ``layers``: every expert
+    counts in the total, top_k of each layer's in the active ones."""
+    config = model.config
+    here = sum(p.numel() for p in model.parameters())  # this rank: shared weights + local experts
+    per_expert = sum(layer.local_experts().params_per_expert() for layer in layers)
+    shared = here - per_expert * (config.num_experts // config.expert_parallel_size)
+    return shared + config.num_experts * per_expert, shared + config.top_k * per_expert
 
 
 # transformers has no Switch decoder: the export is Switchyard's own (eval/export_hf.py).
@@ -268,12 +445,14 @@ class SwitchLM(GPT):
     def init_weights(self):
         super().init_weights()
         seed = torch.initial_seed() % (2**31)
-        for block in self.blocks:
-            if isinstance(block.ffn, SwitchFFN):
-                block.ffn.init_experts(seed)
+        for layer in self.switch_layers():
+            layer.init_experts(seed)
+
+    def switch_layers(self):
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, SwitchFFN)]
+
+    def balance_routers(self):
+        balance_routers(self.switch_layers())
 
     def param_counts(self):
-        here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
-        per_expert = [b.ffn.local_experts().params_per_expert() for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
-        shared = here - sum(n * (self.config.num_experts // self.config.expert_parallel_size) for n in per_expert)
-        return shared + self.config.num_experts * sum(per_expert), shared + sum(per_expert)  # k=1: one expert active
+        return switch_param_counts(self, self.switch_layers())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.gpt import FeedForward, init_weights_
 from models.registry import TRAINING_SETTING, register_model
-from models.switch import SwitchFFN, SwitchSettings
+from models.switch import SwitchFFN, SwitchSettings, balance_routers, switch_param_counts
 from switchyard.deepspeed_compat import full_numel
 
 
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
 
 # ------------------------------------------------------------------------------------------
 # Switch encoder-decoder: the FFN of chosen layers, in the encoder and in the decoder, is a
-# Switch layer (models/switch.py: deepspeed.moe.layer.MoE, k=1), configured by the same Switch
+# Switch layer (models/switch.py), configured by the same Switch
 # fields as the Switch LM (SwitchSettings).
 
 
@@ -298,8 +298,8 @@ class SwitchTransformer(Transformer):
     def switch_layers(self):
         return [layer.ffn for layer in (*self.encoder, *self.decoder) if isinstance(layer.ffn, SwitchFFN)]
 
+    def balance_routers(self):
+        balance_routers(self.switch_layers())
+
     def param_counts(self):
-        here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
-        per_expert = [ffn.local_experts().params_per_expert() for ffn in self.switch_layers()]
-        shared = here - sum(n * (self.config.num_experts // self.config.expert_parallel_size) for n in per_expert)
-        return shared + self.config.num_experts * sum(per_expert), shared + sum(per_expert)  # k=1: one expert active
+        return switch_param_counts(self, self.switch_layers())

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from models.registry import family_of
 from pretrain import checkpoint
 from pretrain.distributed import device
 from pretrain.peak_flops import peak_tflops
@@ -139,6 +140,9 @@ class Trainer:
         # fp32 without ZeRO: DeepSpeed keeps no gradient norm (it wraps the optimizer, and keeps one, only for ZeRO,
         # bf16 and fp16) and applies a non-finite step: own_step computes the norm, skips such steps and clips.
         self.computes_own_norm = plan.precision == "fp32" and plan.zero_stage == 0 and not self.pipelined
+        # DeepSeek-V3's router biases move after each optimizer step, from the step's load (models/switch.py).
+        model_config = None if self.pipelined else engine.module.config
+        self.balances_routers = model_config is not None and family_of(model_config).experts and model_config.router_bias_rate > 0
         self.own_grad_norm = None  # own_step's last norm, a 0-dim tensor on the device
         # Unscaled gradients: without torch's GradScaler (fp16 autocast), DeepSpeed's clip can be replaced by own_step's.
         self.clips_itself = self.computes_own_norm and not deepspeed_compat.uses_autocast_grad_scaler(engine)
@@ -199,6 +203,8 @@ class Trainer:
             if parts["moe"]:
                 layer = torch.stack([torch.cat([s["expert_fraction"], s["dropped_fraction"].reshape(1)]) for s in parts["moe"]])
                 moe_sum = layer if moe_sum is None else moe_sum + layer
+        if self.balances_routers:
+            self.engine.module.balance_routers()
         return lm_sum, aux_sum, moe_sum
 
     # own_step's one read from the device per step: what to do with the step.

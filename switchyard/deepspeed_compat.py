@@ -61,6 +61,9 @@ Models (models/switch.py, models/gpt.py)
                                 ``.deepspeed_moe.experts.deepspeed_experts.<local index>`` in state_dict keys
                                 (``_save_moe_checkpoint``, ``load_moe_state_dict``)
   gate_weight                   ``MoE.deepspeed_moe.gate.wg.weight`` (``TopKGate``'s router)
+  expert_parallel_group         ``MoE.deepspeed_moe.ep_group``, set by ``MoE.set_deepspeed_parallelism`` (which
+                                ``deepspeed.initialize`` calls) to the torch process group of the layer's
+                                expert-parallel ranks
   stage_layers                  ``PipelineModule._local_start`` and ``.forward_funcs``
   tied_modules                  ``PipelineModule.tied_modules``
 Benchmarks (bench/switch_vs_dense.py, bench/engine_overhead.py)
@@ -352,6 +355,11 @@ def local_experts(moe_layer):
 def gate_weight(moe_layer):
     """The router's weight (num_experts, hidden) of a ``deepspeed.moe.layer.MoE``."""
     return moe_layer.deepspeed_moe.gate.wg.weight
+
+
+def expert_parallel_group(moe_layer):
+    """The process group of the expert-parallel ranks a ``deepspeed.moe.layer.MoE`` exchanges tokens with."""
+    return moe_layer.deepspeed_moe.ep_group
 
 
 def stage_layers(pipeline_module):

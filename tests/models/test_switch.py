@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+from deepspeed.moe.utils import is_moe_param
 
 from models import config_from_dict, config_to_dict
-from models.switch import GroupedExperts, SwitchFFN, SwitchLM, SwitchSettings, expert_capacity
+from models.switch import GroupedExperts, SwitchFFN, SwitchLM, SwitchSettings, balance_routers, expert_capacity
 from switchyard.deepspeed_compat import gate_weight
 from switchyard.errors import ConfigError
 
@@ -20,10 +21,10 @@ def switch_config(**over):
         "family": "switch",
         "vocab_size": 32,
         "max_seq_len": 8,
-        "d_model": 4,
+        "d_model": 8,
         "n_layers": 2,
         "n_heads": 2,
-        "d_ff": 8,
+        "d_ff": 16,
         "num_experts": 2,
         "capacity_factor": 1.0,
         "eval_capacity_factor": 1.0,
@@ -34,44 +35,158 @@ def switch_config(**over):
 
 def expert_ffn(expert, x):
     """What one expert computes, from its tensors by their on-disk names (nn.Linear's layout), in eval mode."""
-    h = torch.nn.functional.gelu(torch.nn.functional.linear(x, expert["fc.weight"], expert["fc.bias"]))
-    return torch.nn.functional.linear(h, expert["proj.weight"], expert["proj.bias"])
+    linear = torch.nn.functional.linear
+    if "w1.weight" in expert:  # SwiGLU
+        return linear(torch.nn.functional.silu(linear(x, expert["w1.weight"])) * linear(x, expert["w3.weight"]), expert["w2.weight"])
+    return linear(torch.nn.functional.gelu(linear(x, expert["fc.weight"], expert["fc.bias"])), expert["proj.weight"], expert["proj.bias"])
 
 
 def routed_layer(**over):
+    """A Switch layer whose router logits are the first num_experts input features."""
     torch.manual_seed(0)
     layer = SwitchFFN(switch_config(**over), layer_idx=1)
-    with torch.no_grad():  # router logits = the first two input features
-        gate_weight(layer.moe).copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    layer.init_experts(seed=5)
+    with torch.no_grad():
+        gate_weight(layer.moe).copy_(torch.eye(layer.config.num_experts, layer.config.d_model))
     return layer
 
 
-# 6 tokens: tokens 0-3 prefer expert 0, tokens 4-5 expert 1.
-TOKENS = torch.tensor([[2.0, 0, 1, 0], [1.5, 0, 0, 1], [3.0, 1, 0, 0], [1.0, 0, 1, 1], [0, 2.0, 1, 0], [0, 1.0, 0, 1]]).reshape(1, 6, 4)
+def tokens(*rows):
+    """(1, len(rows), 8) tokens: each row's features, zero-padded to d_model 8."""
+    x = torch.zeros(1, len(rows), 8)
+    for i, row in enumerate(rows):
+        x[0, i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return x
+
+
+# 6 tokens: tokens 0-3 prefer expert 0, tokens 4-5 expert 1 (features 0-1 are the logits; 2-3 vary the input).
+TOKENS = tokens([2.0, 0, 1, 0], [1.5, 0, 0, 1], [3.0, 1, 0, 0], [1.0, 0, 1, 1], [0, 2.0, 1, 0], [0, 1.0, 0, 1])
+
+
+def expected_output(layer, x, routes):
+    """Hand-computed output of ``layer`` on tokens ``x`` (1, S, C): ``routes[t]`` lists token t's kept
+    (expert, weight) pairs."""
+    experts = layer.local_experts()
+    out = torch.zeros_like(x[0])
+    for t, kept in enumerate(routes):
+        for e, w in kept:
+            out[t] += w * expert_ffn(experts.expert(e), x[0, t])
+    return out
 
 
 def test_routing_capacity_and_dropped_tokens_match_hand_computation():
     layer = routed_layer()
     layer.train()
     out, aux, stats = layer(TOKENS)
-    # capacity = ceil(6 tokens / 2 experts * 1.0) = 3: expert 0 receives 4 tokens, keeps 3, drops 1.
+    # capacity = ceil(6 tokens / 2 experts * 1.0) = 3: expert 0 receives tokens 0-3, keeps the first 3, drops token 3.
     assert expert_capacity(6, 2, 1.0, 0) == 3
     torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))
     assert math.isclose(float(stats["dropped_fraction"]), 1 / 6, rel_tol=1e-6)
-
-    logits = TOKENS[0, :, :2]
-    gates = torch.softmax(logits, dim=-1)
-    experts = layer.local_experts()
-    expected = [gates[i, e] * expert_ffn(experts.expert(e), TOKENS[0, i]) for i, e in enumerate([0, 0, 0, 0, 1, 1])]
-    zero_rows = [i for i in range(6) if torch.all(out[0, i] == 0)]
-    assert len(zero_rows) == 1 and zero_rows[0] < 4  # exactly one expert-0 token over capacity, output 0
-    for i in range(6):
-        if i not in zero_rows:
-            torch.testing.assert_close(out[0, i], expected[i], rtol=1e-5, atol=1e-6)
+    gates = torch.softmax(TOKENS[0, :, :2], dim=-1)
+    routes = [[(e, gates[t, e])] for t, e in enumerate([0, 0, 0, 0, 1, 1])]
+    routes[3] = []  # over capacity: output 0
+    torch.testing.assert_close(out[0], expected_output(layer, TOKENS, routes), rtol=1e-5, atol=1e-6)
     # Load-balancing loss (Switch eq. 4): alpha * N * sum_i f_i * P_i, f from the routing before the drop.
     f = torch.tensor([4 / 6, 2 / 6])
     P = gates.mean(dim=0)
     torch.testing.assert_close(aux, 0.01 * 2 * (f * P).sum(), rtol=1e-6, atol=0)
+
+
+# 4 tokens, 4 experts, top-2 (features 0-3 are the logits). First choices: expert 0 <- t0, expert 1 <- t1, t2,
+# expert 2 <- t3; second choices: expert 1 <- t0, expert 3 <- t1, t3, expert 2 <- t2.
+TOP2_TOKENS = tokens([3.0, 2, 0, 0, 1], [0, 3.0, 0, 2, 0, 1], [0, 3.0, 2, 0, 0, 0, 1], [0, 0, 3.0, 2, 1, 1])
+TOP2_CHOICES = [(0, 1), (1, 3), (1, 2), (2, 3)]
+
+
+def top2_weights(t):
+    probs = torch.softmax(TOP2_TOKENS[0, t, :4], dim=-1)
+    first, second = TOP2_CHOICES[t]
+    total = probs[first] + probs[second]  # GShard: the two chosen probabilities renormalized
+    return [(first, probs[first] / total), (second, probs[second] / total)]
+
+
+def test_top2_first_choices_fill_the_capacity_before_second_ones():
+    layer = routed_layer(num_experts=4, top_k=2)
+    layer.train()
+    out, aux, stats = layer(TOP2_TOKENS)
+    # capacity = ceil(4 tokens x 2 / 4 experts x 1.0) = 2. Expert 1 gets t1, t2 as first choices and t0 as a second
+    # one: t0's second choice is dropped (first choices go first, though t0 comes first); every other one is kept.
+    routes = [top2_weights(t) for t in range(4)]
+    routes[0] = routes[0][:1]
+    torch.testing.assert_close(out[0], expected_output(layer, TOP2_TOKENS, routes), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["expert_fraction"], torch.tensor([1 / 8, 3 / 8, 2 / 8, 2 / 8]))
+    assert math.isclose(float(stats["dropped_fraction"]), 1 / 8, rel_tol=1e-6)
+    # The loss over all k choices (Megatron-LM's): N * sum_i (assignments to i / (S k)) * mean probability of i.
+    P = torch.softmax(TOP2_TOKENS[0, :, :4], dim=-1).mean(dim=0)
+    torch.testing.assert_close(aux, 0.01 * 4 * (torch.tensor([1 / 8, 3 / 8, 2 / 8, 2 / 8]) * P).sum(), rtol=1e-6, atol=0)
+
+
+def test_dropless_keeps_every_assignment():
+    layer = routed_layer(num_experts=4, top_k=2, dropless=True)
+    out, _, stats = layer(TOP2_TOKENS)
+    torch.testing.assert_close(out[0], expected_output(layer, TOP2_TOKENS, [top2_weights(t) for t in range(4)]), rtol=1e-5, atol=1e-6)
+    assert float(stats["dropped_fraction"]) == 0.0
+    # k=1 with every token on expert 0 (tied router): capacity 3 would drop half of them, dropless none.
+    layer = routed_layer(dropless=True)
+    with torch.no_grad():
+        gate_weight(layer.moe).zero_()
+    out, _, stats = layer(TOKENS)
+    torch.testing.assert_close(out[0], expected_output(layer, TOKENS, [[(0, 0.5)]] * 6), rtol=1e-5, atol=1e-6)
+    assert float(stats["dropped_fraction"]) == 0.0 and stats["expert_fraction"].tolist() == [1.0, 0.0]
+
+
+def test_swiglu_experts_compute_w2_of_silu_w1_times_w3():
+    layer = routed_layer(expert_activation="swiglu", dropless=True)
+    experts = layer.local_experts()
+    assert sorted(name for name, _ in experts.named_parameters()) == ["w1", "w2", "w3"]  # no biases
+    assert experts.expert(0)["w1.weight"].shape == (16, 8) and experts.expert(0)["w2.weight"].shape == (8, 16)
+    out, _, _ = layer(TOKENS)
+    gates = torch.softmax(TOKENS[0, :, :2], dim=-1)
+    routes = [[(e, gates[t, e])] for t, e in enumerate([0, 0, 0, 0, 1, 1])]
+    torch.testing.assert_close(out[0], expected_output(layer, TOKENS, routes), rtol=1e-5, atol=1e-6)
+    assert all(f"moe.deepspeed_moe.experts.deepspeed_experts.1.{name}" in layer.state_dict() for name in ("w1.weight", "w3.weight", "w2.weight"))
+
+
+def test_shared_expert_adds_a_dense_ffn_for_every_token():
+    layer = routed_layer(shared_expert=True)
+    shared = layer.shared
+    assert not any(is_moe_param(p) for p in shared.parameters())  # dense: reduced over every rank
+    assert all(is_moe_param(p) for p in layer.local_experts().parameters())
+    assert not torch.equal(shared.expert(0)["fc.weight"], layer.local_experts().expert(0)["fc.weight"])  # its own draw
+    out, _, _ = layer(TOKENS)
+    gates = torch.softmax(TOKENS[0, :, :2], dim=-1)
+    routes = [[(e, gates[t, e])] for t, e in enumerate([0, 0, 0, 0, 1, 1])]
+    routes[3] = []  # over capacity: the shared expert's output alone
+    dense = torch.stack([expert_ffn(shared.expert(0), TOKENS[0, t]) for t in range(6)])
+    torch.testing.assert_close(out[0], expected_output(layer, TOKENS, routes) + dense, rtol=1e-5, atol=1e-6)
+    assert "moe.deepspeed_moe.gate.wg.weight" in layer.state_dict() and "shared.fc_weight" in layer.state_dict()
+
+
+def test_router_bias_moves_against_the_load_and_chooses_without_weighting():
+    layer = routed_layer(router_bias_rate=0.1)
+    assert "router_bias_steps" in layer.state_dict() and "routed_tokens" not in layer.state_dict()
+    assert "router_bias_steps" not in routed_layer().state_dict()  # off: nothing added to the checkpoint
+    layer.train()
+    layer(TOKENS)
+    layer(TOKENS[:, 4:])  # a second micro-batch: 2 more tokens to expert 1
+    assert layer.routed_tokens.tolist() == [4, 4]
+    layer.eval()
+    layer(TOKENS)  # evaluation counts no load
+    layer.train()
+    layer(TOKENS[:, :1])  # loads 5, 4: mean 4.5
+    balance_routers([layer])
+    assert layer.router_bias_steps.tolist() == [-1, 1] and layer.routed_tokens.tolist() == [0, 0]
+    torch.testing.assert_close(layer.router_bias(), torch.tensor([-0.1, 0.1]))
+    # Logits (0.2, 0): probabilities (0.55, 0.45); biased (0.45, 0.55): expert 1 is chosen, weighted by its 0.45.
+    x = tokens([0.2, 0, 1, 1])
+    out, _, stats = layer(x)
+    probs = torch.softmax(torch.tensor([0.2, 0.0]), dim=0)
+    assert stats["expert_fraction"].tolist() == [0.0, 1.0]
+    torch.testing.assert_close(out[0], expected_output(layer, x, [[(1, probs[1])]]), rtol=1e-5, atol=1e-6)
+    # a load at the mean moves nothing
+    layer.routed_tokens.copy_(torch.tensor([3, 3]))
+    balance_routers([layer])
+    assert layer.router_bias_steps.tolist() == [-1, 1]
 
 
 def test_dropped_token_passes_through_the_block_residual():
@@ -80,11 +195,11 @@ def test_dropped_token_passes_through_the_block_residual():
     block = model.blocks[0]
     with torch.no_grad():
         gate_weight(block.ffn.moe).zero_()  # all tokens tie -> argmax picks expert 0
-    x = torch.randn(1, 6, 4)
+    x = torch.randn(1, 6, 8)
     after_attn = x + block.attn(block.ln_attn(x))
     out, _, stats = block(x)
     dropped = [i for i in range(6) if torch.equal(out[0, i], after_attn[0, i])]
-    assert len(dropped) == 3 and math.isclose(float(stats["dropped_fraction"]), 0.5, rel_tol=1e-6)
+    assert dropped == [3, 4, 5] and math.isclose(float(stats["dropped_fraction"]), 0.5, rel_tol=1e-6)
 
 
 def test_experts_start_different_and_seed_by_global_index():
@@ -143,9 +258,15 @@ def test_param_counts_total_and_active():
     torch.manual_seed(0)
     model = SwitchLM(switch_config(num_experts=4))
     total, active = model.param_counts()
-    per_expert = 2 * 4 * 8 + 8 + 4  # fc and proj weights, their biases (d_model 4, d_ff 8)
+    per_expert = 2 * 8 * 16 + 16 + 8  # fc and proj weights, their biases (d_model 8, d_ff 16)
     assert total == sum(p.numel() for p in model.parameters())
     assert total - active == 3 * per_expert
+    # top-2 with a shared expert: two experts active per token, and the shared one (an expert's size, SwiGLU's here)
+    torch.manual_seed(0)
+    model = SwitchLM(switch_config(num_experts=4, top_k=2, shared_expert=True, expert_activation="swiglu"))
+    total, active = model.param_counts()
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total - active == 2 * 3 * 8 * 16
 
 
 def test_expert_dropout_acts_inside_experts_only():
@@ -154,29 +275,29 @@ def test_expert_dropout_acts_inside_experts_only():
     model = SwitchLM(config)
     assert model.blocks[1].ffn.local_experts().dropout.p == 0.5
     assert all(m.p == 0.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "experts" not in n)
-    x = torch.randn(1, 6, 4)
+    x = torch.randn(1, 6, 8)
     model.blocks[1].ffn.train()
     assert not torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
     model.blocks[1].ffn.eval()
     assert torch.equal(model.blocks[1].ffn(x)[0], model.blocks[1].ffn(x)[0])
 
 
-PADDING = torch.tensor([5.0, 0, 0, 0]).expand(1, 6, 4)  # padding positions whose router prefers expert 0
+PADDING = tokens(*[[5.0, 0, 0, 0]] * 6)  # padding positions whose router prefers expert 0
 
 
 def test_padding_takes_no_expert_capacity():
-    # 6 real tokens (4 prefer expert 0) + 6 padding (expert 0): capacity ceil(12 / 2 x 1.0) = 6 slots each.
+    # 6 padding (expert 0) ahead of 6 real tokens (4 prefer expert 0): capacity ceil(12 / 2 x 1.0) = 6 slots each.
     layer = routed_layer()
-    x = torch.cat([TOKENS, PADDING], dim=1)
-    used = torch.tensor([[True] * 6 + [False] * 6])
+    x = torch.cat([PADDING, TOKENS], dim=1)
+    used = torch.tensor([[False] * 6 + [True] * 6])
     out, _, stats = layer(x, used)
-    assert all(not torch.all(out[0, i] == 0) for i in range(6))  # every real token has its expert's output
-    assert torch.all(out[0, 6:] == 0)  # padding is not routed
+    assert all(not torch.all(out[0, i] == 0) for i in range(6, 12))  # every real token has its expert's output
+    assert torch.all(out[0, :6] == 0)  # padding is not routed
     torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))  # of the real tokens
     assert float(stats["dropped_fraction"]) == 0.0
-    # Unmasked, the padding competes for expert 0's 6 slots: 10 tokens, 4 dropped, real ones among them.
+    # Unmasked, the padding comes first and fills expert 0's 6 slots: the 4 real tokens routed there are dropped.
     out, _, stats = layer(x)
-    assert any(torch.all(out[0, i] == 0) for i in range(4))
+    assert [i for i in range(12) if torch.all(out[0, i] == 0)] == [6, 7, 8, 9]
     torch.testing.assert_close(stats["expert_fraction"], torch.tensor([10 / 12, 2 / 12]))
     assert math.isclose(float(stats["dropped_fraction"]), 4 / 12, rel_tol=1e-6)
 
@@ -186,7 +307,7 @@ def test_dropped_fraction_is_of_the_real_tokens():
     layer = routed_layer(capacity_factor=0.5)
     layer.train()
     out, _, stats = layer(torch.cat([TOKENS, PADDING[:, :2]], dim=1), torch.tensor([[1] * 6 + [0] * 2]))
-    assert sum(bool(torch.all(out[0, i] == 0)) for i in range(4)) == 2
+    assert [i for i in range(8) if torch.all(out[0, i] == 0)] == [2, 3, 6, 7]  # tokens 2, 3 over capacity; padding
     torch.testing.assert_close(stats["expert_fraction"], torch.tensor([4 / 6, 2 / 6]))
     assert math.isclose(float(stats["dropped_fraction"]), 2 / 6, rel_tol=1e-6)
 
@@ -240,25 +361,34 @@ def with_loop_experts(layer):
 
     twin = copy.deepcopy(layer)
     config = layer.config
-    n_local = layer.local_experts().num_local_experts
+    n_local = layer.local_experts().num_experts
     loop = Experts(LoopExpert(config.d_model, config.d_ff), n_local, twin.moe.expert_group_name).to(layer.local_experts().fc_weight.dtype)
     replace_experts(twin.moe, loop)
     twin.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.endswith("." + GroupedExperts.STACKED_KEY)}, strict=True)
     return twin
 
 
-# fp32: the same products summed by other kernels (baddbmm against addmm), so equal to float32 rounding.
+def deepspeed_forward(twin, x, used=None):
+    """DeepSpeed's own MoE layer on ``twin`` (with_loop_experts): its top-1 gate, einsum dispatch and combine,
+    all-to-all and per-expert loop, with a capacity (the tokens of a rank) at which it drops nothing."""
+    gate = twin.moe.deepspeed_moe.gate
+    gate.capacity_factor = gate.eval_capacity_factor = float(twin.config.num_experts)
+    return twin.moe(x, None if used is None else used.reshape(-1).long())[0]
+
+
+# fp32: the same products summed by other kernels (grouped GEMM against addmm), so equal to float32 rounding.
 # bf16: each kernel rounds its fp32 accumulation to bf16 (8 bits), so results may differ by a few bf16 ulps
 # (2^-8 relative each); gradients summed over tokens carry a few such roundings.
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-6, atol=2**-6)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_the_per_expert_loop(dtype):
-    """Outputs and every gradient (router, each expert's weights; 4 experts of which expert 3 receives no
-    token, and padding that routes nowhere) equal those of DeepSpeed's loop over one module per expert."""
+def test_grouped_experts_equal_deepspeeds_moe_layer(dtype):
+    """At top-1 with nothing dropped, outputs and every gradient (input, router, each expert's weights; 4
+    experts of which expert 3 receives no token, and padding that routes nowhere) equal those of DeepSpeed's
+    MoE layer, its gate, dispatch and loop over one module per expert, holding the same weights."""
     torch.manual_seed(0)
-    layer = SwitchFFN(switch_config(num_experts=4, d_model=8, d_ff=16, n_heads=2, capacity_factor=1.25, min_capacity=2), layer_idx=1)
+    layer = SwitchFFN(switch_config(num_experts=4, d_model=8, d_ff=16, n_heads=2, dropless=True), layer_idx=1)
     layer.init_experts(seed=3)
     with torch.no_grad():
         gate_weight(layer.moe)[:, 7] = 0.0
@@ -270,19 +400,19 @@ def test_grouped_experts_equal_the_per_expert_loop(dtype):
     used = torch.ones(2, 12, dtype=torch.bool)
     used[1, 9:] = False
     outputs = []
-    for module in (layer, twin):
+    for forward in (lambda xx: layer(xx, used)[0], lambda xx: deepspeed_forward(twin, xx, used)):
         xx = x.clone().requires_grad_()
-        out, aux, stats = module(xx, used)
-        (out.float().square().sum() + aux).backward()
-        outputs.append((out, xx.grad, stats))
-    (out, x_grad, stats), (loop_out, loop_x_grad, loop_stats) = outputs
-    assert float(stats["expert_fraction"][3]) == 0.0
+        out = forward(xx)
+        out.float().square().sum().backward()
+        outputs.append((out, xx.grad))
+    (out, x_grad), (loop_out, loop_x_grad) = outputs
+    assert float(layer(x, used)[2]["expert_fraction"][3]) == 0.0
     torch.testing.assert_close(out, loop_out, **TOLERANCES[dtype])
     torch.testing.assert_close(x_grad, loop_x_grad, **TOLERANCES[dtype])
     torch.testing.assert_close(gate_weight(layer.moe).grad, gate_weight(twin.moe).grad, **TOLERANCES[dtype])
     grads = {name: p.grad for name, p in layer.local_experts().named_parameters()}
     for e, expert in enumerate(twin.local_experts().deepspeed_experts):
-        for name, stacked in GroupedExperts.EXPERT_TENSORS.items():
+        for name, stacked in GroupedExperts.EXPERT_TENSORS["gelu"].items():
             grad = grads[stacked][e].mT if name.endswith("weight") else grads[stacked][e]
             torch.testing.assert_close(grad, expert.get_parameter(name).grad, **TOLERANCES[dtype])
     assert all(torch.all(expert_grad[3] == 0) for expert_grad in grads.values())  # expert 3 had no token
@@ -292,10 +422,11 @@ def test_checkpoint_of_the_per_expert_modules_loads_into_grouped_experts():
     """A state_dict with the old module structure's keys (DeepSpeed's Experts: deepspeed_experts.E.fc.weight...)
     loads each expert into its slice; a state_dict of GroupedExperts has those keys too, plus the marker."""
     torch.manual_seed(0)
-    old = with_loop_experts(SwitchFFN(switch_config(num_experts=4), layer_idx=1))
+    source = SwitchFFN(switch_config(num_experts=4), layer_idx=1)
     with torch.no_grad():
-        for p in old.local_experts().parameters():
+        for p in source.parameters():
             p.normal_()  # weights the new layer could not have by chance
+    old = with_loop_experts(source)
     saved = old.state_dict()
     assert not any(k.endswith(GroupedExperts.STACKED_KEY) for k in saved)
     torch.manual_seed(1)
@@ -304,8 +435,8 @@ def test_checkpoint_of_the_per_expert_modules_loads_into_grouped_experts():
     for e, expert in enumerate(old.local_experts().deepspeed_experts):
         for name, tensor in new.local_experts().expert(e).items():
             assert torch.equal(tensor, expert.get_parameter(name))
-    x = torch.randn(1, 6, 4)
-    torch.testing.assert_close(new(x)[0], old(x)[0], **TOLERANCES[torch.float32])
+    x = torch.randn(1, 6, 8)
+    torch.testing.assert_close(new(x)[0], source(x)[0], rtol=0, atol=0)
     state = new.state_dict()
     assert all(f"moe.deepspeed_moe.experts.deepspeed_experts.{e}.{GroupedExperts.STACKED_KEY}" in state for e in range(4))
     assert set(saved) == {k for k in state if not k.endswith(GroupedExperts.STACKED_KEY)}
@@ -314,21 +445,31 @@ def test_checkpoint_of_the_per_expert_modules_loads_into_grouped_experts():
 def test_grouped_experts_refuse_a_state_dict_that_does_not_fit():
     layer = SwitchFFN(switch_config(num_experts=2), layer_idx=1)
     state = layer.state_dict()
-    extra = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.2.fc.weight": torch.zeros(8, 4)}
+    extra = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.2.fc.weight": torch.zeros(16, 8)}
     with pytest.raises(RuntimeError, match="Unexpected key"):
         layer.load_state_dict(extra)
     missing = {k: v for k, v in state.items() if "deepspeed_experts.1.proj.bias" not in k}
     with pytest.raises(RuntimeError, match="Missing key.*deepspeed_experts.1.proj.bias"):
         layer.load_state_dict(missing)
-    wrong = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.0.fc.weight": torch.zeros(4, 8)}
+    wrong = {**state, "moe.deepspeed_moe.experts.deepspeed_experts.0.fc.weight": torch.zeros(8, 16)}
     with pytest.raises(RuntimeError, match="size mismatch for .*deepspeed_experts.0.fc.weight"):
         layer.load_state_dict(wrong)
 
 
+def test_experts_need_dimensions_the_grouped_gemm_takes():
+    with pytest.raises(ConfigError, match="d_model .4. and d_ff .8. of a model with experts must be multiples of 8"):
+        switch_config(d_model=4, d_ff=8)
+    with pytest.raises(ConfigError, match="top_k must be between 1 and num_experts"):
+        switch_config(top_k=3)
+    with pytest.raises(ConfigError, match="expert_activation must be one of gelu, swiglu"):
+        switch_config(expert_activation="relu")
+
+
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_grouped_experts_equal_the_loop_on_two_ranks(tmp_path, ep_size):
-    """On 2 real ranks, through DeepSpeed's all-to-all at EP 2 (each rank holds 2 of the 4 experts and computes
-    the other rank's tokens routed to them), and without it at EP 1: outputs and gradients equal the loop's."""
+    """On 2 real ranks at EP 2 (each rank holds 2 of the 4 experts and computes the other rank's tokens routed to
+    them, through the variable all-to-all) and at EP 1: outputs and gradients equal DeepSpeed's MoE layer's (its
+    equal-split all-to-all, its loop); top-2 dropless routing equals that of one rank holding every expert."""
     from tests.distributed import REPO, start_ranks, wait_ranks
 
     # The rank script imports this module's helpers as tests.models.test_switch: the checkout on its path.
@@ -337,3 +478,4 @@ def test_grouped_experts_equal_the_loop_on_two_ranks(tmp_path, ep_size):
     n_local = 4 // ep_size
     assert all(r.returncode == 0 for r in results), results[0].output[-3000:] + results[1].output[-3000:]
     assert all(f"rank {r.rank}: {n_local} local experts of 4 match the loop" in r.output for r in results)
+    assert all(f"rank {r.rank}: top-2 dropless at expert-parallel size {ep_size} matches one rank" in r.output for r in results)
