@@ -39,6 +39,12 @@ Checkpoints (pretrain/checkpoint.py, pretrain/run_dir.py)
                                 what DeepSpeed pickles into its checkpoint files beyond tensors and containers
   zero3_fp32_state_dict         ``deepspeed.utils.zero_to_fp32`` reads files with its module-level ``torch.load``
   expert_checkpoint_path        ``DeepSpeedEngine._get_expert_ckpt_name`` (layer_L_expert_E_mp_rank_00_model_states.pt)
+  zero_checkpoint_files         ``DeepSpeedEngine._get_rank_zero_ckpt_name`` ([bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt)
+  zero_optimizer_groups         ``runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer`` and its ``.bit16_groups``
+  set_zero_optimizer_state      the ZeRO 1-2 optimizer's base ``.optimizer`` (group i holds one flat fp32 partition),
+                                ``._hp_optimizer_states_linked`` / ``._lazy_init_hp_params_optimizer_state`` (each
+                                parameter's view of the state), ``._load_global_state`` (loss scaler, clipping),
+                                ``.update_lp_params``; the saved ``optimizer_state_dict`` keys (pretrain/reshard.py)
 Optimizer build (pretrain/ds_config.py)
   prebuilt_op                   ``deepspeed.git_version_info.installed_ops`` (ops compiled when DeepSpeed was installed)
   cuda_toolkit_problem          ``ops.op_builder.builder.assert_no_cuda_mismatch`` (CUDA_HOME, its nvcc, torch's CUDA)
@@ -240,6 +246,47 @@ def expert_checkpoint_path(save_dir, moe_layer, expert, tag):
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine._get_expert_ckpt_name(os.fspath(save_dir), moe_layer, expert, tag)
+
+
+def zero_checkpoint_files(directory):
+    """data-parallel rank -> the file ZeRO 1-2 saved that rank's optimizer partition to, in checkpoint directory
+    ``directory`` (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``; no tensor or pipeline parallelism)."""
+    import re
+
+    names = (re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", name) for name in os.listdir(directory))
+    return {int(match.group(1)): os.path.join(directory, match.group(0)) for match in names if match}
+
+
+def zero_optimizer_groups(engine):
+    """The parameters of each ZeRO 1-2 optimizer group, in group order, or None when the engine's optimizer is
+    another (no ZeRO, ZeRO-3, DeepSpeed's separate BF16_Optimizer)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return None
+    return [list(group) for group in engine.optimizer.bit16_groups]
+
+
+def set_zero_optimizer_state(engine, groups, global_state, set_params):
+    """ZeRO 1-2, once ``engine.load_checkpoint(..., load_optimizer_states=False)`` has loaded the module: give
+    optimizer group i the hyper-parameters ``groups[i]["settings"]``, the state values ``groups[i]["scalars"]``
+    (Adam's step) and zeroed state tensors named ``groups[i]["keys"]``; the loss scaler and clipping of ``global_state`` (a saved
+    ``optimizer_state_dict``); then ``set_params()`` sets every parameter's fp32 master and state through
+    ``deepspeed.utils.safe_set_full_*``, and the module's weights are made the masters' (bf16: cast).
+
+    The base optimizer's state is made lazily at its first step, and each parameter's view of it is linked after
+    that step; a resumed optimizer needs both before its first step, so they are made here as that step would."""
+    zero = engine.optimizer
+    base = zero.optimizer
+    for group, wanted in zip(base.param_groups, groups):
+        flat = group["params"][0]  # the group's flat fp32 partition (single_partition_of_fp32_groups[i])
+        group.update(wanted["settings"])
+        base.state[flat] = {**wanted["scalars"], **{key: torch.zeros_like(flat) for key in wanted["keys"]}}
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    zero._load_global_state(global_state)
+    set_params()
+    zero.update_lp_params()  # every rank gathers the others' partitions
 
 
 # Optimizer build --------------------------------------------------------------------------------------------
