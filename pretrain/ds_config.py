@@ -255,12 +255,13 @@ def check_device_features(config, path, device):
 
 def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None):
     """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
-    go through DeepSpeed's universal checkpoint; what that cannot convert is refused. A model with experts at
-    another data- or expert-parallel size goes through pretrain/reshard.py under ZeRO 1-2 (DeepSpeed's
-    converter would merge different experts' partitions as one tensor); under ZeRO-0 it loads as is when only the
-    data-parallel size changed (every expert-parallel rank's optimizer file, ``expp_rank_R_*``, holds that rank's
-    experts whole) and is refused at another expert-parallel size. ``saved_ep_size``: the recorded one (None:
-    unknown)."""
+    go through DeepSpeed's universal checkpoint; what that cannot convert is refused.
+
+    A model with experts at another data- or expert-parallel size: under ZeRO 1-2 through pretrain/reshard.py
+    (``resume_resharded``; DeepSpeed's converter would join different experts' partitions as one tensor's). Under
+    ZeRO-0 it loads as is at another data-parallel size only: each expert-parallel rank's optimizer file
+    (``expp_rank_R_*``) holds that rank's experts whole, which fits any launch of the same expert-parallel size
+    and no other. (ZeRO-3 runs no experts: plan_launch.) ``saved_ep_size``: the checkpoint's (None: unknown)."""
     if family_of(model_config).experts:
         saved = (saved_dp_size or plan.dp_size, saved_ep_size or plan.expert_parallel_size)
         if saved == (plan.dp_size, plan.expert_parallel_size) or (plan.zero_stage == 0 and saved[1] == plan.expert_parallel_size):
@@ -270,7 +271,7 @@ def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=N
                 f"the ZeRO-0 checkpoint of this {family_of(model_config).name!r} model was saved with expert-parallel "
                 f"size {saved[1]} and this launch has {plan.expert_parallel_size}: ZeRO-0 keeps each expert-parallel "
                 f"rank's optimizer state in a file of its own, which Switchyard does not convert (it converts ZeRO 1-2); "
-                f"launch with moe.expert_parallel_size {saved[1]} (on a multiple of {saved[1]} ranks)"
+                f"launch with moe.expert_parallel_size {saved[1]}" + (f" (on a multiple of {saved[1]} ranks)" if saved[1] > 1 else "")
             )
         return dataclasses.replace(plan, resume_resharded=True), config
     if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
