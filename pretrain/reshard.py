@@ -50,7 +50,7 @@ class SavedZero:
         if not files or sorted(files) != list(range(len(files))):
             raise self.unconvertible(f"it holds ZeRO optimizer files for ranks {sorted(files)}, not 0..N-1")
         self.ranks = [safe_load(files[r], map_location="cpu", mmap=True)["optimizer_state_dict"] for r in range(len(files))]
-        for key in ("param_slice_mappings", "single_partition_of_fp32_groups", "partition_count", "group_paddings", "base_optimizer_state"):
+        for key in ("param_slice_mappings", "single_partition_of_fp32_groups", "partition_count", "base_optimizer_state"):
             if key not in self.ranks[0]:
                 raise self.unconvertible(f"its optimizer files have no {key!r} (written by another DeepSpeed optimizer)")
         # Each group's parameters and their shapes on a saved rank (an expert's: its local experts, stacked).
@@ -82,11 +82,11 @@ class SavedZero:
 
     def state_keys(self, g):
         """(names of group ``g``'s state tensors, which run over its slice, {the rest of its state: Adam's step}).
-        The saved masters leave out the slice's alignment padding and the state tensors keep it."""
+        The state tensors keep the slice's alignment padding, which ZeRO 1-2's saved masters leave out (bf16's keep it)."""
         saved = self.ranks[0]
-        slice_numel = saved["single_partition_of_fp32_groups"][g].numel() + saved["group_paddings"][g]
+        masters = saved["single_partition_of_fp32_groups"][g].numel()
         state = saved["base_optimizer_state"]["state"].get(g, {})
-        tensors = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() == slice_numel]
+        tensors = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() >= masters]
         return tensors, {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items() if k not in tensors}  # clone: off the mapped file
 
     def _slice(self, rank, g, key):
@@ -139,7 +139,7 @@ def load_optimizer_state(engine, directory):
     saved = SavedZero(directory)
     groups = deepspeed_compat.zero_optimizer_groups(engine)
     if groups is None:
-        raise saved.unconvertible("this launch's optimizer is not DeepSpeed's ZeRO 1-2 optimizer")
+        raise saved.unconvertible("this launch's optimizer is not one of DeepSpeed's ZeRO 1-2 optimizers")
     names = {param: name for name, param in engine.module.named_parameters()}
     wanted = []
     for group in groups:

@@ -40,7 +40,8 @@ Checkpoints (pretrain/checkpoint.py, pretrain/run_dir.py)
   zero3_fp32_state_dict         ``deepspeed.utils.zero_to_fp32`` reads files with its module-level ``torch.load``
   expert_checkpoint_path        ``DeepSpeedEngine._get_expert_ckpt_name`` (layer_L_expert_E_mp_rank_00_model_states.pt)
   zero_checkpoint_files         ``DeepSpeedEngine._get_rank_zero_ckpt_name`` ([bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt)
-  zero_optimizer_groups         ``runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer`` and its ``.bit16_groups``
+  zero_optimizer_groups         ``runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer`` and its ``.bit16_groups``,
+                                ``runtime.bf16_optimizer.BF16_Optimizer`` and its ``.bf16_groups``
   set_zero_optimizer_state      the ZeRO 1-2 optimizer's base ``.optimizer`` (group i holds one flat fp32 partition),
                                 ``._hp_optimizer_states_linked`` / ``._lazy_init_hp_params_optimizer_state`` (each
                                 parameter's view of the state), ``._load_global_state`` (loss scaler, clipping),
@@ -258,13 +259,16 @@ def zero_checkpoint_files(directory):
 
 
 def zero_optimizer_groups(engine):
-    """The parameters of each ZeRO 1-2 optimizer group, in group order, or None when the engine's optimizer is
-    another (no ZeRO, ZeRO-3, DeepSpeed's separate BF16_Optimizer)."""
+    """The parameters of each optimizer group of ZeRO 1-2's optimizer (``DeepSpeedZeroOptimizer``, or the
+    ``BF16_Optimizer`` DeepSpeed runs for bf16 at ZeRO-1), in group order; None for another (no ZeRO, ZeRO-3)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if not isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
-        return None
-    return [list(group) for group in engine.optimizer.bit16_groups]
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return [list(group) for group in engine.optimizer.bit16_groups]
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        return [list(group) for group in engine.optimizer.bf16_groups]
+    return None
 
 
 def set_zero_optimizer_state(engine, groups, global_state, set_params):
