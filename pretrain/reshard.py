@@ -10,8 +10,9 @@ contiguous ranks, so with E the expert-parallel size, rank r holds global expert
 ep_rank = r % E, and the ranks r % E = e, taken in order, hold the slices of expert-parallel rank e's experts.
 
 Why not DeepSpeed's converter: ``ds_to_universal`` (and ZeRO's own elastic loading) joins every rank's slice of a
-group as if all were slices of one tensor; for experts they are slices of different experts (DeepSpeed issues
-5716 and 6589). So the tensors are rebuilt here, from the same files:
+group as if all were slices of one tensor; for experts they are slices of different experts (DeepSpeed issue
+5716 asks for MoE support). So the tensors are rebuilt here, from the same files (their layout:
+switchyard/deepspeed_compat.saved_zero_partitions):
 
 1. ``engine.load_checkpoint`` without optimizer states loads the module (the dense weights, and each expert from
    its own file by global index, which works at any expert-parallel size), the learning-rate scheduler, the step
@@ -29,7 +30,6 @@ one parameter at a time), so the conversion needs no collective and no rank hold
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -46,17 +46,11 @@ class SavedZero:
 
     def __init__(self, directory):
         self.directory = directory
-        files = deepspeed_compat.zero_checkpoint_files(directory)
-        if not files or sorted(files) != list(range(len(files))):
-            raise self.unconvertible(f"it holds ZeRO optimizer files for ranks {sorted(files)}, not 0..N-1")
-        self.ranks = [safe_load(files[r], map_location="cpu", mmap=True)["optimizer_state_dict"] for r in range(len(files))]
-        for key in ("param_slice_mappings", "single_partition_of_fp32_groups", "partition_count", "base_optimizer_state"):
-            if key not in self.ranks[0]:
-                raise self.unconvertible(f"its optimizer files have no {key!r} (written by another DeepSpeed optimizer)")
-        # Each group's parameters and their shapes on a saved rank (an expert's: its local experts, stacked).
-        self.shapes = safe_load(os.path.join(directory, "mp_rank_00_model_states.pt"), map_location="cpu", mmap=True)["param_shapes"]
+        saved = deepspeed_compat.saved_zero_partitions(directory, lambda path: safe_load(path, map_location="cpu", mmap=True))
+        if isinstance(saved, str):
+            raise self.unconvertible(saved)
+        self.ranks, self.shapes = saved.ranks, saved.shapes  # shapes[g]: name -> shape (an expert's: its local experts, stacked)
         self.group_of = {name: g for g, shapes in enumerate(self.shapes) for name in shapes}
-        self.settings = self.ranks[0]["base_optimizer_state"]["param_groups"]
 
     def unconvertible(self, why):
         return ConfigError(
@@ -65,12 +59,12 @@ class SavedZero:
         )
 
     def is_expert_group(self, g):
-        return bool(self.settings[g].get("moe"))
+        return self.ranks[0].experts[g]
 
     def group_ranks(self, g):
         """The saved ranks whose slices make group ``g``, one list per expert-parallel rank (one list: dense)."""
         world = len(self.ranks)
-        partitions = self.ranks[0]["partition_count"][g]
+        partitions = self.ranks[0].partitions[g]
         if not self.is_expert_group(g):
             if partitions != world:
                 raise self.unconvertible(f"dense optimizer group {g} is split {partitions} ways on {world} ranks")
@@ -82,18 +76,12 @@ class SavedZero:
 
     def state_keys(self, g):
         """(names of group ``g``'s state tensors, which run over its slice, {the rest of its state: Adam's step}).
-        The state tensors keep the slice's alignment padding, which ZeRO 1-2's saved masters leave out (bf16's keep it)."""
-        saved = self.ranks[0]
-        masters = saved["single_partition_of_fp32_groups"][g].numel()
-        state = saved["base_optimizer_state"]["state"].get(g, {})
+        They may be longer than the saved masters: they keep the slice's alignment padding, which ZeRO 1-2's masters
+        leave out."""
+        masters = self.ranks[0].masters[g].numel()
+        state = self.ranks[0].state[g]
         tensors = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() >= masters]
         return tensors, {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items() if k not in tensors}  # clone: off the mapped file
-
-    def _slice(self, rank, g, key):
-        saved = self.ranks[rank]
-        if key == MASTER:
-            return saved["single_partition_of_fp32_groups"][g]
-        return saved["base_optimizer_state"]["state"][g][key]
 
     def whole(self, name, key):
         """Saved parameter ``name``'s tensor ``key`` (MASTER or a state tensor's name), whole: an expert parameter's
@@ -104,9 +92,10 @@ class SavedZero:
         for ranks in self.group_ranks(g):  # expert-parallel rank by expert-parallel rank
             pieces = []
             for rank in ranks:  # the slices of one tensor, in partition order
-                where = self.ranks[rank]["param_slice_mappings"][g].get(name)
-                if where is not None:
-                    pieces.append(self._slice(rank, g, key).narrow(0, where.start, where.numel))
+                saved = self.ranks[rank]
+                if name in saved.slices[g]:
+                    start, numel = saved.slices[g][name]
+                    pieces.append((saved.masters[g] if key == MASTER else saved.state[g][key]).narrow(0, start, numel))
             numel = sum(p.numel() for p in pieces)
             if numel != math.prod(shape):
                 raise self.unconvertible(f"the slices of {name} hold {numel} values, its shape {shape} {math.prod(shape)}")
@@ -116,7 +105,8 @@ class SavedZero:
 
 def this_ranks_part(whole, param, name):
     """Of parameter ``name``'s whole saved tensor, what ``param`` holds on this rank: all of it, or, for an expert
-    parameter, the local experts (global ep_rank * E_local ..., ep_rank = rank % expert-parallel size)."""
+    parameter, the local experts: global ep_rank * E_local ..., ep_rank = rank % expert-parallel size (DeepSpeed's
+    expert-parallel groups are consecutive ranks; models/switch.py seeds each expert by that global index too)."""
     if getattr(param, "allreduce", True):  # dense
         if whole.shape != param.shape:
             raise ConfigError(f"--resume: {name} was saved with shape {tuple(whole.shape)} and this model has {tuple(param.shape)}")
@@ -153,8 +143,7 @@ def load_optimizer_state(engine, directory):
         if saved.is_expert_group(g) != (getattr(group[0], "allreduce", True) is False):
             raise saved.unconvertible(f"{group_names[0]} is an expert parameter in one of the two and not in the other")
         keys, scalars = saved.state_keys(g)
-        settings = {k: v for k, v in saved.settings[g].items() if k not in ("params", "name", "moe")}  # name: the group's process group
-        wanted.append({"group": g, "keys": keys, "scalars": scalars, "settings": settings})
+        wanted.append({"keys": keys, "scalars": scalars, "settings": saved.ranks[0].settings[g]})
 
     def set_params():
         for group, want in zip(groups, wanted):
@@ -164,4 +153,4 @@ def load_optimizer_state(engine, directory):
                 for key in want["keys"]:
                     safe_set_full_optimizer_state(param, this_ranks_part(saved.whole(name, key), param, name), key)
 
-    deepspeed_compat.set_zero_optimizer_state(engine, wanted, saved.ranks[0], set_params)
+    deepspeed_compat.set_zero_optimizer_state(engine, wanted, saved.ranks[0].saved, set_params)
