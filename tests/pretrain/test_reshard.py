@@ -114,6 +114,8 @@ def test_switch_run_resumes_at_another_world_and_expert_parallel_size(tmp_path, 
     the new sizes all along: its losses, and at the end its masters and Adam state, partition by partition."""
     run = resume(tmp_path, uninterrupted(stage, saved_world, saved_world), stage, world, world)
     assert_continues_as(run, uninterrupted(stage, world, world))
+    for step, ep_size in ((STOPPED, saved_world), (STEPS, world)):  # what the next resume plans by (pretrain/ds_config.plan_resume)
+        assert json.loads((run / f"global_step{step}" / "manifest.json").read_text())["expert_parallel_size"] == ep_size
 
 
 def test_zero0_switch_run_resumes_at_another_data_parallel_size_as_saved(tmp_path, uninterrupted):
