@@ -5,7 +5,8 @@ rank 0 records a manifest (size and SHA-256 of each file), flushes, renames the 
 ``global_stepN`` and atomically replaces the ``latest`` pointer. A kill at any moment leaves
 either the previous checkpoint or the new one as ``latest``, never half of one. On resume a
 checkpoint whose files do not match its manifest is skipped, with a warning, for the previous one.
-Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint.
+Resuming at another data-parallel size goes through DeepSpeed's universal checkpoint; a model with experts, at
+another data- or expert-parallel size, through pretrain/reshard.py.
 """
 
 import errno
@@ -18,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from pretrain import reshard
 from pretrain.run_dir import LATEST, MANIFEST, complete_tags, damage, safe_load, sha256
 from pretrain.watchdog import barrier_in_store, rank0_alone
 from switchyard import deepspeed_compat
@@ -126,17 +128,26 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
             f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume"
         ) from e
     barrier_in_store()  # every rank's shards are on disk
-    rank0_alone(lambda: _complete(save_dir, tag, partial_dir, step, dp_size, keep_last))
+    layout = {"dp_size": dp_size, "expert_parallel_size": _expert_parallel_size(engine.module)}
+    rank0_alone(lambda: _complete(save_dir, tag, partial_dir, step, layout, keep_last))
 
 
-def _complete(save_dir, tag, partial_dir, step, dp_size, keep_last):
+def _expert_parallel_size(module):
+    """The expert-parallel size of ``module``'s MoE layers (1 without any): a resume at another one converts the
+    checkpoint (pretrain/ds_config.plan_resume reads it from the manifest)."""
+    from deepspeed.moe.layer import MoE
+
+    return max((layer.ep_size for layer in module.modules() if isinstance(layer, MoE)), default=1)
+
+
+def _complete(save_dir, tag, partial_dir, step, layout, keep_last):
     """Rank 0, once every rank's shards are written: the manifest, the rename, ``latest``, the old checkpoints'
     removal (minutes for a large model on a slow filesystem, while the others wait in the store)."""
     manifest = {}
     for rel, path in _files(partial_dir):
         _fsync(path)
         manifest[rel] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
-    _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, "dp_size": dp_size, "files": manifest}, indent=1))
+    _write_atomically(os.path.join(partial_dir, MANIFEST), json.dumps({"step": step, **layout, "files": manifest}, indent=1))
     final_dir = os.path.join(save_dir, tag)
     if os.path.isdir(final_dir):
         shutil.rmtree(final_dir)
@@ -172,21 +183,25 @@ def _to_universal(save_dir, tag):
     return universal
 
 
-def load(engine, save_dir, universal=False):
+def load(engine, save_dir, universal=False, resharded=False):
     """Load the newest intact checkpoint; returns its client state (step, consumed_samples, ...).
 
     Rank 0 checks the files and tells the others its choice (rank0_alone), so every rank loads the same tag. With
     ``universal`` (another data-parallel size than the one saved; the engine was configured with
-    ``checkpoint.load_universal``) rank 0 first converts it, and removes the conversion after loading.
+    ``checkpoint.load_universal``) rank 0 first converts it, and removes the conversion after loading. With
+    ``resharded`` (a model with experts at another data- or expert-parallel size, ZeRO 1-2) DeepSpeed loads all but
+    the optimizer state, which every rank then rebuilds from the saved files at its own sizes (pretrain/reshard.py).
     """
     tag = rank0_alone(lambda: _newest_intact(save_dir))
     if isinstance(tag, ConfigError):
         raise tag
     load_tag = rank0_alone(lambda: _to_universal(save_dir, tag)) if universal else tag
     deepspeed_compat.load_checkpoints_through(engine, safe_load)  # DeepSpeed's engine unpickles with weights_only=False
-    path, client_state = engine.load_checkpoint(save_dir, tag=load_tag)
+    path, client_state = engine.load_checkpoint(save_dir, tag=load_tag, load_optimizer_states=not resharded)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(save_dir, load_tag)}")
+    if resharded:
+        reshard.load_optimizer_state(engine, os.path.join(save_dir, tag))
     deepspeed_compat.replay_cpu_adam_bias_correction(engine.optimizer)
     rng_path = _rng_path(os.path.join(save_dir, tag), dist.get_rank())
     if os.path.isfile(rng_path):  # absent for ranks beyond the saved world size

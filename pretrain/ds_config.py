@@ -29,7 +29,8 @@ class LaunchPlan:
     precision: str  # "fp32", "bf16" or "fp16"
     pipeline_stages: int
     expert_parallel_size: int
-    resume_universal: bool = False  # resuming a ZeRO checkpoint saved at another data-parallel size
+    resume_universal: bool = False  # resuming a dense ZeRO checkpoint saved at another data-parallel size
+    resume_resharded: bool = False  # resuming a ZeRO 1-2 model with experts saved at another data- or expert-parallel size
 
 
 def load_ds_config(path):
@@ -254,20 +255,25 @@ def check_device_features(config, path, device):
 
 def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None):
     """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
-    go through DeepSpeed's universal checkpoint; what that cannot convert is refused. A model with experts
-    resumes only at the data- and expert-parallel sizes it was saved with, whatever the ZeRO stage: DeepSpeed
-    writes its optimizer state per expert-parallel rank (``expp_rank_R_*``), holding that rank's experts only,
-    and the universal checkpoint cannot convert experts. ``saved_ep_size``: the recorded one (None: unknown)."""
+    go through DeepSpeed's universal checkpoint; what that cannot convert is refused.
+
+    A model with experts at another data- or expert-parallel size: under ZeRO 1-2 through pretrain/reshard.py
+    (``resume_resharded``; DeepSpeed's converter would join different experts' partitions as one tensor's). Under
+    ZeRO-0 it loads as is at another data-parallel size only: each expert-parallel rank's optimizer file
+    (``expp_rank_R_*``) holds that rank's experts whole, which fits any launch of the same expert-parallel size
+    and no other. (ZeRO-3 runs no experts: plan_launch.) ``saved_ep_size``: the checkpoint's (None: unknown)."""
     if family_of(model_config).experts:
         saved = (saved_dp_size or plan.dp_size, saved_ep_size or plan.expert_parallel_size)
-        if saved != (plan.dp_size, plan.expert_parallel_size):
+        if saved == (plan.dp_size, plan.expert_parallel_size) or (plan.zero_stage == 0 and saved[1] == plan.expert_parallel_size):
+            return plan, config
+        if plan.zero_stage == 0:
             raise ConfigError(
-                f"the checkpoint of this {family_of(model_config).name!r} model was saved with {saved[0]} data-parallel "
-                f"ranks and expert-parallel size {saved[1]}, and this launch has {plan.dp_size} and "
-                f"{plan.expert_parallel_size}: a model with experts resumes only as it was saved (no conversion of "
-                f"experts exists yet); launch {saved[0] * plan.pipeline_stages} ranks with moe.expert_parallel_size {saved[1]}"
+                f"the ZeRO-0 checkpoint of this {family_of(model_config).name!r} model was saved with expert-parallel "
+                f"size {saved[1]} and this launch has {plan.expert_parallel_size}: ZeRO-0 keeps each expert-parallel "
+                f"rank's optimizer state in a file of its own, which Switchyard does not convert (it converts ZeRO 1-2); "
+                f"launch with moe.expert_parallel_size {saved[1]}" + (f" (on a multiple of {saved[1]} ranks)" if saved[1] > 1 else "")
             )
-        return plan, config
+        return dataclasses.replace(plan, resume_resharded=True), config
     if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
         return plan, config
     if plan.pipeline_stages > 1:

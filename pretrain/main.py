@@ -48,7 +48,9 @@ def prepare(argv):
     recorded = (run_dir.read_run_config(args.save_dir) or {}).get("deepspeed") if args.resume else None
     ds_config, schedule_notice = resolve_schedule(ds_config, args.ds_config, args.max_steps, args.resume, recorded, args.extend_schedule)
     if args.resume:
-        saved_ep_size = ((recorded or {}).get("moe") or {}).get("expert_parallel_size", 1) if recorded else None
+        saved_ep_size = run_dir.saved_expert_parallel_size(args.save_dir)
+        if saved_ep_size is None and recorded:  # a checkpoint from before the manifest recorded it
+            saved_ep_size = (recorded.get("moe") or {}).get("expert_parallel_size", 1)
         plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config, saved_ep_size)
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
     notices = [optimizer_notice, schedule_notice]

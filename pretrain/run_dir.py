@@ -462,11 +462,12 @@ def _enum_member(enum_class, name):
     return enum_class[name]
 
 
-def safe_load(path, map_location=None):
-    """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes."""
+def safe_load(path, map_location=None, mmap=False):
+    """torch.load without arbitrary code: weights_only with DeepSpeed's allow-listed classes; ``mmap``: tensors
+    stay in the file, read as they are used."""
     try:
         with torch.serialization.safe_globals([*deepspeed_compat.checkpoint_allowed_globals(), (_enum_member, "builtins.getattr")]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         raise UnsafeCheckpoint(
@@ -502,14 +503,24 @@ def damage(save_dir, tag):
     return None
 
 
-def saved_dp_size(save_dir):
-    """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
+def _latest_manifest_field(save_dir, key):
     tag = read_latest(save_dir)
     try:
         with open(os.path.join(save_dir, tag, MANIFEST)) as f:
-            return json.load(f)["dp_size"]
+            return json.load(f)[key]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def saved_dp_size(save_dir):
+    """Data-parallel size of the checkpoint ``latest`` names (read before any rank starts)."""
+    return _latest_manifest_field(save_dir, "dp_size")
+
+
+def saved_expert_parallel_size(save_dir):
+    """Expert-parallel size of the checkpoint ``latest`` names; None where its manifest predates the field (the
+    run's record, run_config.json, then says it, unless a launch at another size failed before saving)."""
+    return _latest_manifest_field(save_dir, "expert_parallel_size")
 
 
 def _check_run_dir(run_dir):

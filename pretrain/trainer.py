@@ -160,7 +160,7 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples}
 
     def resume(self):
-        state = checkpoint.load(self.engine, self.args.save_dir, universal=self.plan.resume_universal)
+        state = checkpoint.load(self.engine, self.args.save_dir, universal=self.plan.resume_universal, resharded=self.plan.resume_resharded)
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
         if dist.get_rank() == 0:
             print(f"resumed from step {self.step} ({self.consumed_samples} samples consumed)", flush=True)

@@ -39,6 +39,17 @@ Checkpoints (pretrain/checkpoint.py, pretrain/run_dir.py)
                                 what DeepSpeed pickles into its checkpoint files beyond tensors and containers
   zero3_fp32_state_dict         ``deepspeed.utils.zero_to_fp32`` reads files with its module-level ``torch.load``
   expert_checkpoint_path        ``DeepSpeedEngine._get_expert_ckpt_name`` (layer_L_expert_E_mp_rank_00_model_states.pt)
+  saved_zero_partitions         ``DeepSpeedEngine._get_rank_zero_ckpt_name`` ([bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt)
+                                and what ZeRO 1-2's and BF16_Optimizer's ``state_dict`` save there
+                                (``optimizer_state_dict``: ``single_partition_of_fp32_groups``, ``base_optimizer_state``,
+                                ``param_slice_mappings``, ``partition_count``; the ``moe`` and ``name`` group keys);
+                                ``param_shapes`` in mp_rank_00_model_states.pt
+  zero_optimizer_groups         ``runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer`` and its ``.bit16_groups``,
+                                ``runtime.bf16_optimizer.BF16_Optimizer`` and its ``.bf16_groups``
+  set_zero_optimizer_state      the ZeRO 1-2 optimizer's base ``.optimizer`` (group i holds one flat fp32 partition),
+                                ``._hp_optimizer_states_linked`` / ``._lazy_init_hp_params_optimizer_state`` (each
+                                parameter's view of the state), ``._load_global_state`` (loss scaler, clipping),
+                                ``.update_lp_params``
 Optimizer build (pretrain/ds_config.py)
   prebuilt_op                   ``deepspeed.git_version_info.installed_ops`` (ops compiled when DeepSpeed was installed)
   cuda_toolkit_problem          ``ops.op_builder.builder.assert_no_cuda_mismatch`` (CUDA_HOME, its nvcc, torch's CUDA)
@@ -243,6 +254,82 @@ def expert_checkpoint_path(save_dir, moe_layer, expert, tag):
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine._get_expert_ckpt_name(os.fspath(save_dir), moe_layer, expert, tag)
+
+
+def saved_zero_partitions(directory, load):
+    """The ZeRO 1-2 optimizer partitions checkpoint ``directory`` holds, one per saved rank in rank order (each file,
+    ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``, read with ``load(path)``), each a SimpleNamespace:
+    ``masters[g]`` (optimizer group g's flat fp32 slice), ``state[g]`` (Adam's state: tensors over the slice, with
+    the alignment padding that ZeRO 1-2's masters leave out, and its step), ``slices[g]`` (parameter name ->
+    (start, numel) in the slice), ``partitions[g]`` (how many ranks the group is sliced over), ``settings[g]`` (the
+    group's hyper-parameters), ``experts[g]`` (an expert group), ``saved`` (the file's optimizer state, which
+    ``set_zero_optimizer_state`` takes); and ``shapes``: each group's parameter shapes on a saved rank. A str
+    says why there are none: the checkpoint has no such files, or another optimizer wrote them."""
+    import re
+    import types
+
+    names = (re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", name) for name in os.listdir(directory))
+    files = {int(match.group(1)): os.path.join(directory, match.group(0)) for match in names if match}
+    if not files or sorted(files) != list(range(len(files))):
+        return f"it holds ZeRO optimizer files for ranks {sorted(files)}, not 0..N-1"
+    shapes = load(os.path.join(directory, "mp_rank_00_model_states.pt"))["param_shapes"]
+    partitions = []
+    for rank in range(len(files)):
+        saved = load(files[rank])["optimizer_state_dict"]
+        missing = [
+            k for k in ("param_slice_mappings", "single_partition_of_fp32_groups", "partition_count", "base_optimizer_state") if k not in saved
+        ]
+        if missing:
+            return f"its optimizer files have no {missing[0]!r} (written by another DeepSpeed optimizer)"
+        groups = saved["base_optimizer_state"]["param_groups"]
+        partitions.append(
+            types.SimpleNamespace(
+                masters=saved["single_partition_of_fp32_groups"],
+                state=[saved["base_optimizer_state"]["state"].get(g, {}) for g in range(len(groups))],
+                slices=[{name: (where.start, where.numel) for name, where in group.items()} for group in saved["param_slice_mappings"]],
+                partitions=saved["partition_count"],
+                # "name": DeepSpeed's name of the group's process group, "moe": its expert tag; neither a setting
+                settings=[{k: v for k, v in group.items() if k not in ("params", "name", "moe")} for group in groups],
+                experts=[bool(group.get("moe")) for group in groups],
+                saved=saved,
+            )
+        )
+    return types.SimpleNamespace(ranks=partitions, shapes=shapes)
+
+
+def zero_optimizer_groups(engine):
+    """The parameters of each optimizer group of ZeRO 1-2's optimizer (``DeepSpeedZeroOptimizer``, or the
+    ``BF16_Optimizer`` DeepSpeed runs for bf16 at ZeRO-1), in group order; None for another (no ZeRO, ZeRO-3)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return [list(group) for group in engine.optimizer.bit16_groups]
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        return [list(group) for group in engine.optimizer.bf16_groups]
+    return None
+
+
+def set_zero_optimizer_state(engine, groups, global_state, set_params):
+    """ZeRO 1-2, once ``engine.load_checkpoint(..., load_optimizer_states=False)`` has loaded the module: give
+    optimizer group i the hyper-parameters ``groups[i]["settings"]``, the state values ``groups[i]["scalars"]``
+    (Adam's step) and zeroed state tensors named ``groups[i]["keys"]``; the loss scaler and clipping of ``global_state`` (a saved
+    ``optimizer_state_dict``); then ``set_params()`` sets every parameter's fp32 master and state through
+    ``deepspeed.utils.safe_set_full_*``, and the module's weights are made the masters' (bf16: cast).
+
+    The base optimizer's state is made lazily at its first step, and each parameter's view of it is linked after
+    that step; a resumed optimizer needs both before its first step, so they are made here as that step would."""
+    zero = engine.optimizer
+    base = zero.optimizer
+    for group, wanted in zip(base.param_groups, groups):
+        flat = group["params"][0]  # the group's flat fp32 partition (single_partition_of_fp32_groups[i])
+        group.update(wanted["settings"])
+        base.state[flat] = {**wanted["scalars"], **{key: torch.zeros_like(flat) for key in wanted["keys"]}}
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    zero._load_global_state(global_state)
+    set_params()
+    zero.update_lp_params()  # every rank gathers the others' partitions
 
 
 # Optimizer build --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 --max_steps, a resume keeps the recorded length and says so in one line, --extend_schedule stretches it; checked on
 the learning rate real runs log."""
 
+import dataclasses
 import json
 import math
 import re
@@ -189,7 +190,8 @@ def test_offloaded_state_is_pinned(name):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_a_model_with_experts_resumes_only_at_its_saved_data_and_expert_parallel_sizes(stage):
+def test_a_model_with_experts_at_other_sizes_is_resharded_under_zero_1_2_and_under_zero_0_only_at_its_expert_parallel_size(stage):
+    """Resumes themselves: tests/pretrain/test_reshard.py. ZeRO-3 does not run experts at all (plan_launch)."""
     from models import load_model_config
     from pretrain.ds_config import plan_launch, plan_resume
 
@@ -198,11 +200,18 @@ def test_a_model_with_experts_resumes_only_at_its_saved_data_and_expert_parallel
     plan = plan_launch(config, "moe.json", 2, model)  # 2 ranks, expert-parallel size 2
     assert plan_resume(plan, config, "moe.json", 2, model, 2) == (plan, config)
     assert plan_resume(plan, config, "moe.json", None, model, None) == (plan, config)  # a checkpoint without a record
-    for saved_dp, saved_ep in ((2, 1), (1, 2), (4, 2)):
-        with pytest.raises(
-            ConfigError, match=f"saved with {saved_dp} data-parallel ranks and expert-parallel size {saved_ep}, and this launch has 2 and 2"
-        ):
-            plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep)
+    for saved_dp, saved_ep in ((2, 1), (1, 2), (4, 2), (1, 1)):
+        if stage == 0 and saved_ep != 2:
+            refusal = f"saved with expert-parallel size {saved_ep} and this launch has 2: .* launch with moe.expert_parallel_size {saved_ep}"
+            with pytest.raises(ConfigError, match=refusal):
+                plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep)
+        elif stage == 0:  # nothing is partitioned: each expert-parallel rank's file holds its experts whole
+            assert plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep) == (plan, config)
+        else:
+            resumed, resumed_config = plan_resume(plan, config, "moe.json", saved_dp, model, saved_ep)
+            assert resumed == dataclasses.replace(plan, resume_resharded=True) and resumed_config == config  # not DeepSpeed's universal load
+    with pytest.raises(ConfigError, match="does not run under ZeRO-3"):
+        plan_launch({**config, "zero_optimization": {"stage": 3}}, "moe.json", 2, model)
 
 
 def test_zero_plus_plus_quantization_on_cuda_needs_the_quantizer_op(monkeypatch, gpu_without_toolkit):
