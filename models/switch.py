@@ -147,6 +147,8 @@ class GroupedExperts(nn.Module):
             self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # gate projection (through SiLU)
             self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # up projection
             self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))  # down projection
+        for param in self.parameters():
+            param.stacked_experts = True  # dim 0 indexes experts: the optimizer decays each expert's matrices only
         self.dropout = nn.Dropout(dropout)
 
     def expert(self, i):

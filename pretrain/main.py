@@ -104,8 +104,11 @@ def optimizer_param_groups(model):
 
     from switchyard.deepspeed_compat import full_shape
 
-    decay = [p for n, p in model.named_parameters() if len(full_shape(p)) >= 2]
-    no_decay = [p for n, p in model.named_parameters() if len(full_shape(p)) < 2]
+    def is_matrix(p):  # of stacked experts (models/switch.py), each expert's slice: a bias is [experts, d]
+        return len(full_shape(p)) - getattr(p, "stacked_experts", False) >= 2
+
+    decay = [p for p in model.parameters() if is_matrix(p)]
+    no_decay = [p for p in model.parameters() if not is_matrix(p)]
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     if any(is_moe_param(p) for p in model.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)

@@ -148,7 +148,7 @@ def test_switch_transformer_counts_one_expert_as_active():
 def test_experts_start_different():
     model = tiny("switch-transformer", num_experts=4)
     experts = model.switch_layers()[0].local_experts()
-    weights = [experts.expert(e)["fc.weight"] for e in range(experts.num_local_experts)]
+    weights = [experts.expert(e)["fc.weight"] for e in range(experts.num_experts)]
     assert not torch.equal(weights[0], weights[1])
 
 

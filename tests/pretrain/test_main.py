@@ -69,3 +69,19 @@ def test_a_stale_build_lock_is_named_at_start(tmp_path, monkeypatch, capsys):
 
     prepare([str(a) for a in train_args(tmp_path, "zero0.json", "tiny-gpt.json", 1)])
     assert [line for line in capsys.readouterr().err.splitlines() if "lock" in line] == [warning]
+
+
+def test_weight_decay_falls_on_matrices_and_each_experts_matrices_only():
+    from models import config_from_dict
+    from models.registry import family_of
+    from pretrain.main import optimizer_param_groups
+
+    config = config_from_dict({"family": "switch", "d_model": 8, "d_ff": 16, "n_heads": 2, "n_layers": 2, "vocab_size": 32, "shared_expert": True})
+    model = family_of(config).model_cls(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer_param_groups(model) if g.get("weight_decay", None) != 0.0 for p in g["params"]}
+    switch = "blocks.1.ffn."
+    experts = switch + "moe.deepspeed_moe.experts."
+    assert {experts + "fc_weight", experts + "proj_weight", switch + "shared.fc_weight", switch + "shared.proj_weight"} <= decayed
+    # stacked biases are 2-D ([experts, d]) but each expert's is a vector, as the dense FFN's biases and LayerNorms
+    assert not decayed & {experts + "fc_bias", experts + "proj_bias", switch + "shared.fc_bias", "blocks.1.ln_ffn.weight"}

@@ -47,7 +47,7 @@ def test_switch_experts_all_local_distinct_and_in_place(trained):
     moe_blocks = [block for block in model.blocks if hasattr(block.ffn, "local_experts")]
     assert len(moe_blocks) == len(config.layers_with_experts()) == 1
     experts = moe_blocks[0].ffn.local_experts()
-    assert experts.num_local_experts == config.num_experts == 4
+    assert experts.num_experts == config.num_experts == 4
     weights = [experts.expert(e)["fc.weight"] for e in range(4)]
     assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
     for e, weight in enumerate(weights):  # expert e holds the weights DeepSpeed saved as global expert e
