@@ -162,24 +162,26 @@ class GroupedExperts(nn.Module):
     def params_per_expert(self):
         return sum(p.numel() for p in self.parameters()) // self.num_experts
 
-    def forward(self, x, offsets):
+    def forward(self, x, offsets, computed=None):
         """x [N, d_model], its rows grouped by expert: expert e's are rows offsets[e-1] up to offsets[e] (int32,
-        cumulative, on x's device: no host sync). Rows from offsets[-1] on give 0 and pass no gradient."""
-        # The grouped GEMM neither reads nor writes rows past offsets[-1], forward or backward: they hold
-        # whatever the memory held (measured). Masking every product's input and output keeps that out of the
-        # output and out of every gradient (a bias's included).
-        computed = (torch.arange(x.shape[0], device=x.device) < offsets[-1]).unsqueeze(1)
-
-        def grouped_mm(rows, weight):
-            return torch.where(computed, F.grouped_mm(torch.where(computed, rows, 0), weight, offs=offsets), 0)
-
+        cumulative, on x's device: no host sync). ``computed`` [N, 1]: True at the rows before offsets[-1]
+        (None: every row is); the others give 0 and pass no gradient."""
+        if computed is not None:
+            # The grouped GEMM neither reads nor writes rows past offsets[-1], forward or backward: they hold
+            # whatever the memory held (measured). Masked where they enter, where the hidden activation is made
+            # (its gradient, which the second product leaves unwritten there, would reach the biases) and where
+            # they leave, no such value reaches the output or a gradient.
+            x = torch.where(computed, x, 0)
         if self.activation == "swiglu":
-            h = F.silu(grouped_mm(x, self.w1)) * grouped_mm(x, self.w3)
-            return grouped_mm(self.dropout(h), self.w2)
-        # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient).
-        expert = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets, right=True).clamp_(max=self.num_experts - 1)
-        h = self.dropout(F.gelu(grouped_mm(x, self.fc_weight) + self.fc_bias[expert]))
-        return torch.where(computed, grouped_mm(h, self.proj_weight) + self.proj_bias[expert], 0)
+            h = F.silu(F.grouped_mm(x, self.w1, offs=offsets)) * F.grouped_mm(x, self.w3, offs=offsets)
+            out = F.grouped_mm(self.dropout(h if computed is None else torch.where(computed, h, 0)), self.w2, offs=offsets)
+        else:
+            # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient).
+            expert = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets, right=True).clamp_(max=self.num_experts - 1)
+            h = F.gelu(F.grouped_mm(x, self.fc_weight, offs=offsets) + self.fc_bias[expert])
+            h = self.dropout(h if computed is None else torch.where(computed, h, 0))
+            out = F.grouped_mm(h, self.proj_weight, offs=offsets) + self.proj_bias[expert]
+        return ContiguousGradient.apply(out if computed is None else torch.where(computed, out, 0))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not self.per_expert_keys:
@@ -211,6 +213,19 @@ class GroupedExperts(nn.Module):
                     with torch.no_grad():
                         target.copy_(state_dict[key + name])
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
+
+
+class ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the grouped GEMM's backward fails on the stride-0
+    gradients that broadcasting ops pass back (``out.sum().backward()``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class AllToAll(torch.autograd.Function):
@@ -337,8 +352,12 @@ class SwitchFFN(nn.Module):
             rows = tokens[order % S]
 
         if self.config.expert_parallel_size == 1:
+            offsets = kept.cumsum(0).to(torch.int32)
+            # Dropless without padding keeps every assignment: every row is computed, nothing to mask.
+            all_kept = self.config.dropless and used is None
+            computed = None if all_kept else (torch.arange(k * S, device=x.device) < offsets[-1]).unsqueeze(1)
             with record_function("switch/experts"):
-                out_rows = self.local_experts()(rows, kept.cumsum(0).to(torch.int32))
+                out_rows = self.local_experts()(rows, offsets, computed)
         else:
             out_rows = self.expert_parallel(rows, kept)
 

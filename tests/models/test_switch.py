@@ -160,6 +160,8 @@ def test_shared_expert_adds_a_dense_ffn_for_every_token():
     dense = torch.stack([expert_ffn(shared.expert(0), TOKENS[0, t]) for t in range(6)])
     torch.testing.assert_close(out[0], expected_output(layer, TOKENS, routes) + dense, rtol=1e-5, atol=1e-6)
     assert "moe.deepspeed_moe.gate.wg.weight" in layer.state_dict() and "shared.fc_weight" in layer.state_dict()
+    out.sum().backward()  # a broadcast (stride-0) gradient reaches the grouped GEMMs straight through the sum
+    assert shared.fc_weight.grad.abs().sum() > 0 and layer.local_experts().fc_weight.grad.abs().sum() > 0
 
 
 def test_router_bias_moves_against_the_load_and_chooses_without_weighting():
