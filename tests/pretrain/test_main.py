@@ -1,24 +1,31 @@
 """pretrain/main.py end to end with real ranks: Switch with expert parallelism, bf16. (Resumes after a kill are
 tests/pretrain/test_reliability.py's.)"""
 
+import json
 import math
 
 import torch
 
 from pretrain.run_dir import safe_load
-from tests.distributed import read_metrics, run_ranks, train_args
+from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 STEPS = 6
 
 
 def test_switch_expert_parallel_two_ranks_match_one_rank(tmp_path):
-    """EP=2 on 2 ranks splits the 4 experts 2+2 and moves tokens by all-to-all; the 1-rank run holds all
-    4. Expert init is seeded by global expert index and capacity is per micro-batch, so the two runs
-    compute the same function: losses agree to the tolerance of the ZeRO tests (see test_main_zero)."""
+    """EP=2 on 2 ranks splits the 4 experts 2+2 and moves tokens by all-to-all; the 1-rank run holds all 4.
+    Expert init is seeded by global expert index, so the two runs compute the same function: losses agree to
+    the tolerance of the ZeRO tests (see test_main_zero). With the modern routing options on (top-2 dropless,
+    SwiGLU experts, a shared expert, the router bias): the all-to-all's variable splits, the bias's update from
+    the global batch's load after each step, and its place in the checkpoint."""
+    config = json.loads((REPO / "models" / "configs" / "tiny-switch.json").read_text())
+    config.update(top_k=2, dropless=True, expert_activation="swiglu", shared_expert=True, router_bias_rate=0.001)
+    model_config = tmp_path / "modern-switch.json"
+    model_config.write_text(json.dumps(config))
     one = tmp_path / "one"
     two = tmp_path / "two"
-    run_ranks(train_args(tmp_path, "zero2.json", "tiny-switch.json", STEPS, save_dir=one), 1, tmp_path / "l1")
-    run_ranks(train_args(tmp_path, "moe_ep2_zero2.json", "tiny-switch.json", STEPS, save_dir=two), 2, tmp_path / "l2")
+    run_ranks(train_args(tmp_path, "zero2.json", model_config, STEPS, save_dir=one), 1, tmp_path / "l1")
+    run_ranks(train_args(tmp_path, "moe_ep2_zero2.json", model_config, STEPS, save_dir=two), 2, tmp_path / "l2")
     loss1, loss2 = read_metrics(one), read_metrics(two)
     gaps = [abs(loss1[s] - loss2[s]) / loss1[s] for s in range(1, STEPS + 1)]
     print("switch ep2 vs ep1 relative gaps", gaps)
@@ -29,7 +36,10 @@ def test_switch_expert_parallel_two_ranks_match_one_rank(tmp_path):
     fractions = read_metrics(two, "moe/layer0/max_expert_fraction")
     dropped = read_metrics(two, "moe/layer0/dropped_fraction")
     assert all(0.25 <= f <= 1.0 for f in fractions.values())
-    assert all(0.0 <= d < 1.0 for d in dropped.values())
+    assert all(d == 0.0 for d in dropped.values())  # dropless
+    biases = [safe_load(run / f"global_step{STEPS}" / "mp_rank_00_model_states.pt")["module"]["blocks.1.ffn.router_bias_steps"] for run in (one, two)]
+    assert torch.equal(biases[0], biases[1]) and biases[0].abs().sum() > 0, biases  # moved, alike at both sizes
+    assert biases[0].abs().max() <= STEPS  # one step of the rate per optimizer step at most
 
 
 def test_bf16_trains_on_cpu(tmp_path):
