@@ -269,6 +269,17 @@ def test_moe_layer_internals():
     assert issubclass(all_to_all, torch.autograd.Function) and "forward" in all_to_all.__dict__
 
 
+def test_expert_parallel_group_is_the_one_set_deepspeed_parallelism_makes(process_group):
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    moe = MoE(hidden_size=8, expert=nn.Identity(), num_experts=2, ep_size=1)
+    assert deepspeed_compat.expert_parallel_group(moe) is None  # until deepspeed.initialize (or this) sets it
+    moe.set_deepspeed_parallelism()
+    group = deepspeed_compat.expert_parallel_group(moe)
+    assert group is groups._get_expert_parallel_group(moe.expert_group_name) and torch.distributed.get_world_size(group) == 1
+
+
 def test_pipeline_module_stage_layers_and_tied_modules(process_group):
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
