@@ -9,6 +9,7 @@ nanoGPT's CPU shape on one process without ZeRO.
     python -m bench.switch_vs_dense --profile      # + where each step's time goes (torch.profiler)
     python -m bench.switch_vs_dense --experts 8 32 128 --cases zero2-512
     python -m bench.switch_vs_dense --switch_config '{"dropless": true}'   # extra Switch model-config fields
+                                   # (top_k 2 or a shared expert add FLOPs per token: no longer FLOP-matched)
     python -m bench.switch_vs_dense --smoke        # a few steps of E = 8 in the new cases, shrunk (CI runs this)
 
 Every model runs through pretrain/main.py's code path (prepare, build_engine, Trainer.take_step) with

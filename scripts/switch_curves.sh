@@ -9,6 +9,7 @@
 #   STEPS=N           optimizer steps per model (default 320: 0.41 of an epoch of the 1.6M training tokens)
 #   EXPERTS="2 8"     the Switch models (default 2 4 8 16 32; "" for none)
 #   SWITCH_CONFIG=J   a JSON object of fields added to every Switch model config, e.g. '{"dropless": true}'
+#                     (top_k 2 or a shared expert add FLOPs per token: the comparison is then no longer FLOP-matched)
 #   OUT=dir           where everything goes (default runs/switch_curves; replaced)
 #   SMOKE=1           a tiny run (the first 1,500 training sentences, seq 32, 8 steps) to check the pipeline
 set -euo pipefail
