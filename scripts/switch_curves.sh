@@ -10,6 +10,8 @@
 #   EXPERTS="2 8"     the Switch models (default 2 4 8 16 32; "" for none)
 #   SWITCH_CONFIG=J   a JSON object of fields added to every Switch model config, e.g. '{"dropless": true}'
 #                     (top_k 2 or a shared expert add FLOPs per token: the comparison is then no longer FLOP-matched)
+#   INIT_SCALE=X      every model's init_scale (default 0.1, the Switch presets': the dense model starts from the same
+#                     init distribution, so the curves differ by the experts, not by the init)
 #   OUT=dir           where everything goes (default runs/switch_curves; replaced)
 #   SMOKE=1           a tiny run (the first 1,500 training sentences, seq 32, 8 steps) to check the pipeline
 set -euo pipefail
@@ -27,6 +29,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 OUT="${OUT:-runs/switch_curves}"
 EXPERTS="${EXPERTS-2 4 8 16 32}"  # EXPERTS="": the dense model alone
 SWITCH_CONFIG="${SWITCH_CONFIG:-}"
+INIT_SCALE="${INIT_SCALE:-0.1}"
 if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN_LINES=1500 VALID_LINES=300 VOCAB=512 SEQ_LEN=32 MICRO_BATCH=4 STEPS="${STEPS:-8}" EVAL_ITERS=2 LOG_INTERVAL=2
 else
@@ -45,14 +48,14 @@ for split in train valid; do
     --output_prefix "$OUT/data/$split" --workers 2 > "$OUT/logs/preprocess.$split.log" 2>&1
 done
 # The model and DeepSpeed configs, and the refusal of a run that would see a training sequence twice.
-python - "$OUT" "$VOCAB" "$SEQ_LEN" "$MICRO_BATCH" "$STEPS" "$SWITCH_CONFIG" $EXPERTS <<'EOF'
+python - "$OUT" "$VOCAB" "$SEQ_LEN" "$MICRO_BATCH" "$STEPS" "$INIT_SCALE" "$SWITCH_CONFIG" $EXPERTS <<'EOF'
 import json
 import sys
 from pathlib import Path
 
 from pretrain.data.indexed import IndexedTokens
 
-out, vocab, seq_len, micro_batch, steps, switch_config, *experts = sys.argv[1:]
+out, vocab, seq_len, micro_batch, steps, init_scale, switch_config, *experts = sys.argv[1:]
 out, vocab, seq_len, micro_batch, steps = Path(out), int(vocab), int(seq_len), int(micro_batch), int(steps)
 
 
@@ -76,6 +79,7 @@ if steps * micro_batch > sequences:
     )
 print(f"{steps} steps x {micro_batch} x {seq_len} tokens = {steps * micro_batch * seq_len:,} of the {tokens:,} training tokens ({steps * micro_batch / sequences:.2f} epochs)")
 dense = {"family": "gpt", "vocab_size": vocab, "max_seq_len": seq_len, "d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512, "dropout": 0.0}
+dense["init_scale"] = float(init_scale)
 models = {"dense": dense, **{f"switch-{e}": {**dense, "family": "switch", "num_experts": int(e), **extra} for e in experts}}
 for name, model in models.items():
     (out / "configs" / f"{name}.json").write_text(json.dumps(model))

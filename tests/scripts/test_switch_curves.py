@@ -1,6 +1,7 @@
 """scripts/switch_curves.sh end to end at its SMOKE size (dense and two Switch models on a slice of PTB, plots and
 table), and its one-line refusals: no data, steps that would repeat training data."""
 
+import json
 import os
 import re
 import subprocess
@@ -47,6 +48,8 @@ def test_smoke_trains_every_model_and_writes_plots_and_table(tmp_path):
     # SWITCH_CONFIG reached the Switch models' configs only.
     assert '"capacity_factor": 1.5' in (out / "configs" / "switch-32.json").read_text()
     assert "capacity_factor" not in (out / "configs" / "dense.json").read_text()
+    # Every model starts from the same init distribution.
+    assert all(json.loads(path.read_text())["init_scale"] == 0.1 for path in (out / "configs").glob("*.json"))
     assert re.search(r"^8 steps x 4 x 32 tokens = 1,024 of the [\d,]+ training tokens \(0\.\d\d epochs\)$", proc.stdout, re.M)
 
 
