@@ -4,12 +4,14 @@ No timing thresholds: the figures depend on the machine; what is checked is that
 end to end and report a finite, positive ratio for every case.
 """
 
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 
+from bench.switch_vs_dense import TARGETS
 from tests.distributed import REPO
 
 
@@ -40,21 +42,35 @@ def assert_finite_positive(found):
 
 def test_switch_vs_dense_smoke():
     stdout = run_bench("bench.switch_vs_dense")
-    table = re.findall(r"^(dense|switch-8) +([12]) +(\S+) +(\S+)$", stdout, re.M)
-    assert sorted((name, ranks) for name, ranks, _, _ in table) == [("dense", "1"), ("dense", "2"), ("switch-8", "1"), ("switch-8", "2")]
-    assert all(float(ms) > 0 and float(tps) > 0 for _, _, ms, tps in table)
+    report = json.loads(stdout.strip().splitlines()[-1])
+    expected = {"zero2-4096": {"1", "2"}, "zero0-nanogpt": {"1"}}  # the smoke's cases and their world sizes
+    assert {case: set(worlds) for case, worlds in report["step_ms"].items()} == expected
+    for case, worlds in report["step_ms"].items():
+        for ranks, models in worlds.items():
+            assert set(models) == {"dense", "switch-8"}
+            assert all(math.isfinite(ms) and ms > 0 for ms in models.values())
+            ratio = report["ratios"][case][ranks]["switch-8"]
+            assert_finite_positive({f"{case} {ranks} {name}": value for name, value in ratio.items()})
+            if ranks == "1":  # one process: the tokens/s ratio by process CPU time
+                assert "tokens_per_s_cpu" in ratio
+    # Every target reported, with a verdict where its case ran (the smoke runs no 32-expert model).
+    targets = {(t["case"], t["model"], t["ranks"]): t for t in report["targets"]}
+    assert set(targets) == {(case, model, ranks) for case, model, ranks, _, _ in TARGETS}
+    for (case, model, ranks), target in targets.items():
+        if model == "switch-8":
+            assert isinstance(target["met"], bool) and math.isfinite(target["value"]) and target["value"] > 0
+        else:
+            assert target["met"] is None and target["value"] is None
     # The profile found the Switch layer's parts: a router on every world size, an all-to-all only with EP 2.
-    profile = {
-        (m.group(1), m.group(2)): [float(v) for v in m.group(3).split()]
-        for m in re.finditer(r"^(dense|switch-8) +([12]) +((?:\S+ +){7}\S+)$", stdout, re.M)
-    }
-    router, all_to_all = 2, 3  # columns after the step: forward, router, all-to-all, ...
-    assert profile[("switch-8", "1")][router] > 0 and profile[("switch-8", "2")][router] > 0
-    assert profile[("switch-8", "1")][all_to_all] == 0 and profile[("switch-8", "2")][all_to_all] > 0
-    assert profile[("dense", "1")][router] == 0
-    found = ratios(stdout)
-    assert set(found) == {"switch-8 on 1 rank(s)", "switch-8 on 2 rank(s)"}
-    assert_finite_positive(found)
+    profile = report["profile"]["zero2-4096"]
+    assert profile["1"]["switch-8"]["router"] > 0 and profile["2"]["switch-8"]["router"] > 0
+    assert profile["1"]["switch-8"]["experts"] > 0
+    assert profile["1"]["switch-8"]["all-to-all"] == 0 and profile["2"]["switch-8"]["all-to-all"] > 0
+    assert profile["1"]["dense"]["router"] == 0 and profile["1"]["dense"]["labels"] is None
+    assert all(profile["1"]["switch-8"][part] > 0 for part in ("forward", "backward", "optimizer", "step"))
+    # The readable ratio lines before the JSON hold the same cases.
+    lines = [line for line in stdout.splitlines() if re.match(r"^\S+ switch-8 on [12] rank\(s\): step ", line)]
+    assert len(lines) == 3
 
 
 def test_zero_memory_smoke():
