@@ -136,6 +136,26 @@ def test_switch_transformer_has_experts_in_encoder_and_decoder():
     assert all(gate_weight(ffn.moe).grad is not None for ffn in model.switch_layers())
 
 
+def test_switch_transformer_takes_the_routing_options():
+    """The encoder-decoder's Switch layers read the same fields as the LM's: top-2 dropless SwiGLU experts with a
+    shared expert and the router bias train, route no padding and drop nothing."""
+    model = tiny("switch-transformer", num_experts=4, top_k=2, dropless=True, expert_activation="swiglu", shared_expert=True, router_bias_rate=0.01)
+    model.train()
+    src, pad_mask, tgt = batch()
+    pad_mask[0, 5:] = True  # padding in the first source sentence
+    logits, aux_loss, stats = model(src, pad_mask, tgt)
+    assert all(float(s["dropped_fraction"]) == 0.0 for s in stats)
+    (logits.square().mean() + aux_loss).backward()
+    assert all(ffn.shared.w1.grad is not None and ffn.local_experts().w2.grad is not None for ffn in model.switch_layers())
+    encoder_layer = model.switch_layers()[0]
+    assert int(encoder_layer.routed_tokens.sum()) == 2 * (3 * 7 - 2)  # k x the real source tokens
+    model.balance_routers()
+    assert all(int(ffn.routed_tokens.sum()) == 0 and ffn.router_bias_steps.abs().sum() > 0 for ffn in model.switch_layers())
+    total, active = model.param_counts()
+    per_expert = sum(ffn.local_experts().params_per_expert() for ffn in model.switch_layers())
+    assert total - active == 2 * per_expert  # 4 experts, 2 active
+
+
 def test_switch_transformer_counts_one_expert_as_active():
     model = tiny("switch-transformer", num_experts=4)
     total, active = model.param_counts()
