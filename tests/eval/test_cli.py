@@ -25,7 +25,7 @@ def command(module, *args):
         (
             "eval.plot",
             ["run", "--outptu", "x.png"],
-            "unknown flag --outptu (did you mean --output?); eval.plot takes --output, --smooth (python -m eval.plot --help)",
+            "unknown flag --outptu (did you mean --output?); eval.plot takes --output, --smooth, --x, --panels, --table (python -m eval.plot --help)",
         ),
     ],
 )
