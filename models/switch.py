@@ -168,20 +168,24 @@ class GroupedExperts(nn.Module):
         (None: every row is); the others give 0 and pass no gradient."""
         if computed is not None:
             # The grouped GEMM neither reads nor writes rows past offsets[-1], forward or backward: they hold
-            # whatever the memory held (measured). Masked where they enter, where the hidden activation is made
-            # (its gradient, which the second product leaves unwritten there, would reach the biases) and where
-            # they leave, no such value reaches the output or a gradient.
+            # whatever the memory held, NaN included (measured). Masked where they enter (their gradient would
+            # reach the tokens), where the first products leave (before the activation, whose backward would
+            # turn a zero gradient times an undefined value into NaN; biases inside, so theirs stays clean)
+            # and where the output leaves, no such value reaches the output or a gradient.
             x = torch.where(computed, x, 0)
+
+        def masked(rows):
+            return rows if computed is None else torch.where(computed, rows, 0)
+
         if self.activation == "swiglu":
-            h = F.silu(F.grouped_mm(x, self.w1, offs=offsets)) * F.grouped_mm(x, self.w3, offs=offsets)
-            out = F.grouped_mm(self.dropout(h if computed is None else torch.where(computed, h, 0)), self.w2, offs=offsets)
+            h = F.silu(masked(F.grouped_mm(x, self.w1, offs=offsets))) * masked(F.grouped_mm(x, self.w3, offs=offsets))
+            out = F.grouped_mm(self.dropout(h), self.w2, offs=offsets)
         else:
             # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient).
             expert = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets, right=True).clamp_(max=self.num_experts - 1)
-            h = F.gelu(F.grouped_mm(x, self.fc_weight, offs=offsets) + self.fc_bias[expert])
-            h = self.dropout(h if computed is None else torch.where(computed, h, 0))
+            h = self.dropout(F.gelu(masked(F.grouped_mm(x, self.fc_weight, offs=offsets) + self.fc_bias[expert])))
             out = F.grouped_mm(h, self.proj_weight, offs=offsets) + self.proj_bias[expert]
-        return ContiguousGradient.apply(out if computed is None else torch.where(computed, out, 0))
+        return ContiguousGradient.apply(masked(out))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not self.per_expert_keys:
