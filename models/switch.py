@@ -348,8 +348,10 @@ class SwitchFFN(nn.Module):
             # second one, so first choices fill the capacity first and, among them, earlier tokens.
             expert_of = choice.t().reshape(-1)
             real = torch.ones_like(expert_of, dtype=torch.bool) if used is None else used.repeat(k)
-            routed = torch.bincount(torch.where(real, expert_of, E), minlength=E + 1)[:E]  # real assignments
-            keep = real if self.config.dropless else real & (self.position_in_expert(expert_of, real) < self.capacity(S))
+            queue = torch.where(real, expert_of, E)  # each real assignment's expert; padding's past the last
+            queue_lengths = torch.bincount(queue, minlength=E + 1)
+            routed = queue_lengths[:E]  # real assignments per expert
+            keep = real if self.config.dropless else real & (position_in_queue(queue, queue_lengths) < self.capacity(S))
             kept_expert = torch.where(keep, expert_of, E)
             order = torch.argsort(kept_expert, stable=True)  # kept assignments grouped by expert, then the rest
             kept = torch.bincount(kept_expert, minlength=E + 1)[:E]
@@ -392,16 +394,6 @@ class SwitchFFN(nn.Module):
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         return expert_capacity(self.config.top_k * num_tokens, self.config.num_experts, factor, self.config.min_capacity)
 
-    def position_in_expert(self, expert_of, real):
-        """Each assignment's place in its expert's queue (0 for the first real assignment routed to it), in
-        assignment order; padding's is meaningless (it is not kept)."""
-        key = torch.where(real, expert_of, self.config.num_experts)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=self.config.num_experts + 1)
-        first = counts.cumsum(0) - counts  # where each expert's queue starts among the sorted assignments
-        place = torch.arange(key.numel(), device=key.device) - first[key[order]]
-        return place[inverse_permutation(order)]
-
     def expert_parallel(self, rows, kept):
         """The kept rows (grouped by global expert, hence by the expert-parallel rank holding it) to their ranks,
         through this rank's local experts, and back: [rows, C] as the grouped GEMM would have given them here."""
@@ -423,6 +415,15 @@ class SwitchFFN(nn.Module):
         with record_function("switch/all-to-all"):
             returned = AllToAll.apply(computed[inverse_permutation(by_expert)], send_splits, receive_splits, group)
         return F.pad(returned, (0, 0, 0, rows.shape[0] - returned.shape[0]))
+
+
+def position_in_queue(queue, queue_lengths):
+    """Each assignment's place in its expert's queue (0 for the first assignment ``queue`` routes to it), in
+    assignment order; ``queue_lengths``: the bincount of ``queue``."""
+    order = torch.argsort(queue, stable=True)
+    first = queue_lengths.cumsum(0) - queue_lengths  # where each queue starts among the sorted assignments
+    place = torch.arange(queue.numel(), device=queue.device) - first[queue[order]]
+    return place[inverse_permutation(order)]
 
 
 def real_token_mean(values, used):
