@@ -181,10 +181,11 @@ class GroupedExperts(nn.Module):
             h = F.silu(masked(F.grouped_mm(x, self.w1, offs=offsets))) * masked(F.grouped_mm(x, self.w3, offs=offsets))
             out = F.grouped_mm(self.dropout(h), self.w2, offs=offsets)
         else:
-            # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient).
+            # Each row's expert, for its biases (the grouped GEMM's own bias takes no gradient). index_select, not
+            # indexing: on this CPU indexing's gather is 10x slower and its backward (index_put) 3x (measured).
             expert = torch.bucketize(torch.arange(x.shape[0], device=x.device), offsets, right=True).clamp_(max=self.num_experts - 1)
-            h = self.dropout(F.gelu(masked(F.grouped_mm(x, self.fc_weight, offs=offsets) + self.fc_bias[expert])))
-            out = F.grouped_mm(h, self.proj_weight, offs=offsets) + self.proj_bias[expert]
+            h = self.dropout(F.gelu(masked(F.grouped_mm(x, self.fc_weight, offs=offsets) + self.fc_bias.index_select(0, expert))))
+            out = F.grouped_mm(h, self.proj_weight, offs=offsets) + self.proj_bias.index_select(0, expert)
         return ContiguousGradient.apply(masked(out))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -252,9 +253,7 @@ class AllToAll(torch.autograd.Function):
 
 
 def inverse_permutation(order):
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return inverse
+    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 class SwitchFFN(nn.Module):
@@ -355,7 +354,7 @@ class SwitchFFN(nn.Module):
             kept_expert = torch.where(keep, expert_of, E)
             order = torch.argsort(kept_expert, stable=True)  # kept assignments grouped by expert, then the rest
             kept = torch.bincount(kept_expert, minlength=E + 1)[:E]
-            rows = tokens[order % S]
+            rows = tokens.index_select(0, order % S)
 
         if self.config.expert_parallel_size == 1:
             offsets = kept.cumsum(0).to(torch.int32)
@@ -368,7 +367,7 @@ class SwitchFFN(nn.Module):
             out_rows = self.expert_parallel(rows, kept)
 
         with record_function("switch/combine"):
-            out_assigned = out_rows[inverse_permutation(order)]
+            out_assigned = out_rows.index_select(0, inverse_permutation(order))
             weight = torch.where(keep, weights.t().reshape(-1), 0).to(x.dtype)
             out = (out_assigned * weight.unsqueeze(1)).view(k, S, C).sum(dim=0)  # in choice order: deterministic
             if self.shared is not None:
@@ -411,9 +410,9 @@ class SwitchFFN(nn.Module):
         local_expert = torch.arange(n_local, device=rows.device).repeat(ep).repeat_interleave(receive_counts.flatten())
         by_expert = torch.argsort(local_expert, stable=True)
         with record_function("switch/experts"):
-            computed = self.local_experts()(received[by_expert], receive_counts.sum(0).cumsum(0).to(torch.int32))
+            computed = self.local_experts()(received.index_select(0, by_expert), receive_counts.sum(0).cumsum(0).to(torch.int32))
         with record_function("switch/all-to-all"):
-            returned = AllToAll.apply(computed[inverse_permutation(by_expert)], send_splits, receive_splits, group)
+            returned = AllToAll.apply(computed.index_select(0, inverse_permutation(by_expert)), send_splits, receive_splits, group)
         return F.pad(returned, (0, 0, 0, rows.shape[0] - returned.shape[0]))
 
 
