@@ -65,9 +65,8 @@ TARGETS = [
     ("zero2-4096", "switch-32", 2, 1.25, "step ratio"),
 ]
 
-# The profile's Switch parts, in the order they are printed. A layer that labels its own parts (record_function
-# "switch/<part>") is read by those labels; else by the ones label_deepspeed_moe_parts puts on DeepSpeed's MoE
-# pieces ("deepspeed/<part>"). Both are forward time, but all-to-all: its backward applies it again.
+# The profile's Switch parts, in the order they are printed: the Switch layer's own labels (record_function
+# "switch/<part>" in models/switch.py). Forward time, but all-to-all: its backward applies it again.
 SWITCH_PARTS = ["router", "dispatch", "experts", "all-to-all", "combine"]
 STEP_PARTS = ["forward", "backward", "optimizer"]
 
@@ -160,26 +159,6 @@ def label(owner, attribute, name):
     setattr(owner, attribute, labelled)
 
 
-def label_deepspeed_moe_parts(engines):
-    """Labels "deepspeed/<part>" on the pieces of DeepSpeed's MoE layer that today's Switch layer runs through: its gate
-    (router), its encode and decode of the capacity buffer (dispatch, combine: module functions MOELayer.forward looks up
-    at each call), the experts and the all-to-all. A part this DeepSpeed lacks stays unlabelled (0 in the profile).
-
-    _AllToAll.forward runs in both directions (its backward applies it again), so one label covers both."""
-    from deepspeed.moe import sharded_moe
-
-    from switchyard.deepspeed_compat import moe_all_to_all, moe_gates_and_experts
-
-    label(moe_all_to_all(), "forward", "deepspeed/all-to-all")
-    for function, part in (("_sparse_encode", "dispatch"), ("_sparse_decode", "combine")):
-        if hasattr(sharded_moe, function):
-            label(sharded_moe, function, f"deepspeed/{part}")
-    for engine in engines:
-        for gate, experts in moe_gates_and_experts(engine.module):
-            label(gate, "forward", "deepspeed/router")
-            label(experts, "forward", "deepspeed/experts")
-
-
 def label_step_parts(engines):
     for engine in engines:
         label(engine, "forward", "forward")
@@ -188,8 +167,7 @@ def label_step_parts(engines):
 
 
 def profile_steps(step, steps, device):
-    """Milliseconds per step in each labelled part, the whole step, and which labels the Switch parts came from, from
-    torch.profiler on this rank.
+    """Milliseconds per step in each labelled part and the whole step, from torch.profiler on this rank.
 
     On the CPU a part's time is the CPU time inside its label; on a GPU it is the GPU time of the kernels the
     profiler attributes to the label (launched inside it), the step's the wall time of synchronized steps. Not run
@@ -206,12 +184,9 @@ def profile_steps(step, steps, device):
         synchronize(device)
         total = time.perf_counter() - start
     by_name = {event.key: getattr(event, field) / 1e3 / steps for event in prof.key_averages()}  # microseconds in total -> ms per step
-    own = any(key.startswith("switch/") for key in by_name)
-    prefix = "switch/" if own else "deepspeed/"
     parts = {part: by_name.get(part, 0.0) for part in STEP_PARTS}
-    parts.update({part: by_name.get(prefix + part, 0.0) for part in SWITCH_PARTS})
+    parts.update({part: by_name.get(f"switch/{part}", 0.0) for part in SWITCH_PARTS})
     parts["step"] = total * 1e3 / steps
-    parts["labels"] = prefix.rstrip("/") if own or any(key.startswith(prefix) for key in by_name) else None
     return parts
 
 
@@ -247,7 +222,6 @@ def rank_main(opts):
     if opts.profile:
         engines = [engine for engine, _ in built.values()]
         label_step_parts(engines)
-        label_deepspeed_moe_parts(engines)
         result["profile"] = {
             case: {name: profile_steps(built[case, name][1], opts.steps, device) for name in models} for case, models in files.items()
         }
@@ -336,16 +310,15 @@ def print_report(report, opts):
     if "profile" in report:
         print(
             "\nprofile, rank 0, ms per step: forward + backward + optimizer + other = step; the Switch parts are inside the"
-            " forward (all-to-all: both directions, so partly in the backward); labels: the Switch layer's own (switch/*)"
-            " or those put on DeepSpeed's MoE (deepspeed/*)"
+            " forward (all-to-all: both directions, so partly in the backward), by the Switch layer's labels (switch/*)"
         )
         columns = ["step", *STEP_PARTS, "other", *SWITCH_PARTS]
-        print(f"{'case':14s} {'model':10s} {'ranks':>5s} " + " ".join(f"{c:>10s}" for c in columns) + "  labels")
+        print(f"{'case':14s} {'model':10s} {'ranks':>5s} " + " ".join(f"{c:>10s}" for c in columns))
         for case, worlds in report["profile"].items():
             for ranks, models in worlds.items():
                 for name, parts in models.items():
                     values = {**parts, "other": parts["step"] - sum(parts[p] for p in STEP_PARTS)}
-                    print(f"{case:14s} {name:10s} {ranks:>5s} " + " ".join(f"{values[c]:10.1f}" for c in columns) + f"  {parts['labels'] or '-'}")
+                    print(f"{case:14s} {name:10s} {ranks:>5s} " + " ".join(f"{values[c]:10.1f}" for c in columns))
     print("\nratios (switch step / dense step, same case and ranks; tokens/s: dense / switch, by process CPU time on one process):")
     for case, worlds in report["ratios"].items():
         for ranks, models in worlds.items():

@@ -77,9 +77,7 @@ Models (models/switch.py, models/gpt.py)
                                 expert-parallel ranks
   stage_layers                  ``PipelineModule._local_start`` and ``.forward_funcs``
   tied_modules                  ``PipelineModule.tied_modules``
-Benchmarks (bench/switch_vs_dense.py, bench/engine_overhead.py)
-  moe_all_to_all                ``moe.sharded_moe._AllToAll``
-  moe_gates_and_experts         ``moe.sharded_moe.MOELayer``'s ``.gate`` and ``.experts``
+Benchmarks (bench/engine_overhead.py)
   engine_inner_phases           ZeRO 1-2's ``optimizer.reduce_gradients`` / ``scaled_global_norm`` / ``.optimizer``;
                                 without ZeRO ``engine.clip_fp32_gradients``
 """
@@ -462,20 +460,6 @@ def tied_modules(pipeline_module):
 
 
 # Benchmarks ------------------------------------------------------------------------------------------------
-
-
-def moe_all_to_all():
-    """The autograd Function DeepSpeed's MoE all-to-all runs through; its backward applies its forward again."""
-    from deepspeed.moe.sharded_moe import _AllToAll
-
-    return _AllToAll
-
-
-def moe_gates_and_experts(model):
-    """(router, experts) modules of every DeepSpeed MoE layer in ``model``, in module order."""
-    from deepspeed.moe.sharded_moe import MOELayer
-
-    return [(module.gate, module.experts) for module in model.modules() if isinstance(module, MOELayer)]
 
 
 def engine_inner_phases(engine):

@@ -263,10 +263,6 @@ def test_moe_layer_internals():
     # The engine finds each expert's keys by this prefix (models/switch.py GroupedExperts writes them):
     for method in (DeepSpeedEngine._save_moe_checkpoint, DeepSpeedEngine.load_moe_state_dict):
         assert "'.deepspeed_moe.experts.deepspeed_experts.'" in inspect.getsource(method)
-    [(gate, held)] = deepspeed_compat.moe_gates_and_experts(nn.Sequential(moe))
-    assert gate.wg.weight is weight and held is experts
-    all_to_all = deepspeed_compat.moe_all_to_all()
-    assert issubclass(all_to_all, torch.autograd.Function) and "forward" in all_to_all.__dict__
 
 
 def test_expert_parallel_group_is_the_one_set_deepspeed_parallelism_makes(process_group):
