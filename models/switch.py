@@ -422,7 +422,7 @@ def position_in_queue(queue, queue_lengths):
     order = torch.argsort(queue, stable=True)
     first = queue_lengths.cumsum(0) - queue_lengths  # where each queue starts among the sorted assignments
     place = torch.arange(queue.numel(), device=queue.device) - first[queue[order]]
-    return place[inverse_permutation(order)]
+    return torch.empty_like(place).index_copy_(0, order, place)  # back in assignment order
 
 
 def real_token_mean(values, used):
