@@ -2,12 +2,16 @@
 
     python -m eval.export_hf RUN_DIR --output DIR [--tag global_stepN]
 
-A dense GPT (any ZeRO stage, or pipeline stages) becomes the transformers architecture it is
-exactly, so ``AutoModelForCausalLM.from_pretrained(DIR)`` computes the same logits:
+A dense GPT (any ZeRO stage, or pipeline stages) or a Llama, dense or MoE, becomes the transformers
+architecture it is exactly, so ``AutoModelForCausalLM.from_pretrained(DIR)`` computes the same logits:
 
-    learned positions   GPT2LMHeadModel     exact GELU, Conv1D weights (the transpose of nn.Linear's)
-    rotary positions    GPTNeoXForCausalLM  sequential residual, rotary on the whole head, tied
-                                            embeddings; its fused QKV is laid out head by head
+    gpt, learned positions  GPT2LMHeadModel      exact GELU, Conv1D weights (the transpose of nn.Linear's)
+    gpt, rotary positions   GPTNeoXForCausalLM   sequential residual, rotary on the whole head, tied
+                                                 embeddings; its fused QKV is laid out head by head
+    llama                   LlamaForCausalLM     the same layout, tied or untied
+    llama_moe               Qwen2MoeForCausalLM  fused experts, norm_topk_prob for top-k > 1 only, its
+                                                 always-present gated shared expert made exact (see
+                                                 qwen2_moe_state_dict); no router bias (refused)
 
 DIR gets config.json, model.safetensors and the run's tokenizer as a transformers fast tokenizer
 (tokenizer.json, so ``AutoTokenizer.from_pretrained(DIR)`` encodes as the run did): a sentencepiece
@@ -28,6 +32,7 @@ import os
 import shutil
 import sys
 
+import torch
 from safetensors.torch import save_file
 
 from eval.cli import fail, fire_command, print_result
@@ -83,25 +88,29 @@ def neox_state_dict(state, config):
     return out
 
 
-def hf_config(config, eos_id):
-    """The transformers config.json of a dense GPT."""
-    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": True, "eos_token_id": eos_id, "bos_token_id": eos_id, "torch_dtype": "float32"}
-    if config.positions == "learned":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "n_embd": config.d_model,
-            "n_layer": config.n_layers,
-            "n_head": config.n_heads,
-            "n_inner": config.d_ff,
-            "n_positions": config.max_seq_len,
-            "activation_function": "gelu",
-            "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            **common,
-        }
+def common_config(config, eos_id, tied=True):
+    return {"vocab_size": config.vocab_size, "tie_word_embeddings": tied, "eos_token_id": eos_id, "bos_token_id": eos_id, "torch_dtype": "float32"}
+
+
+def gpt2_config(config, eos_id):
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": config.d_model,
+        "n_layer": config.n_layers,
+        "n_head": config.n_heads,
+        "n_inner": config.d_ff,
+        "n_positions": config.max_seq_len,
+        "activation_function": "gelu",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        **common_config(config, eos_id),
+    }
+
+
+def neox_config(config, eos_id):
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -117,8 +126,102 @@ def hf_config(config, eos_id):
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
-        **common,
+        **common_config(config, eos_id),
     }
+
+
+def llama_state_dict(state, config):
+    """Switchyard Llama (or the attention, norms and dense FFNs of its MoE form) -> LlamaForCausalLM names, which
+    Qwen2MoeForCausalLM shares. Both rotate the two halves of each head (transformers' rotate_half) as
+    models/gpt.py apply_rotary does, so q and k need no permutation."""
+    out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        names = [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
+        names += [(f"attn.w{a}", f"self_attn.{a}_proj") for a in "qkvo"]
+        names += [(f"ffn.{a}", f"mlp.{b}_proj") for a, b in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
+        for a, b in names:
+            if f"{ours}{a}.weight" in state:  # an MoE layer has no ffn.w1 ... (qwen2_moe_state_dict names its experts)
+                out[f"{theirs}{b}.weight"] = state[f"{ours}{a}.weight"]
+    return out
+
+
+def llama_config(config, eos_id):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads(),
+        "head_dim": config.head_dim(),
+        "intermediate_size": config.d_ff,
+        "max_position_embeddings": config.max_seq_len,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        **common_config(config, eos_id, tied=config.tie_embeddings),
+    }
+
+
+def qwen2_moe_state_dict(state, config):
+    """Switchyard Llama MoE -> Qwen2MoeForCausalLM names. Its experts are stored fused, per layer
+    gate_up_proj [experts, 2 x d_ff, d_model] (the gate rows, then the up rows) and down_proj [experts, d_model,
+    d_ff]; its router is mlp.gate.weight [experts, d_model]. Its MoE block always adds a shared expert times
+    sigmoid(shared_expert_gate x): exported with a zero gate (sigmoid 0 = 1/2, exactly) and the down projection
+    doubled (exact: a power of two), or, without a shared expert, of size 0."""
+    out = llama_state_dict(state, config)
+    for moe_layer, i in enumerate(config.layers_with_experts()):
+        ours, theirs = f"blocks.{i}.ffn.", f"model.layers.{i}.mlp."
+        experts = [f"{ours}moe.deepspeed_moe.experts.deepspeed_experts.{e}." for e in range(config.num_experts)]
+        out[f"{theirs}gate.weight"] = state[f"{ours}moe.deepspeed_moe.gate.wg.weight"]
+        out[f"{theirs}experts.gate_up_proj"] = torch.stack([torch.cat([state[e + "w1.weight"], state[e + "w3.weight"]]) for e in experts])
+        out[f"{theirs}experts.down_proj"] = torch.stack([state[e + "w2.weight"] for e in experts])
+        out[f"{theirs}shared_expert_gate.weight"] = torch.zeros(1, config.d_model)
+        if config.shared_expert:  # a GroupedExperts of one expert: stacked [1, in, out]
+            out[f"{theirs}shared_expert.gate_proj.weight"] = state[f"{ours}shared.w1"][0].t()
+            out[f"{theirs}shared_expert.up_proj.weight"] = state[f"{ours}shared.w3"][0].t()
+            out[f"{theirs}shared_expert.down_proj.weight"] = 2 * state[f"{ours}shared.w2"][0].t()
+        else:
+            for name, shape in (("gate_proj", (0, config.d_model)), ("up_proj", (0, config.d_model)), ("down_proj", (config.d_model, 0))):
+                out[f"{theirs}shared_expert.{name}.weight"] = torch.zeros(shape)
+    return out
+
+
+def qwen2_moe_config(config, eos_id):
+    return {
+        **llama_config(config, eos_id),
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "qkv_bias": False,
+        "use_sliding_window": False,
+        "num_experts": config.num_experts,
+        "num_experts_per_tok": config.top_k,
+        # Switch (top-1) weights the expert by its raw softmax probability; top-k > 1 renormalizes over the k.
+        "norm_topk_prob": config.top_k > 1,
+        "moe_intermediate_size": config.d_ff,
+        "shared_expert_intermediate_size": config.d_ff if config.shared_expert else 0,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(config.n_layers) if i not in config.layers_with_experts()],
+        "router_aux_loss_coef": config.aux_loss_coef,
+    }
+
+
+def qwen2_moe_refusal(config):
+    """Why Qwen2-MoE cannot compute this Llama MoE's logits, or None. Its router has no bias on the choice
+    (DeepSeek-V3's balancing), and it is dropless: a model trained with a capacity exports as its dropless form,
+    whose logits are Switchyard's wherever no token is over an expert's capacity."""
+    if config.router_bias_rate > 0:
+        return (
+            f"this llama_moe model chooses experts with a router bias (router_bias_rate {config.router_bias_rate}), which "
+            f"Qwen2-MoE's router has no place for; only a model trained with router_bias_rate 0 exports"
+        )
+    return None
 
 
 def hf_tokenizer(tokenizer):
@@ -177,7 +280,7 @@ def write_tokenizer(tokenizer, directory):
         json.dump(spec, f, indent=1)
 
 
-def write_transformers(state, config, tokenizer, directory, convert):
+def write_transformers(state, config, tokenizer, directory, convert, hf_config):
     """A transformers directory: config.json and the weights under the architecture's names."""
     # save_file refuses tensors sharing memory; the tied output embedding is implied by the config.
     tensors = {name: t.contiguous().clone() for name, t in convert(state, config).items()}
@@ -196,10 +299,14 @@ def write_switchyard(state, config, tokenizer, directory):
 
 # What a family's ``export(config)`` may name (models/registry.py ModelFamily), and how it is written.
 EXPORTERS = {
-    "gpt2": functools.partial(write_transformers, convert=gpt2_state_dict),
-    "gpt_neox": functools.partial(write_transformers, convert=neox_state_dict),
+    "gpt2": functools.partial(write_transformers, convert=gpt2_state_dict, hf_config=gpt2_config),
+    "gpt_neox": functools.partial(write_transformers, convert=neox_state_dict, hf_config=neox_config),
+    "llama": functools.partial(write_transformers, convert=llama_state_dict, hf_config=llama_config),
+    "qwen2_moe": functools.partial(write_transformers, convert=qwen2_moe_state_dict, hf_config=qwen2_moe_config),
     "switchyard-switch": write_switchyard,
 }
+# What a format cannot express, checked before any weight is read: config -> the reason, or None.
+REFUSALS = {"qwen2_moe": qwen2_moe_refusal}
 
 
 def export(run_dir, output, tag=None):
@@ -215,6 +322,9 @@ def export(run_dir, output, tag=None):
             f"that export: {', '.join(repr(f) for f in exporting)})"
         )
     kind = family.export(config)
+    refusal = REFUSALS.get(kind, lambda config: None)(config)
+    if refusal:
+        raise ConfigError(f"eval.export_hf of {run_dir}: {refusal}")
     tag = resolve_tag(str(run_dir), tag)
     model, config, tokenizer = load_model(str(run_dir), tag)
     state = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}

@@ -134,8 +134,9 @@ def evaluate(
     stride = context if stride is None else stride
     if context < 1:
         raise ConfigError(f"--context must be >= 1, got {context}")
-    if config.positions == "learned" and context > config.max_seq_len:
-        raise ConfigError(f"--context {context} is longer than the model's {config.max_seq_len} learned positions")
+    longest = config.longest_sequence()
+    if longest is not None and context > longest:
+        raise ConfigError(f"--context {context} is longer than the model's {longest} learned positions")
     if not 1 <= stride <= context:
         raise ConfigError(f"--stride must be in [1, --context {context}], got {stride}")
     if batch_size < 1:

@@ -74,8 +74,9 @@ def init_weights_(model, init_scale):
                 nn.init.zeros_(module.bias)
 
 
-def rotary_tables(seq_len, head_dim, device):
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rotary_tables(seq_len, head_dim, device, theta=10000.0):
+    """cos and sin of position t x theta^(-2i / head_dim), [seq_len, head_dim / 2] (RoFormer, eq. 15)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

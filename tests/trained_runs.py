@@ -27,6 +27,8 @@ RECIPES = {
     "zero3": Recipe("zero3.json", "tiny-gpt.json", ranks=2, steps=3),
     "pipeline": Recipe("pipeline2_zero1.json", "tiny-gpt.json", ranks=2, steps=3, stages=2),
     "switch": Recipe("moe_ep2_zero2.json", "tiny-switch.json", ranks=2, steps=3),
+    "llama": Recipe("zero3.json", "tiny-llama.json", ranks=2, steps=3),
+    "llama_moe": Recipe("moe_ep2_zero2.json", "tiny-llama-moe.json", ranks=2, steps=3),  # top-2 dropless, EP 2
 }
 
 

@@ -22,7 +22,16 @@ def export(run, output):
     return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None)
 
 
-@pytest.mark.parametrize("name, architecture", [("dense", "GPTNeoXForCausalLM"), ("zero3", "GPT2LMHeadModel"), ("pipeline", "GPT2LMHeadModel")])
+@pytest.mark.parametrize(
+    "name, architecture",
+    [
+        ("dense", "GPTNeoXForCausalLM"),
+        ("zero3", "GPT2LMHeadModel"),
+        ("pipeline", "GPT2LMHeadModel"),
+        ("llama", "LlamaForCausalLM"),
+        ("llama_moe", "Qwen2MoeForCausalLM"),
+    ],
+)
 def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp_path, name, architecture):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,7 +46,9 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(trained, tmp
         ours, theirs = model(tokens)[0], hf(tokens).logits
     print(f"{name} -> {architecture}: max |logit difference| {(ours - theirs).abs().max().item():.2e}")
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
+    # Qwen2-MoE's shared-expert gate (zero: see eval/export_hf.py) is one d_model row per MoE layer more.
+    gates = config.d_model * len(config.layers_with_experts()) if architecture == "Qwen2MoeForCausalLM" else 0
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters()) + gates
     spec = json.loads((tmp_path / "hf" / "switchyard_tokenizer.json").read_text())
     assert spec["type"] == tokenizer.spec["type"] and spec["eos_id"] == tokenizer.eos_id
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
@@ -61,6 +72,66 @@ def test_switch_exports_every_expert_as_fp32_safetensors(trained, tmp_path):
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(restored.eval()(tokens)[0], model(tokens)[0])
+
+
+LLAMA = {
+    "vocab_size": 320,
+    "max_seq_len": 32,
+    "d_model": 64,
+    "n_layers": 3,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "d_ff": 176,
+    "rope_theta": 5e5,
+    "norm_eps": 1e-6,
+}
+
+
+@pytest.mark.parametrize(
+    "changes, architecture",
+    [
+        ({"family": "llama", "tie_embeddings": True, "n_kv_heads": 1}, "LlamaForCausalLM"),
+        ({"family": "llama_moe", "num_experts": 4}, "Qwen2MoeForCausalLM"),  # top-1: the raw softmax weight
+        ({"family": "llama_moe", "num_experts": 4, "top_k": 2, "shared_expert": True, "moe_layers": [0, 2]}, "Qwen2MoeForCausalLM"),
+        ({"family": "llama_moe", "num_experts": 4, "top_k": 3, "dropless": True, "tie_embeddings": True}, "Qwen2MoeForCausalLM"),
+    ],
+)
+def test_llama_shapes_convert_to_the_same_logits(tmp_path, changes, architecture):
+    """The conversions alone, on built models of the shapes no trained run covers: tied or not, multi-query
+    attention, top-1 or top-k routing, a shared expert, MoE layers at chosen places."""
+    from transformers import AutoModelForCausalLM
+
+    from eval.export_hf import EXPORTERS
+    from models.registry import family_of
+    from pretrain.data.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    config = config_from_dict({**LLAMA, **changes})
+    model = build_model(config).eval()
+    state = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
+    EXPORTERS[family_of(config).export(config)](state, config, ByteTokenizer(), tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == architecture
+    tokens = torch.randint(0, config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, outputs = model(tokens), hf(tokens)
+    # Dropless as Qwen2-MoE is: no token over an expert's capacity here.
+    assert all(float(s["dropped_fraction"]) == 0.0 for s in ours[2])
+    torch.testing.assert_close(outputs.logits, ours[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_bias_is_refused_before_any_weight_is_read(trained, tmp_path):
+    from eval.export_hf import export
+
+    run = trained("llama_moe")
+    biased = tmp_path / "biased"
+    biased.mkdir()  # the run's record alone, with the bias on: no checkpoint to read
+    record = json.loads((run / "run_config.json").read_text())
+    record["model"]["router_bias_rate"] = 0.001
+    (biased / "run_config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="router bias .* which Qwen2-MoE's router has no place for; only a model trained with router_bias_rate 0"):
+        export(biased, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_output_is_refused_and_nothing_is_left_half_written(trained, tmp_path):
@@ -129,7 +200,7 @@ def test_a_translation_run_is_refused(translation_run, tmp_path):
     with pytest.raises(
         ConfigError,
         match=f"eval.export_hf of {translation_run}: the 'transformer' family has no export "
-        r"format \(families that export: 'gpt', 'switch'\)",
+        r"format \(families that export: 'gpt', 'llama', 'llama_moe', 'switch'\)",
     ):
         export(translation_run, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

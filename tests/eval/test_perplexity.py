@@ -68,7 +68,7 @@ def test_cli_prints_json_last_and_figures_follow_their_formulas(trained, text, t
     assert 1.0 < result["loss"] < math.log(257)  # trained 100 steps: well below uniform over bytes
 
 
-@pytest.mark.parametrize("name", ["dense", "switch"])
+@pytest.mark.parametrize("name", ["dense", "switch", "llama_moe"])
 def test_two_ranks_match_one_rank(trained, text, tmp_path, name):
     run = trained(name)
     one = cli(run, "--text", text, "--batch_size", 4)
@@ -126,6 +126,6 @@ def test_a_translation_run_is_refused_before_its_weights_are_read(translation_ru
     with pytest.raises(
         ConfigError,
         match=f"eval.perplexity of {translation_run} needs a decoder model .family 'gpt' or "
-        f"'switch'.; this one is a 'transformer' encoder-decoder model",
+        f"'llama' or 'llama_moe' or 'switch'.; this one is a 'transformer' encoder-decoder model",
     ):
         evaluate(translation_run, text=text)

@@ -62,6 +62,15 @@ CASES = {
         lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-switch.json", [], 2),
         "pipeline stages need a family with a pipeline form ('gpt'); use a config without 'pipeline' for a 'switch' model",
     ),
+    # The Llama families register no pipeline form (models/llama.py): refused through the registration too.
+    "pipeline with llama": (
+        lambda t: (ds_with(t, pipeline={"stages": 2}), MODELS / "tiny-llama.json", [], 2),
+        "pipeline stages need a family with a pipeline form ('gpt'); use a config without 'pipeline' for a 'llama' model",
+    ),
+    "llama_moe with zero3": (
+        lambda t: (DS / "zero3.json", MODELS / "tiny-llama-moe.json", [], 1),
+        "does not run under ZeRO-3 (it points to AutoEP, which needs a Hugging Face model); use ZeRO stage 0, 1 or 2 for a 'llama_moe' model",
+    ),
     # The Switch encoder-decoder: refused through its registration (experts=True), as the Switch LM is.
     "switch encoder-decoder with zero3": (
         lambda t: (DS / "zero3.json", MODELS / "tiny-switch-transformer.json", ["--task", "translation"], 1),
@@ -166,7 +175,7 @@ CASES = {
     ),
     "lm task with an encoder-decoder": (
         lambda t: (DS / "zero1.json", MODELS / "tiny-transformer.json", [], 1),
-        "needs a decoder model (family 'gpt' or 'switch'); this one is a 'transformer'",
+        "needs a decoder model (family 'gpt' or 'llama' or 'llama_moe' or 'switch'); this one is a 'transformer'",
     ),
     "extend schedule without resume": (
         lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--extend_schedule"], 1),

@@ -1,9 +1,10 @@
-"""pretrain/main.py end to end with real ranks: Switch with expert parallelism, bf16. (Resumes after a kill are
+"""pretrain/main.py end to end with real ranks: Switch with expert parallelism, the dense Llama, bf16. (Resumes after a kill are
 tests/pretrain/test_reliability.py's.)"""
 
 import json
 import math
 
+import pytest
 import torch
 
 from pretrain.run_dir import safe_load
@@ -42,9 +43,23 @@ def test_switch_expert_parallel_two_ranks_match_one_rank(tmp_path):
     assert biases[0].abs().max() <= STEPS  # one step of the rate per optimizer step at most
 
 
-def test_bf16_trains_on_cpu(tmp_path):
+def test_llama_two_ranks_match_one_rank(tmp_path):
+    """The dense Llama under ZeRO-2: 2 ranks see the 1-rank run's global batches (as tests/pretrain/test_main_zero.py's
+    GPT runs, at their tolerance)."""
+    losses = {}
+    for world in (1, 2):
+        run_ranks(train_args(tmp_path, "zero2.json", "tiny-llama.json", STEPS, save_dir=tmp_path / f"w{world}"), world, tmp_path / f"l{world}")
+        losses[world] = read_metrics(tmp_path / f"w{world}")
+    gaps = [abs(losses[1][s] - losses[2][s]) / losses[1][s] for s in range(1, STEPS + 1)]
+    print("llama 2 ranks vs 1 relative gaps", gaps)
+    assert sorted(losses[2]) == list(range(1, STEPS + 1)) and max(gaps) < 1e-5, gaps
+    assert losses[1][STEPS] < losses[1][1]
+
+
+@pytest.mark.parametrize("model_config", ["tiny-gpt.json", "tiny-llama.json"])
+def test_bf16_trains_on_cpu(tmp_path, model_config):
     """The model trains in bf16 with an fp32 master copy: finite, falling losses alone would also pass in fp32."""
-    run_ranks(train_args(tmp_path, "bf16_zero1.json", "tiny-gpt.json", STEPS), 2, tmp_path / "logs")
+    run_ranks(train_args(tmp_path, "bf16_zero1.json", model_config, STEPS), 2, tmp_path / "logs")
     step = tmp_path / "run" / f"global_step{STEPS}"
     # DeepSpeed saves the module it trained (bf16 here, fp32 in an fp32 run) and, per rank, the fp32 partition
     # the optimizer updates (its bf16 optimizer's files).

@@ -253,6 +253,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
         ("bf16_zero1.json", "tiny-gpt.json"),
         ("pipeline2_zero1.json", "tiny-gpt.json"),
         ("moe_ep2_zero2.json", "tiny-switch.json"),
+        ("moe_ep2_zero2.json", "tiny-llama-moe.json"),
     ],
 )
 def test_every_recipe_resumes_exactly_through_the_safe_loader(tmp_path, ds_config, model):
