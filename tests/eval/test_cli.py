@@ -23,6 +23,12 @@ def command(module, *args):
         ("eval.distill", ["t", "s", "b", "--pair", "p"], "unknown flag --pair (did you mean --pairs?)"),
         ("eval.export_hf", ["run", "out", "--tga", "global_step1"], "unknown flag --tga (did you mean --tag?)"),
         (
+            "eval.harness",
+            ["run", "--task", "hellaswag"],
+            "unknown flag --task (did you mean --tasks?); eval.harness takes --run_dir, --tasks, --tag, --batch_size, --limit, "
+            "--num_fewshot, --output, --include_path, --device, --max_gen_toks (python -m eval.harness --help)",
+        ),
+        (
             "eval.plot",
             ["run", "--outptu", "x.png"],
             "unknown flag --outptu (did you mean --output?); eval.plot takes --output, --smooth, --x, --panels, --table (python -m eval.plot --help)",
