@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from models.gpt import apply_rotary, init_weights_, rotary_tables
 from models.registry import TRAINING_SETTING, register_model
-from models.switch import SwitchFFN, SwitchSettings, balance_routers, switch_param_counts
+from models.switch import DecoderSwitchSettings, ExpertModel, SwitchFFN
 from switchyard.deepspeed_compat import full_numel
 
 
@@ -186,46 +186,23 @@ register_model("llama", LlamaConfig, "decoder", export=lambda config: "llama")(L
 
 
 @dataclass
-class LlamaMoEConfig(SwitchSettings, LlamaConfig):
+class LlamaMoEConfig(DecoderSwitchSettings, LlamaConfig):
     expert_activation: str = "swiglu"  # the dense FFN's; the only one a Llama block takes
 
     def problem(self):
-        base = super().problem() or self.switch_problem()
+        base = super().problem() or self.decoder_experts_problem("llama")
         if base:
             return base
         if self.expert_activation != "swiglu":
             return f"llama_moe experts are SwiGLU FFNs, as its dense ones (no biases); expert_activation must be 'swiglu', got {self.expert_activation!r}"
-        bad = [i for i in self.layers_with_experts() if not 0 <= i < self.n_layers]
-        if bad:
-            return f"moe_layers {bad} out of range for n_layers={self.n_layers}"
-        if not self.layers_with_experts():
-            return "moe_layers is empty: use the 'llama' family for a dense model"
         return None
 
-    def layers_with_experts(self):
-        return list(range(1, self.n_layers, 2)) if self.moe_layers is None else list(self.moe_layers)
 
-
-class LlamaMoE(Llama):
+class LlamaMoE(ExpertModel, Llama):
     def make_block(self, config, layer_idx):
         if layer_idx in config.layers_with_experts():
             return LlamaBlock(config, ffn=SwitchFFN(config, layer_idx))
         return LlamaBlock(config)
-
-    def init_weights(self):
-        super().init_weights()
-        seed = torch.initial_seed() % (2**31)
-        for layer in self.switch_layers():
-            layer.init_experts(seed)
-
-    def switch_layers(self):
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, SwitchFFN)]
-
-    def balance_routers(self):
-        balance_routers(self.switch_layers())
-
-    def param_counts(self):
-        return switch_param_counts(self, self.switch_layers())
 
 
 register_model("llama_moe", LlamaMoEConfig, "decoder", experts=True, export=lambda config: "qwen2_moe")(LlamaMoE)

@@ -91,20 +91,29 @@ class SwitchSettings:
 
 
 @dataclass
-class SwitchConfig(SwitchSettings, GPTConfig):
-    def problem(self):
-        base = super().problem() or self.switch_problem()
-        if base:
-            return base
+class DecoderSwitchSettings(SwitchSettings):
+    """SwitchSettings of a decoder LM, one stack of ``n_layers`` blocks (the Switch LM, llama_moe)."""
+
+    def decoder_experts_problem(self, dense_family):
+        """What is wrong with the expert settings, moe_layers included, or None; ``dense_family``: the family to
+        use instead when no layer has experts."""
+        if self.switch_problem():
+            return self.switch_problem()
         bad = [i for i in self.layers_with_experts() if not 0 <= i < self.n_layers]
         if bad:
             return f"moe_layers {bad} out of range for n_layers={self.n_layers}"
         if not self.layers_with_experts():
-            return "moe_layers is empty: use the 'gpt' family for a dense model"
+            return f"moe_layers is empty: use the {dense_family!r} family for a dense model"
         return None
 
     def layers_with_experts(self):
         return list(range(1, self.n_layers, 2)) if self.moe_layers is None else list(self.moe_layers)
+
+
+@dataclass
+class SwitchConfig(DecoderSwitchSettings, GPTConfig):
+    def problem(self):
+        return super().problem() or self.decoder_experts_problem("gpt")
 
 
 class GroupedExperts(nn.Module):
@@ -449,23 +458,9 @@ def balance_routers(layers):
         layer.routed_tokens.zero_()
 
 
-def switch_param_counts(model, layers):
-    """(total, active per token) parameters of ``model`` whose Switch layers are ``layers``: every expert
-    counts in the total, top_k of each layer's in the active ones."""
-    config = model.config
-    here = sum(p.numel() for p in model.parameters())  # this rank: shared weights + local experts
-    per_expert = sum(layer.local_experts().params_per_expert() for layer in layers)
-    shared = here - per_expert * (config.num_experts // config.expert_parallel_size)
-    return shared + config.num_experts * per_expert, shared + config.top_k * per_expert
-
-
-# transformers has no Switch decoder: the export is Switchyard's own (eval/export_hf.py).
-@register_model("switch", SwitchConfig, "decoder", experts=True, export=lambda config: "switchyard-switch")
-class SwitchLM(GPT):
-    def make_block(self, config, layer_idx):
-        if layer_idx in config.layers_with_experts():
-            return Block(config, ffn=SwitchFFN(config, layer_idx))
-        return Block(config)
+class ExpertModel:
+    """What a model with SwitchFFN layers adds to its dense form, ``class M(ExpertModel, DenseModel)``: the
+    experts' initialization, the routers' bias update, and parameter counts with every expert."""
 
     def init_weights(self):
         super().init_weights()
@@ -474,10 +469,26 @@ class SwitchLM(GPT):
             layer.init_experts(seed)
 
     def switch_layers(self):
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, SwitchFFN)]
+        """The SwitchFFN layers, in module order (the same on every rank)."""
+        return [module for module in self.modules() if isinstance(module, SwitchFFN)]
 
     def balance_routers(self):
         balance_routers(self.switch_layers())
 
     def param_counts(self):
-        return switch_param_counts(self, self.switch_layers())
+        """(total, active per token) parameters: every expert counts in the total, top_k of each layer's in the
+        active ones, also when expert parallelism holds some of them elsewhere."""
+        config = self.config
+        here = sum(p.numel() for p in self.parameters())  # this rank: shared weights + local experts
+        per_expert = sum(layer.local_experts().params_per_expert() for layer in self.switch_layers())
+        shared = here - per_expert * (config.num_experts // config.expert_parallel_size)
+        return shared + config.num_experts * per_expert, shared + config.top_k * per_expert
+
+
+# transformers has no Switch decoder: the export is Switchyard's own (eval/export_hf.py).
+@register_model("switch", SwitchConfig, "decoder", experts=True, export=lambda config: "switchyard-switch")
+class SwitchLM(ExpertModel, GPT):
+    def make_block(self, config, layer_idx):
+        if layer_idx in config.layers_with_experts():
+            return Block(config, ffn=SwitchFFN(config, layer_idx))
+        return Block(config)

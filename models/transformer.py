@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.gpt import FeedForward, init_weights_
 from models.registry import TRAINING_SETTING, register_model
-from models.switch import SwitchFFN, SwitchSettings, balance_routers, switch_param_counts
+from models.switch import ExpertModel, SwitchFFN, SwitchSettings
 from switchyard.deepspeed_compat import full_numel
 
 
@@ -284,22 +284,6 @@ class SwitchTransformerConfig(SwitchSettings, TransformerConfig):
 
 
 @register_model("switch-transformer", SwitchTransformerConfig, "encoder-decoder", experts=True)
-class SwitchTransformer(Transformer):
+class SwitchTransformer(ExpertModel, Transformer):
     def make_ffn(self, config, layer_idx):
         return SwitchFFN(config, layer_idx) if layer_idx in config.layers_with_experts() else None
-
-    def init_weights(self):
-        super().init_weights()
-        seed = torch.initial_seed() % (2**31)
-        for layer in (*self.encoder, *self.decoder):
-            if isinstance(layer.ffn, SwitchFFN):
-                layer.ffn.init_experts(seed)
-
-    def switch_layers(self):
-        return [layer.ffn for layer in (*self.encoder, *self.decoder) if isinstance(layer.ffn, SwitchFFN)]
-
-    def balance_routers(self):
-        balance_routers(self.switch_layers())
-
-    def param_counts(self):
-        return switch_param_counts(self, self.switch_layers())

@@ -89,7 +89,8 @@ def expected_multiple_choice(model, tokenizer):
     for question, choices, gold in QUESTIONS:
         scores = [continuation_log_prob(model, tokenizer, question, " " + choice) for choice in choices]  # lm-eval's " " delimiter
         acc.append(int(np.argmax(scores)) == gold)
-        acc_norm.append(int(np.argmax([s / len(" " + c) for s, c in zip(scores, choices)])) == gold)
+        # lm-eval divides by the choice's length in characters, without the delimiter
+        acc_norm.append(int(np.argmax([s / len(c) for s, c in zip(scores, choices)])) == gold)
     return {"acc": np.mean(acc), "acc_norm": np.mean(acc_norm)}
 
 
