@@ -3,7 +3,7 @@
     python -m eval.harness RUN_DIR --tasks hellaswag,arc_easy,lambada_openai [--num_fewshot 0] [--batch_size 16]
     python -m eval.harness RUN_DIR --tasks my_task --include_path DIR_OF_TASK_YAMLS [--limit 100] [--output FILE]
 
-RUN_DIR is a pretrain/main.py --save_dir of a decoder family (dense GPT, Switch LM, ...; any ZeRO stage or
+RUN_DIR is a pretrain/main.py --save_dir of a decoder family (GPT, Switch LM, Llama, Llama-MoE; any ZeRO stage or
 pipeline run, read back by pretrain/run_dir.py's load_model); --tag picks a checkpoint other than ``latest``.
 The model reaches lm-eval as the ``switchyard`` model class (SwitchyardLM), registered with lm-eval, which
 tokenizes with the run's tokenizer and answers the harness's three requests:

@@ -160,8 +160,9 @@ def test_the_figures_are_the_models_own_log_probabilities(trained, tasks, tmp_pa
     assert written["switchyard"]["tag"] == figures["tiny_mc"]["tag"]
 
 
-def test_a_switch_run_is_scored(trained, tasks, tmp_path):
-    run = trained("switch")
+@pytest.mark.parametrize("name", ["switch", "llama_moe"])
+def test_a_run_with_experts_is_scored(trained, tasks, tmp_path, name):
+    run = trained(name)
     directory, documents = tasks
     # one row per forward pass: a Switch layer's capacity depends on the tokens of the pass, as here by hand
     proc, figures = harness(run, "--tasks", "tiny_mc,tiny_ppl", "--include_path", directory, "--batch_size", 1, "--output", tmp_path / "switch.json")

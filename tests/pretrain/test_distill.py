@@ -85,3 +85,19 @@ def test_a_switch_translation_teacher_distils_into_a_dense_transformer(tmp_path,
     total, hard = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "run", "train/lm_loss")
     assert all(math.isfinite(total[s]) and total[s] != hard[s] for s in total)
     assert hard[12] < hard[1]
+
+
+def test_a_llama_moe_teacher_distils_into_a_dense_llama(tmp_path, trained):
+    """The Llama families on either side: the student takes every non-expert tensor of the MoE teacher (attention,
+    RMSNorms, embeddings, layer 0's dense SwiGLU) and trains against its soft targets."""
+    teacher = trained("llama_moe")
+    args = distill_args(tmp_path, teacher, 8, "--eval_interval", 8, model="tiny-llama.json")
+    student = prepare(args)[-1].build_model().state_dict()
+    teacher_state = load_model(teacher)[0].state_dict()
+    copied = [name for name in student if name in teacher_state]
+    assert {"tok_emb.weight", "output.weight", "norm.weight", "blocks.1.attn.wk.weight", "blocks.0.ffn.w1.weight"} <= set(copied)
+    assert "blocks.1.ffn.w1.weight" in student and "blocks.1.ffn.w1.weight" not in teacher_state  # the teacher's experts
+    assert all(torch.equal(student[name], teacher_state[name]) for name in copied)
+    run_ranks(args, 1, tmp_path / "logs")
+    total, hard = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "run", "train/lm_loss")
+    assert all(math.isfinite(total[s]) and total[s] != hard[s] for s in total) and hard[8] < hard[1]
