@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import socket
 import sys
 
 import deepspeed
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.accelerator import get_accelerator
 
+from pretrain.local_ranks import free_port
 from switchyard.errors import ConfigError
 
 
@@ -113,12 +113,6 @@ class RankSync:
         value = torch.tensor([int(flag)], device=device())
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finish(code=0, watchdog=None):
