@@ -97,17 +97,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.ulysses = None  # models/ulysses.py: the all-to-all around local_attention when sequences are split
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads) for t in (q, k, v))
+        y = self.local_attention(q, k, v) if self.ulysses is None else self.ulysses(q, k, v)
+        return self.resid_dropout(self.proj(y.reshape(B, T, C)))
+
+    def local_attention(self, q, k, v):
+        """Causal attention of [B, T, heads, D] queries, keys and values over their whole sequence; any subset of
+        the heads (under sequence parallelism, this rank's)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.rotary:
-            cos, sin = rotary_tables(T, C // self.n_heads, x.device)
+            cos, sin = rotary_tables(q.shape[2], q.shape[3], q.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # SDPA picks FlashAttention / memory-efficient kernels on a GPU.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -149,6 +157,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(self.make_block(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
+        self.sequence_slice = None  # models/ulysses.py: which slice of each sequence this rank reads (None: all)
         self.init_weights()
 
     def make_block(self, config, layer_idx):
@@ -162,7 +171,8 @@ class GPT(nn.Module):
         B, T = tokens.shape
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+            first = 0 if self.sequence_slice is None else self.sequence_slice.first_position(T)
+            x = x + self.pos_emb(torch.arange(first, first + T, device=tokens.device))
         x = self.drop(x)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats = []
@@ -272,4 +282,11 @@ class GPTPipe(PipelineModule):
 
 # Registered here, below its pipeline form, which the registration names. Its export is the transformers
 # architecture it is exactly (eval/export_hf.py): GPT-2 with learned positions, GPT-NeoX with rotary ones.
-register_model("gpt", GPTConfig, "decoder", pipeline=GPTPipe, export=lambda config: "gpt2" if config.positions == "learned" else "gpt_neox")(GPT)
+register_model(
+    "gpt",
+    GPTConfig,
+    "decoder",
+    pipeline=GPTPipe,
+    export=lambda config: "gpt2" if config.positions == "learned" else "gpt_neox",
+    sequence_parallel=lambda config: {"n_heads": config.n_heads},
+)(GPT)

@@ -82,19 +82,27 @@ class GroupedQueryAttention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.ulysses = None  # models/ulysses.py: the all-to-all around local_attention when sequences are split
 
     def forward(self, x):
         B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_tables(T, self.head_dim, x.device, self.rope_theta)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        y = self.local_attention(q, k, v) if self.ulysses is None else self.ulysses(q, k, v)
+        return self.resid_dropout(self.wo(y.reshape(B, T, C)))
+
+    def local_attention(self, q, k, v):
+        """Causal attention of [B, T, heads, D] queries and [B, T, kv heads, D] keys and values over their whole
+        sequence; any subset of the kv heads with their query heads (under sequence parallelism, this rank's)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_tables(q.shape[2], self.head_dim, q.device, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # enable_gqa: SDPA reads each kv head for its group of query heads, without copying them out.
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
+        return y.transpose(1, 2)
 
 
 class SwiGLU(nn.Module):
@@ -177,7 +185,13 @@ def training_flops_per_token(config, active_params, seq_len):
     return 6 * matmul_params + 12 * config.n_layers * config.d_model * seq_len
 
 
-register_model("llama", LlamaConfig, "decoder", export=lambda config: "llama")(Llama)
+register_model(
+    "llama",
+    LlamaConfig,
+    "decoder",
+    export=lambda config: "llama",
+    sequence_parallel=lambda config: {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads()},
+)(Llama)
 
 
 # ------------------------------------------------------------------------------------------

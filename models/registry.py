@@ -42,6 +42,9 @@ class ModelFamily:
     prefix of that layer's parameters in the plain model's state_dict (how a pipeline checkpoint is read back).
     ``export``: ``export(config)`` names what eval.export_hf writes for this config (a key of its EXPORTERS,
     e.g. "gpt2" or "gpt_neox" for a transformers architecture), or None when the family does not export.
+    ``sequence_parallel``: its attention splits sequences over sequence-parallel ranks (DeepSpeed-Ulysses,
+    models/ulysses.py); ``sequence_parallel(config)`` names the head counts that are split ({"n_heads": 12}), each of
+    which the sequence-parallel size must divide. None: it cannot run so (a launch asking for it is refused).
     """
 
     name: str
@@ -51,9 +54,10 @@ class ModelFamily:
     experts: bool = False
     pipeline: typing.Optional[type] = None
     export: typing.Optional[typing.Callable] = None
+    sequence_parallel: typing.Optional[typing.Callable] = None
 
 
-def register_model(name, config_cls, architecture, experts=False, pipeline=None, export=None):
+def register_model(name, config_cls, architecture, experts=False, pipeline=None, export=None, sequence_parallel=None):
     """Register the decorated nn.Module class as family ``name``, built from ``config_cls`` (see ModelFamily)."""
 
     def wrap(model_cls):
@@ -61,7 +65,7 @@ def register_model(name, config_cls, architecture, experts=False, pipeline=None,
             raise ValueError(f"model family {name!r} registered twice")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model family {name!r}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        MODEL_FAMILIES[name] = ModelFamily(name, config_cls, model_cls, architecture, experts, pipeline, export)
+        MODEL_FAMILIES[name] = ModelFamily(name, config_cls, model_cls, architecture, experts, pipeline, export, sequence_parallel)
         return model_cls
 
     return wrap

@@ -128,7 +128,11 @@ def save(engine, save_dir, step, client_state, dp_size, keep_last=0):
             f"from: free space (or lower --keep_checkpoints), remove {partial_dir}, and resume"
         ) from e
     barrier_in_store()  # every rank's shards are on disk
-    layout = {"dp_size": dp_size, "expert_parallel_size": _expert_parallel_size(engine.module)}
+    layout = {
+        "dp_size": dp_size,
+        "sequence_parallel_size": engine.sequence_parallel_size,
+        "expert_parallel_size": _expert_parallel_size(engine.module),
+    }
     rank0_alone(lambda: _complete(save_dir, tag, partial_dir, step, layout, keep_last))
 
 

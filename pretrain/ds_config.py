@@ -3,7 +3,9 @@
 Everything here runs before torch.distributed starts and before any model is allocated.
 The JSON goes to ``deepspeed.initialize`` as written, but for one value: a scheduler's
 ``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds one
-section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
+section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores. DeepSpeed's
+``"sequence_parallel_size": N`` (DeepSpeed-Ulysses) is read here too, and its groups are handed to
+``deepspeed.initialize`` as ``mpu`` (models/ulysses.py says why not DeepSpeed's own mesh of it).
 """
 
 import dataclasses
@@ -29,8 +31,25 @@ class LaunchPlan:
     precision: str  # "fp32", "bf16" or "fp16"
     pipeline_stages: int
     expert_parallel_size: int
+    # Ranks each sequence is split over (DeepSpeed-Ulysses, models/ulysses.py): groups of this many consecutive
+    # ranks read the same samples, each its slice of every sequence; dp_size counts the groups.
+    sequence_parallel_size: int = 1
     resume_universal: bool = False  # resuming a dense ZeRO checkpoint saved at another data-parallel size
     resume_resharded: bool = False  # resuming a ZeRO 1-2 model with experts saved at another data- or expert-parallel size
+
+    def data_parallel_rank(self, rank):
+        """The data-parallel rank of global rank ``rank``: which samples it reads (models/ulysses.py's layout)."""
+        return rank // self.sequence_parallel_size
+
+    def sequence_parallel_rank(self, rank):
+        """Which slice of each sequence global rank ``rank`` holds."""
+        return rank % self.sequence_parallel_size
+
+    @property
+    def zero_partitions(self):
+        """The ranks ZeRO partitions over: every data- and sequence-parallel rank of a pipeline stage (DeepSpeed's
+        sequence-data-parallel group), the number a ZeRO checkpoint is saved in."""
+        return self.dp_size * self.sequence_parallel_size
 
 
 def load_ds_config(path):
@@ -118,7 +137,8 @@ def plan_launch(config, path, world_size, model_config):
                 f"{model_config.num_experts}; pick an expert-parallel size that divides it"
             )
 
-    dp = world_size // stages
+    sp = plan_sequence_parallel(config, path, world_size, stages, stage, model_config)
+    dp = world_size // (stages * sp)
     tbs = _positive_int(config, "train_batch_size", path)
     mbs = _positive_int(config, "train_micro_batch_size_per_gpu", path)
     gas = _positive_int(config, "gradient_accumulation_steps", path)
@@ -163,7 +183,53 @@ def plan_launch(config, path, world_size, model_config):
         precision=precision,
         pipeline_stages=stages,
         expert_parallel_size=ep_size,
+        sequence_parallel_size=sp,
     )
+
+
+def plan_sequence_parallel(config, path, world_size, stages, zero_stage, model_config):
+    """The sequence-parallel size ``sequence_parallel_size`` asks for (1 without it), or a one-line refusal of what
+    cannot run so: a family that does not declare it (experts, encoder-decoders), heads it does not divide, pipeline
+    stages, ZeRO-3, a world it does not divide, and DeepSpeed's mesh route (``data_parallel_size`` beside it). The
+    sequence length is the task's check (pretrain/tasks/lm.py)."""
+    sp = config.get("sequence_parallel_size", 1)
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
+        raise ConfigError(f"DeepSpeed config {path}: sequence_parallel_size must be a positive integer, got {sp!r}")
+    if "data_parallel_size" in config and "sequence_parallel_size" in config:
+        raise ConfigError(
+            f"DeepSpeed config {path}: data_parallel_size beside sequence_parallel_size makes DeepSpeed build a device "
+            f"mesh that never reduces gradients across sequence-parallel ranks (their weights drift apart); remove "
+            f"data_parallel_size: it is derived (world size / sequence_parallel_size)"
+        )
+    if sp == 1:
+        return sp
+    family = family_of(model_config)
+    if family.sequence_parallel is None:
+        raise ConfigError(
+            f"DeepSpeed config {path}: sequence_parallel_size {sp} needs a family whose attention splits sequences "
+            f"({', '.join(repr(f) for f in families_that(lambda f: f.sequence_parallel))}); a {family.name!r} model "
+            f"runs without it"
+        )
+    if stages > 1:
+        raise ConfigError(f"DeepSpeed config {path}: sequence_parallel_size {sp} with {stages} pipeline stages is not supported; use one of them")
+    if zero_stage == 3:
+        # Measured (2 ranks, tiny-gpt): the losses are one rank's, but DeepSpeed 0.19.8's ZeRO-3 reports a gradient
+        # norm 1/S of the true one, which is what it clips by; ZeRO 0-2 report the true norm.
+        raise ConfigError(
+            f"DeepSpeed config {path}: sequence_parallel_size {sp} with ZeRO-3 is not supported (DeepSpeed's ZeRO-3 "
+            f"then clips by a gradient norm 1/{sp} of the true one); use ZeRO stage 0, 1 or 2"
+        )
+    if world_size % sp:
+        raise ConfigError(
+            f"DeepSpeed config {path}: sequence_parallel_size {sp} does not divide the world size {world_size}; launch a multiple of {sp} ranks"
+        )
+    for name, count in family.sequence_parallel(model_config).items():
+        if count % sp:
+            raise ConfigError(
+                f"DeepSpeed config {path}: sequence_parallel_size {sp} does not divide the model's {name} {count} "
+                f"(each rank attends with {name} / {sp} of them); pick a size that divides it"
+            )
+    return sp
 
 
 # The DeepSpeed op each optimizer class DeepSpeed may build JIT-compiles at deepspeed.initialize on a GPU (its op
@@ -253,7 +319,7 @@ def check_device_features(config, path, device):
             )
 
 
-def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None):
+def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None, saved_sp_size=None):
     """Resuming at another data-parallel size: ZeRO-0 loads as is (nothing is partitioned); ZeRO 1-3
     go through DeepSpeed's universal checkpoint; what that cannot convert is refused.
 
@@ -261,7 +327,11 @@ def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=N
     (``resume_resharded``; DeepSpeed's converter would join different experts' partitions as one tensor's). Under
     ZeRO-0 it loads as is at another data-parallel size only: each expert-parallel rank's optimizer file
     (``expp_rank_R_*``) holds that rank's experts whole, which fits any launch of the same expert-parallel size
-    and no other. (ZeRO-3 runs no experts: plan_launch.) ``saved_ep_size``: the checkpoint's (None: unknown)."""
+    and no other. (ZeRO-3 runs no experts: plan_launch.) ``saved_ep_size``: the checkpoint's (None: unknown).
+
+    A dense model's ZeRO checkpoint is partitioned over its data- and sequence-parallel ranks together
+    (LaunchPlan.zero_partitions; ``saved_sp_size``: the checkpoint's sequence-parallel size, None: 1): it loads as is
+    wherever their product is the same, and through the universal checkpoint elsewhere."""
     if family_of(model_config).experts:
         saved = (saved_dp_size or plan.dp_size, saved_ep_size or plan.expert_parallel_size)
         if saved == (plan.dp_size, plan.expert_parallel_size) or (plan.zero_stage == 0 and saved[1] == plan.expert_parallel_size):
@@ -274,8 +344,17 @@ def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=N
                 f"launch with moe.expert_parallel_size {saved[1]}" + (f" (on a multiple of {saved[1]} ranks)" if saved[1] > 1 else "")
             )
         return dataclasses.replace(plan, resume_resharded=True), config
-    if saved_dp_size is None or saved_dp_size == plan.dp_size or plan.zero_stage == 0:
+    saved_partitions = None if saved_dp_size is None else saved_dp_size * (saved_sp_size or 1)
+    if saved_partitions is None or saved_partitions == plan.zero_partitions or plan.zero_stage == 0:
         return plan, config
+    if (saved_sp_size or 1) > 1 or plan.sequence_parallel_size > 1:
+        # DeepSpeed records a sequence-parallel checkpoint's size as its tensor-parallel degree (the mpu's model-
+        # parallel size is the sequence-parallel one), and ds_to_universal then looks for that many model files.
+        raise ConfigError(
+            f"the checkpoint's ZeRO state is partitioned over {saved_partitions} ranks and this launch partitions it "
+            f"over {plan.zero_partitions}: with sequence parallelism on either side DeepSpeed's universal checkpoint "
+            f"cannot convert it; launch data-parallel x sequence-parallel = {saved_partitions} ranks (x pipeline stages)"
+        )
     if plan.pipeline_stages > 1:
         raise ConfigError(
             f"the checkpoint was saved with {saved_dp_size} data-parallel ranks and this launch has {plan.dp_size}: "

@@ -118,7 +118,8 @@ def _deepspeed_schema():
         c.VOCABULARY_SIZE: ANY,
         # A clipping of -1 or "1.0" reaches torch's clip_grad_norm_ only at the first step; refuse it now.
         c.GRADIENT_CLIPPING: _non_negative_number,
-        # Read by deepspeed/__init__.py (initialize) and deepspeed/runtime/config.py for the Ulysses mesh.
+        # Read by deepspeed/__init__.py (initialize) and deepspeed/runtime/config.py for the Ulysses mesh; Switchyard
+        # reads sequence_parallel_size itself and refuses data_parallel_size beside it (pretrain/ds_config.py).
         "sequence_parallel_size": ANY,
         "data_parallel_size": ANY,
         c.OPTIMIZER: CHECKED_BELOW,

@@ -51,7 +51,15 @@ def prepare(argv):
         saved_ep_size = run_dir.saved_expert_parallel_size(args.save_dir)
         if saved_ep_size is None and recorded:  # a checkpoint from before the manifest recorded it
             saved_ep_size = (recorded.get("moe") or {}).get("expert_parallel_size", 1)
-        plan, ds_config = plan_resume(plan, ds_config, args.ds_config, run_dir.saved_dp_size(args.save_dir), model_config, saved_ep_size)
+        plan, ds_config = plan_resume(
+            plan,
+            ds_config,
+            args.ds_config,
+            run_dir.saved_dp_size(args.save_dir),
+            model_config,
+            saved_ep_size,
+            run_dir.saved_sequence_parallel_size(args.save_dir),
+        )
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
     notices = [optimizer_notice, schedule_notice]
     if args.resume:
@@ -183,7 +191,12 @@ def build_engine(args, model_config, ds_config, plan, task):
             f"{' (ZeRO-3: partitioned while built, deepspeed.zero.Init)' if plan.zero_stage == 3 else ''}",
             flush=True,
         )
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config)
+    mpu = None
+    if plan.sequence_parallel_size > 1:  # DeepSpeed-Ulysses: the model reads slices, the engine reduces over them
+        from models.ulysses import split_sequences
+
+        mpu = split_sequences(model, plan.sequence_parallel_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config, mpu=mpu)
     torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
     return engine, flops
 

@@ -517,6 +517,11 @@ def saved_dp_size(save_dir):
     return _latest_manifest_field(save_dir, "dp_size")
 
 
+def saved_sequence_parallel_size(save_dir):
+    """Sequence-parallel size of the checkpoint ``latest`` names; None where its manifest predates the field (1)."""
+    return _latest_manifest_field(save_dir, "sequence_parallel_size")
+
+
 def saved_expert_parallel_size(save_dir):
     """Expert-parallel size of the checkpoint ``latest`` names; None where its manifest predates the field (the
     run's record, run_config.json, then says it, unless a launch at another size failed before saving)."""

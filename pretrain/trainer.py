@@ -129,7 +129,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak = device_peak_tflops(args.peak_tflops, plan.precision)
         self.pipelined = deepspeed_compat.is_pipeline_engine(engine)
-        self.dp_rank = deepspeed_compat.pipeline_data_parallel_rank(engine) if self.pipelined else dist.get_rank()
+        self.dp_rank = deepspeed_compat.pipeline_data_parallel_rank(engine) if self.pipelined else plan.data_parallel_rank(dist.get_rank())
         self.step = 0
         self.consumed_samples = 0
         self.tokens_per_step = plan.train_batch_size * task.seq_len

@@ -58,6 +58,8 @@ class DistillationTask:
             )
         if plan.pipeline_stages > 1:
             raise ConfigError("--task distill does not run in pipeline stages; drop 'pipeline' from the DeepSpeed config")
+        if plan.sequence_parallel_size > 1:  # its teacher runs whole, outside the engine, on whole sequences
+            raise ConfigError("--task distill does not split sequences; drop sequence_parallel_size from the DeepSpeed config")
         self.base = TASKS[args.distill_task](args, model_config, plan)
         self.alpha, self.temperature, self.init_from_teacher = args.distill_alpha, args.distill_temperature, args.init_from_teacher
         self.seq_len, self.tokenizer, self.val = self.base.seq_len, self.base.tokenizer, self.base.val

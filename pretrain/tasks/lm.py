@@ -4,11 +4,13 @@ from one corpus or several blended with weights."""
 import os
 
 import numpy as np
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models import build_model
 from models.registry import check_architecture, family_of
+from models.ulysses import sequence_slice
 from pretrain.data.indexed import IndexedTokens, prefix_of
 from pretrain.data.lm_dataset import BlendedOrder, BlendedSamples, LMSamples, SeededOrder, micro_batch, read_text_tokens, split_tokens
 from pretrain.data.tokenizer import check_fits_model, tokenizer_for_data
@@ -45,6 +47,7 @@ class LanguageModelingTask:
     def __init__(self, args, model_config, plan):
         self.model_config = model_config
         self.pipeline_stages = plan.pipeline_stages
+        self.plan = plan
         check_architecture(model_config, "decoder", f"--task lm ({args.model_config}; encoder-decoders train with --task translation)")
         self.seq_len = args.seq_len or model_config.max_seq_len
         longest = model_config.longest_sequence()
@@ -52,6 +55,11 @@ class LanguageModelingTask:
             raise ConfigError(
                 f"--seq_len {self.seq_len} is longer than the {longest} learned positions of {args.model_config}; "
                 f"pass --seq_len <= {longest}, or raise max_seq_len in a new run (or use positions 'rotary')"
+            )
+        if self.seq_len % plan.sequence_parallel_size:
+            raise ConfigError(
+                f"--seq_len {self.seq_len} is not divisible by sequence_parallel_size {plan.sequence_parallel_size} "
+                f"(each rank holds an equal slice of every sequence); pass a --seq_len that is a multiple of it"
             )
         # Text files are tokenized here; preprocessed ones (PREFIX or PREFIX.bin) are memory-mapped.
         indexed = {path: IndexedTokens(path) for path in (*args.train_data, args.val_data) if path and prefix_of(path)}
@@ -96,19 +104,29 @@ class LanguageModelingTask:
         return build_model(self.model_config)
 
     def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
-        return micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size)
+        batch = micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size)
+        return self.own_slice(batch)
 
     def val_batch(self, i, micro_batch_size, dp_rank, dp_size):
         """The i-th validation micro-batch of this rank, in file order, wrapping around."""
         n = self.val.num_samples
         first = (i * dp_size + dp_rank) * micro_batch_size
-        return micro_batch(self.val, lambda k: k % n, first, 0, micro_batch_size, 0, 1)
+        return self.own_slice(micro_batch(self.val, lambda k: k % n, first, 0, micro_batch_size, 0, 1))
+
+    def own_slice(self, batch):
+        """Under sequence parallelism this rank's slice of each window (models/ulysses.py), else the windows."""
+        if self.plan.sequence_parallel_size == 1:
+            return batch
+        return sequence_slice(batch, self.plan.sequence_parallel_rank(dist.get_rank()), self.plan.sequence_parallel_size)
 
     def loss(self, outputs, batch):
-        """(loss to backprop, dict of detached parts to log)."""
+        """(loss to backprop, dict of detached parts to log). Under sequence parallelism the logged part is the mean
+        over this rank's slice, and the backpropagated one that over 1/S of the sequence's targets (each slice holds
+        as many): DeepSpeed sums the gradients of the S slices and averages over data-parallel ranks only."""
         logits, aux_loss, moe_stats = outputs
         loss = lm_loss(logits, self.targets(batch))
-        return loss + aux_loss, {"lm_loss": loss.detach(), "aux_loss": aux_loss.detach(), "moe": moe_stats}
+        share = loss / self.plan.sequence_parallel_size if self.plan.sequence_parallel_size > 1 else loss
+        return share + aux_loss, {"lm_loss": loss.detach(), "aux_loss": aux_loss.detach(), "moe": moe_stats}
 
     @staticmethod
     def inputs(batch):

@@ -230,3 +230,42 @@ def test_zero_plus_plus_quantization_on_cuda_needs_the_quantizer_op(monkeypatch,
     monkeypatch.setattr(deepspeed_compat, "prebuilt_op", lambda name: False)
     monkeypatch.setattr(deepspeed_compat, "cuda_toolkit_problem", lambda: None)
     check_device_features(qgz, path, "cuda")
+
+
+def model_preset(name, **over):
+    from models import load_model_config
+
+    return load_model_config(str(REPO / "models" / "configs" / name), over or None)
+
+
+@pytest.mark.parametrize(
+    "world, over, preset, model_over, refusal",
+    [
+        (2, {"data_parallel_size": 1}, "tiny-gpt.json", {}, "data_parallel_size beside sequence_parallel_size makes DeepSpeed build a device mesh"),
+        (2, {"sequence_parallel_size": 0}, "tiny-gpt.json", {}, "sequence_parallel_size must be a positive integer, got 0"),
+        (3, {}, "tiny-gpt.json", {}, "sequence_parallel_size 2 does not divide the world size 3"),
+        (2, {}, "tiny-gpt.json", {"n_heads": 1, "d_model": 64}, "does not divide the model's n_heads 1"),
+        (4, {"sequence_parallel_size": 4}, "tiny-llama.json", {}, "sequence_parallel_size 4 does not divide the model's n_kv_heads 2"),
+        (2, {"pipeline": {"stages": 2}}, "tiny-gpt.json", {}, "with 2 pipeline stages is not supported"),
+        (2, {"zero_optimization": {"stage": 3}}, "tiny-gpt.json", {}, "with ZeRO-3 is not supported"),
+        (2, {}, "tiny-switch.json", {}, "needs a family whose attention splits sequences \\('gpt', 'llama'\\); a 'switch' model"),
+        (2, {}, "tiny-llama-moe.json", {}, "a 'llama_moe' model runs without it"),
+        (2, {}, "tiny-transformer.json", {}, "a 'transformer' model runs without it"),
+    ],
+)
+def test_sequence_parallelism_it_cannot_run_is_refused_in_one_line(world, over, preset, model_over, refusal):
+    from pretrain.ds_config import plan_launch
+
+    config, path = shipped("ulysses2_zero1.json")
+    with pytest.raises(ConfigError, match=refusal):
+        plan_launch({**config, **over}, path, world, model_preset(preset, **model_over))
+
+
+def test_sequence_parallel_groups_are_data_parallel_ranks_in_the_batch_arithmetic():
+    from pretrain.ds_config import plan_launch
+
+    config, path = shipped("ulysses2_zero1.json")
+    plan = plan_launch(config, path, 4, model_preset("tiny-llama.json"))
+    assert (plan.dp_size, plan.sequence_parallel_size, plan.zero_partitions) == (2, 2, 4)
+    assert plan.train_batch_size == plan.micro_batch_size * plan.grad_accum_steps * plan.dp_size == 8
+    assert plan_launch({k: v for k, v in config.items() if k != "sequence_parallel_size"}, path, 4, model_preset("tiny-gpt.json")).dp_size == 4

@@ -54,6 +54,14 @@ CASES = {
         lambda t: (ds_with(t, fp16={"enabled": True}, bf16={"enabled": True}), MODELS / "tiny-gpt.json", [], 1),
         "enables both fp16 and bf16",
     ),
+    "sequence parallelism through DeepSpeed's mesh": (
+        lambda t: (ds_with(t, sequence_parallel_size=2, data_parallel_size=1), MODELS / "tiny-gpt.json", [], 2),
+        "never reduces gradients across sequence-parallel ranks",
+    ),
+    "sequence parallelism of a family without it": (
+        lambda t: (DS / "ulysses2_zero1.json", MODELS / "tiny-switch.json", [], 2),
+        "needs a family whose attention splits sequences",
+    ),
     "pipeline with zero2": (
         lambda t: (ds_with(t, pipeline={"stages": 2}, zero_optimization={"stage": 2}), MODELS / "tiny-gpt.json", [], 2),
         "ZeRO stage 0 or 1 only",

@@ -162,7 +162,7 @@ def lm_task(**args):
         model_config=str(REPO / "models" / "configs" / "tiny-gpt.json"),
     )
     args = SimpleNamespace(**{**defaults, **args, "train_data": [args["train_data"]]})
-    return LanguageModelingTask(args, load_model_config(args.model_config), SimpleNamespace(pipeline_stages=1))
+    return LanguageModelingTask(args, load_model_config(args.model_config), SimpleNamespace(pipeline_stages=1, sequence_parallel_size=1))
 
 
 def test_lm_task_reads_a_prefix_memory_mapped(shakespeare, tmp_path):
