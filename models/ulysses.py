@@ -14,7 +14,7 @@ divide, models/registry.py); its attention modules have a ``ulysses`` attribute 
 a ``local_attention(q, k, v)`` over batch-first [B, T, heads, D] tensors, and the model a ``sequence_slice``
 attribute its positions read.
 
-The process groups are DeepSpeed's own (deepspeed.runtime.sequence_parallel.parallel_state_sp), passed to
+The process groups are DeepSpeed's own (parallel_state_sp: switchyard/deepspeed_compat.py), passed to
 ``deepspeed.initialize`` as ``mpu``: the engine then reduces gradients over the sequence- and data-parallel ranks
 together and divides by the data-parallel size only (each sequence-parallel rank contributes its slice's part of
 the sequence's gradient). DeepSpeed's other route, ``sequence_parallel_size`` with ``data_parallel_size`` in the
@@ -25,8 +25,9 @@ apart silently (tests/models/test_ulysses.py shows it; pretrain/ds_config.py ref
 from dataclasses import dataclass
 
 import torch.distributed as dist
-from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.sequence.layer import DistributedAttention
+
+from switchyard import deepspeed_compat
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,10 @@ class UlyssesAttention(DistributedAttention):
         return super().forward(q, k, v, 0)
 
 
-def sequence_parallel_groups(size):
-    """DeepSpeed's sequence-parallel groups of ``size`` consecutive ranks (the mpu ``deepspeed.initialize`` takes),
-    made once per process: rank r is sequence-parallel rank r % size of data-parallel rank r // size."""
-    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:
-        parallel_state_sp.initialize_sequence_parallel(size)
-    if parallel_state_sp.get_sequence_parallel_world_size() != size:
-        raise ValueError(f"sequence-parallel groups of {parallel_state_sp.get_sequence_parallel_world_size()} ranks exist; asked for {size}")
-    return parallel_state_sp
-
-
 def split_sequences(model, size):
     """Make ``model`` (of a family that declares ``sequence_parallel``) read slices of sequences split over groups
     of ``size`` ranks; returns the mpu to pass to ``deepspeed.initialize``."""
-    mpu = sequence_parallel_groups(size)
+    mpu = deepspeed_compat.sequence_parallel_mpu(size)
     split_over(model, mpu.get_sequence_parallel_group())
     return mpu
 

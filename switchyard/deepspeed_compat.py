@@ -77,6 +77,9 @@ Models (models/switch.py, models/gpt.py)
                                 expert-parallel ranks
   stage_layers                  ``PipelineModule._local_start`` and ``.forward_funcs``
   tied_modules                  ``PipelineModule.tied_modules``
+  sequence_parallel_mpu         ``runtime.sequence_parallel.parallel_state_sp`` (its module-level groups,
+                                ``_SEQUENCE_PARALLEL_GROUP``, made once per process): the mpu of DeepSpeed-Ulysses
+                                (models/ulysses.py), whose getters ``deepspeed.initialize`` reads
 Benchmarks (bench/engine_overhead.py)
   engine_inner_phases           ZeRO 1-2's ``optimizer.reduce_gradients`` / ``scaled_global_norm`` / ``.optimizer``;
                                 without ZeRO ``engine.clip_fp32_gradients``
@@ -473,3 +476,15 @@ def engine_inner_phases(engine):
             [(optimizer, "scaled_global_norm", "ZeRO gradient norm"), (optimizer.optimizer, "step", "Adam")],
         )
     return [], [(engine, "clip_fp32_gradients", "DeepSpeed clipping"), (optimizer, "step", "Adam")]
+
+
+def sequence_parallel_mpu(size):
+    """DeepSpeed's sequence-parallel groups of ``size`` consecutive ranks, made once per process, as the mpu module
+    ``deepspeed.initialize`` takes: rank r is sequence-parallel rank r % size of data-parallel rank r // size."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:
+        parallel_state_sp.initialize_sequence_parallel(size)
+    if parallel_state_sp.get_sequence_parallel_world_size() != size:
+        raise ValueError(f"sequence-parallel groups of {parallel_state_sp.get_sequence_parallel_world_size()} ranks exist; asked for {size}")
+    return parallel_state_sp

@@ -238,6 +238,16 @@ class RecordingExperts(nn.Module):
         return dispatched * self.scale
 
 
+def test_sequence_parallel_state_is_the_module_sequence_parallel_mpu_reads():
+    """sequence_parallel_mpu's groups need 2 ranks or more (DeepSpeed refuses a size of 1): made on real ranks in
+    tests/models/test_ulysses.py; here the module-level state it reads and the getters the engine calls."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    assert parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None  # nothing in this process made groups
+    for getter in ("get_sequence_parallel_group", "get_sequence_data_parallel_group", "get_sequence_parallel_world_size"):
+        assert callable(getattr(parallel_state_sp, getter)), getter
+
+
 def test_moe_layer_internals():
     import inspect
 
