@@ -2,8 +2,9 @@
 
 Everything here runs before torch.distributed starts and before any model is allocated.
 The JSON goes to ``deepspeed.initialize`` as written, but for one value: a scheduler's
-``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds one
-section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores.
+``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds sections
+of its own, which DeepSpeed ignores: ``"moe": {"expert_parallel_size": N}`` and ``"seqlen_warmup"``
+(pretrain/seqlen_warmup.py).
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from models.registry import families_that, family_of
-from pretrain import ds_schema
+from pretrain import ds_schema, seqlen_warmup
 from switchyard.errors import ConfigError
 
 
@@ -31,6 +32,7 @@ class LaunchPlan:
     expert_parallel_size: int
     resume_universal: bool = False  # resuming a dense ZeRO checkpoint saved at another data-parallel size
     resume_resharded: bool = False  # resuming a ZeRO 1-2 model with experts saved at another data- or expert-parallel size
+    seqlen_warmup: dict | None = None  # the checked "seqlen_warmup" section (pretrain/seqlen_warmup.py), or None
 
 
 def load_ds_config(path):
@@ -163,6 +165,7 @@ def plan_launch(config, path, world_size, model_config):
         precision=precision,
         pipeline_stages=stages,
         expert_parallel_size=ep_size,
+        seqlen_warmup=seqlen_warmup.check_section(config, path),
     )
 
 

@@ -95,8 +95,12 @@ class LanguageModelingTask:
             return family_of(self.model_config).pipeline(self.model_config, self.pipeline_stages, loss_fn=lm_loss)
         return build_model(self.model_config)
 
-    def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
-        return micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size)
+    def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size, seq_len=None):
+        """``seq_len``: the length sequence-length warmup trains this step at (None: the run's), in tokens of input."""
+        return micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size, seq_len)
+
+    # train_batch takes seq_len: sequence-length warmup can cut its batches (pretrain/seqlen_warmup.check_launch).
+    supports_seqlen_warmup = True
 
     def val_batch(self, i, micro_batch_size, dp_rank, dp_size):
         """The i-th validation micro-batch of this rank, in file order, wrapping around."""
