@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Sequence-length warmup (Li, Zhang and He 2022) at small scale: does it let a too-high learning rate train without
 # the loss spikes that rate gives without it? A GPT (d_model 128, 2 layers, seq 128, bytes) on data/tinyshakespeare.txt,
-# trained from the same seed at a normal and a high peak learning rate (10 LR warmup steps, then cosine), each without
+# trained from the same seed at a normal and at higher peak learning rates (10 LR warmup steps, then cosine), each without
 # and with sequence-length warmup (8 -> 128 tokens, fixed_linear over WARMUP_STEPS steps, difficulty_step 8), one CPU
 # process each. Then a table: spikes (steps whose training loss is above SPIKE x the lowest loss before them), the
 # largest such ratio, the tokens trained on, and the final validation loss (the held-out 5% tail, full length).
 # README, "Sequence-length warmup". Environment:
 #   STEPS=N          steps per run (default 300)          WARMUP_STEPS=N  sequence-length warmup steps (default 100)
-#   LRS="2e-3 2e-2"  the peak learning rates               SPIKE=X         the spike threshold (default 1.1)
+#   LRS="2e-3 5e-2 1e-1"  peak learning rates              SPIKE=X         the spike threshold (default 1.1)
+#   SEED=N           the runs' --seed (default 1234, pretrain/args.py's): the same initial weights and data order in all
 #   OUT=dir          where everything goes (default runs/seqlen_warmup; replaced)
 #   SMOKE=1          4 steps each, to check the pipeline
 set -euo pipefail
@@ -16,8 +17,9 @@ source scripts/setup.sh
 set -euo pipefail  # setup.sh ends with set +e
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 OUT="${OUT:-runs/seqlen_warmup}"
-LRS="${LRS:-2e-3 2e-2}"
+LRS="${LRS:-2e-3 5e-2 1e-1}"
 SPIKE="${SPIKE:-1.1}"
+SEED="${SEED:-1234}"
 if [ "${SMOKE:-0}" = 1 ]; then STEPS="${STEPS:-4}" WARMUP_STEPS="${WARMUP_STEPS:-2}"; else STEPS="${STEPS:-300}" WARMUP_STEPS="${WARMUP_STEPS:-100}"; fi
 rm -rf "$OUT"
 mkdir -p "$OUT/configs" "$OUT/logs"
@@ -51,7 +53,7 @@ for lr in $LRS; do
     start=$(date +%s)
     python pretrain/main.py --ds_config "$OUT/configs/$run.json" --model_config "$OUT/configs/model.json" \
       --train_data data/tinyshakespeare.txt --max_steps "$STEPS" --log_interval 1 --eval_interval "$EVAL_INTERVAL" \
-      --eval_iters 8 --save_dir "$OUT/$run" > "$OUT/logs/$run.log" 2>&1
+      --eval_iters 8 --seed "$SEED" --save_dir "$OUT/$run" > "$OUT/logs/$run.log" 2>&1
     echo "$run: $(( $(date +%s) - start )) s"
   done
 done
