@@ -2,10 +2,11 @@
 
 Everything here runs before torch.distributed starts and before any model is allocated.
 The JSON goes to ``deepspeed.initialize`` as written, but for one value: a scheduler's
-``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds one
-section of its own, ``"moe": {"expert_parallel_size": N}``, which DeepSpeed ignores. DeepSpeed's
-``"sequence_parallel_size": N`` (DeepSpeed-Ulysses) is read here too, and its groups are handed to
-``deepspeed.initialize`` as ``mpu`` (models/ulysses.py says why not DeepSpeed's own mesh of it).
+``"total_num_steps": "auto"``, which ``resolve_schedule`` fills from the run. Switchyard adds sections
+of its own, which DeepSpeed ignores: ``"moe": {"expert_parallel_size": N}`` and ``"seqlen_warmup"``
+(pretrain/seqlen_warmup.py). DeepSpeed's ``"sequence_parallel_size": N`` (DeepSpeed-Ulysses) is read here
+too, and its groups are handed to ``deepspeed.initialize`` as ``mpu`` (models/ulysses.py says why not
+DeepSpeed's own mesh of it).
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from models.registry import families_that, family_of
-from pretrain import ds_schema
+from pretrain import ds_schema, seqlen_warmup
 from switchyard.errors import ConfigError
 
 
@@ -36,6 +37,7 @@ class LaunchPlan:
     sequence_parallel_size: int = 1
     resume_universal: bool = False  # resuming a dense ZeRO checkpoint saved at another data-parallel size
     resume_resharded: bool = False  # resuming a ZeRO 1-2 model with experts saved at another data- or expert-parallel size
+    seqlen_warmup: dict | None = None  # the checked "seqlen_warmup" section (pretrain/seqlen_warmup.py), or None
 
     def data_parallel_rank(self, rank):
         """The data-parallel rank of global rank ``rank``: which samples it reads (models/ulysses.py's layout)."""
@@ -184,6 +186,7 @@ def plan_launch(config, path, world_size, model_config):
         pipeline_stages=stages,
         expert_parallel_size=ep_size,
         sequence_parallel_size=sp,
+        seqlen_warmup=seqlen_warmup.check_section(config, path),
     )
 
 

@@ -42,6 +42,13 @@ SWITCHYARD_SECTIONS = {
     "pipeline": {
         "stages": "plan_launch: pipeline stages the GPT is split into ('auto' = 1)",
     },
+    # Sequence-length warmup (pretrain/seqlen_warmup.py, which checks the values and schedule_config's keys).
+    "seqlen_warmup": {
+        "min_difficulty": "seqlen_warmup: the first steps' sequence length",
+        "max_difficulty": "seqlen_warmup: the length the warmup ends at ('auto' = the run's)",
+        "schedule_type": "seqlen_warmup: fixed_linear or fixed_root",
+        "schedule_config": "seqlen_warmup: total_curriculum_step, difficulty_step (, root_degree)",
+    },
 }
 
 # Keys DeepSpeed reads but Switchyard refuses, with the fix.
@@ -54,6 +61,12 @@ REFUSED_KEYS = {
     # layer itself, which AutoEP does not look for (README, "Expert parallelism"): at best it warns and does
     # nothing, while the user believes the experts are split.
     "expert_parallel": 'AutoEP does not apply to Switchyard models; set expert parallelism with "moe": {"expert_parallel_size": N}',
+    # DeepSpeed 0.19 removed it and points to data_efficiency's curriculum, which acts only through DeepSpeed's own
+    # data loader (refused too, pretrain/ds_config.py): Switchyard's section drives the sequence length instead.
+    "curriculum_learning": (
+        'DeepSpeed 0.19 removed it; for sequence-length warmup write the schedule as "seqlen_warmup": {"min_difficulty", '
+        '"max_difficulty", "schedule_type", "schedule_config"} (README, "Sequence-length warmup"; ds_configs/seqlen_warmup.json)'
+    ),
 }
 
 # A leaf whose value DeepSpeed (or plan_launch) checks, or that may be anything; and a section whose
@@ -574,11 +587,11 @@ def check(config, path):
     where = f"DeepSpeed config {path}"
     schema = _deepspeed_schema()
     for key in config:
+        if key in REFUSED_KEYS:  # first: Switchyard's fix replaces DeepSpeed's removal notice where both name a key
+            raise ConfigError(f"{where}: {key!r}: {REFUSED_KEYS[key]}")
         # DeepSpeed's own words for features it removed (it raises them at initialize, after the model exists).
         if key in _REMOVED_TOP_LEVEL_CONFIG_KEYS:
             raise ConfigError(f"{where}: {key!r} is a removed DeepSpeed feature; remove it. {_REMOVED_TOP_LEVEL_CONFIG_KEYS[key].strip()}")
-        if key in REFUSED_KEYS:
-            raise ConfigError(f"{where}: {key!r}: {REFUSED_KEYS[key]}")
         if key not in schema:
             raise _unknown_key(where, key, key, schema)
     zero = config.get("zero_optimization")

@@ -23,7 +23,7 @@ def prepare(argv):
 
     from models import load_model_config
     from models.registry import family_of, with_launch_fields
-    from pretrain import distributed, run_dir
+    from pretrain import distributed, run_dir, seqlen_warmup
     from pretrain.args import parse_args
     from pretrain.ds_config import check_device_features, load_ds_config, optimizer_for_device, plan_launch, plan_resume, resolve_schedule
     from pretrain.tasks import TASKS
@@ -60,7 +60,11 @@ def prepare(argv):
             saved_ep_size,
             run_dir.saved_sequence_parallel_size(args.save_dir),
         )
+    if plan.seqlen_warmup:
+        seqlen_warmup.check_launch(plan.seqlen_warmup, args.ds_config, plan, args.task, TASKS[args.task])
     task = TASKS[args.task](args, model_config, plan)  # reads tokenizer and data: their errors come before any rank starts
+    if plan.seqlen_warmup:
+        seqlen_warmup.check_length(plan.seqlen_warmup, args.ds_config, task.seq_len)
     notices = [optimizer_notice, schedule_notice]
     if args.resume:
         notices.append(run_dir.check_resume_compatible(args.save_dir, model_config, ds_config, task_tokenizers(task)))

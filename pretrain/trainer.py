@@ -17,6 +17,7 @@ from pretrain import checkpoint
 from pretrain.distributed import device
 from pretrain.peak_flops import peak_tflops
 from pretrain.progress import Progress, terminal
+from pretrain.seqlen_warmup import SeqlenWarmup
 from switchyard import deepspeed_compat
 
 
@@ -132,7 +133,10 @@ class Trainer:
         self.dp_rank = deepspeed_compat.pipeline_data_parallel_rank(engine) if self.pipelined else plan.data_parallel_rank(dist.get_rank())
         self.step = 0
         self.consumed_samples = 0
-        self.tokens_per_step = plan.train_batch_size * task.seq_len
+        # Sequence-length warmup: each step's length from the schedule (the same on every rank: a function of the step).
+        self.seqlen_warmup = SeqlenWarmup(plan.seqlen_warmup, task.seq_len) if plan.seqlen_warmup else None
+        self.seq_len = task.seq_len  # the length the current (or last) step trains at
+        self.flops_per_token_at = {task.seq_len: flops_per_token}  # attention's FLOPs grow with the length
         self.own_skipped_steps = 0  # steps skipped here where DeepSpeed has no overflow check (fp32, no ZeRO)
         self.consecutive_bad_steps = 0
         self.last_saved_step = None
@@ -166,9 +170,19 @@ class Trainer:
             print(f"resumed from step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
 
     def micro_batches(self):
+        # Only under warmup does the task get a length: the other tasks' train_batch takes none (check_launch).
+        length = {"seq_len": self.seq_len} if self.seqlen_warmup else {}
         for micro in range(self.plan.grad_accum_steps):
-            batch = self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size)
+            batch = self.task.train_batch(self.consumed_samples, micro, self.plan.micro_batch_size, self.dp_rank, self.plan.dp_size, **length)
             yield to_device(batch, self.engine.device)
+
+    def tokens_and_flops(self):
+        """(tokens trained on in the current step, over all ranks; their training FLOPs): at its length, not the run's
+        (truncated tokens are not trained on)."""
+        if self.seq_len not in self.flops_per_token_at:  # warmup only, which runs no pipeline: the model is engine.module
+            self.flops_per_token_at[self.seq_len] = self.engine.module.flops_per_token(self.seq_len)
+        tokens = self.plan.train_batch_size * self.seq_len
+        return tokens, tokens * self.flops_per_token_at[self.seq_len]
 
     def forward(self, batch):
         # A task's inputs are one tensor (LM) or a tuple of the model's arguments
@@ -179,6 +193,8 @@ class Trainer:
     def take_step(self):
         """One optimizer step on the next global batch, counted: what train() does at each step, without its logging,
         validation and checkpoints (the benchmarks time this). Returns train_step's sums."""
+        if self.seqlen_warmup:
+            self.seq_len = self.seqlen_warmup.length_at(self.step)
         sums = self.train_step()
         self.step += 1
         self.consumed_samples += self.plan.train_batch_size
@@ -300,12 +316,14 @@ class Trainer:
     def train_to_max_steps(self):
         args = self.args
         signals = self.signals
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_tokens, window_flops = time.perf_counter(), 0, 0, 0
         sums = None
         while self.step < args.max_steps:
             skipped_before = self.skipped_steps()
             lm_sum, aux_sum, moe_sum = self.take_step()
             window_steps += 1
+            tokens, flops = self.tokens_and_flops()
+            window_tokens, window_flops = window_tokens + tokens, window_flops + flops
             self.progress.advance(self.step)
             step_sums = torch.stack([torch.as_tensor(lm_sum, dtype=torch.float32), torch.as_tensor(aux_sum, dtype=torch.float32)])
             if moe_sum is not None:
@@ -315,8 +333,8 @@ class Trainer:
             stop = False
             if log_now:
                 elapsed = time.perf_counter() - window_start
-                stop = self.log_train(sums, window_steps, elapsed, moe_sum)
-                window_start, window_steps, sums = time.perf_counter(), 0, None
+                stop = self.log_train(sums, window_steps, elapsed, moe_sum, window_tokens, window_flops)
+                window_start, window_steps, window_tokens, window_flops, sums = time.perf_counter(), 0, 0, 0, None
             self.check_bad_step(skipped_before)
             eval_now = args.eval_interval and self.step % args.eval_interval == 0
             save_now = args.save_interval and self.step % args.save_interval == 0
@@ -340,17 +358,18 @@ class Trainer:
             self.save()
         return "done"
 
-    def log_train(self, sums, steps, elapsed, last_moe):
-        """Log the means over ranks and the window's ``steps`` of the logged parts; returns whether any rank received
-        a stop signal. The log step's one wait for the device: one all-reduce of every rank's sums and stop flag,
-        and one read of its result together with the gradient norm."""
+    def log_train(self, sums, steps, elapsed, last_moe, tokens, flops):
+        """Log the means over ranks and the window's ``steps`` of the logged parts, and its speed from the ``tokens``
+        all ranks trained on in it and their ``flops``; returns whether any rank received a stop signal. The log
+        step's one wait for the device: one all-reduce of every rank's sums and stop flag, and one read of its result
+        together with the gradient norm."""
         reduced = torch.cat([sums, self.signals.flag()])
         dist.all_reduce(reduced)
         parts = [reduced[:-1] / (dist.get_world_size() * steps * self.plan.grad_accum_steps), reduced[-1:]]
         norm = self.grad_norm_to_log(sums.device)
         values = torch.cat(parts if norm is None else [*parts, norm]).tolist()
         means, stop = values[: len(sums)], values[len(sums)] > 0
-        tokens_per_s = self.tokens_per_step * steps / elapsed
+        tokens_per_s = tokens / elapsed
         metrics = {
             "train/loss": means[0] + means[1],
             "train/lm_loss": means[0],
@@ -358,6 +377,8 @@ class Trainer:
         }
         if norm is not None:
             metrics["train/grad_norm"] = values[-1]
+        if self.seqlen_warmup:
+            metrics["train/seq_len"] = self.seq_len  # the window's last step's
         metrics.update({"perf/step_time_s": elapsed / steps, "perf/tokens_per_s": tokens_per_s})
         histograms = {}
         if last_moe is not None:
@@ -372,7 +393,7 @@ class Trainer:
         if self.plan.precision == "fp16":
             metrics["train/loss_scale"] = deepspeed_compat.loss_scale(self.engine)
         if self.peak:
-            metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / dist.get_world_size() / (self.peak * 1e12)
+            metrics["perf/mfu"] = flops / elapsed / dist.get_world_size() / (self.peak * 1e12)
         self.logger.log(self.step, metrics, histograms)
         return stop
 

@@ -261,7 +261,11 @@ class BlendedSamples:
         return self.corpora[d][i]
 
 
-def micro_batch(samples, order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
-    """The (B, seq_len + 1) tensor of one micro-batch of the global batch starting at consumed_samples."""
+def micro_batch(samples, order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size, seq_len=None):
+    """The (B, seq_len + 1) tensor of one micro-batch of the global batch starting at consumed_samples.
+
+    ``seq_len`` shorter than the samples': each keeps its first seq_len + 1 tokens (sequence-length warmup's
+    truncation, pretrain/seqlen_warmup.py); the same samples are drawn, so the data position does not depend on it."""
     first = consumed_samples + (micro_step * dp_size + dp_rank) * micro_batch_size
-    return torch.stack([samples[order(k)] for k in range(first, first + micro_batch_size)])
+    windows = [samples[order(k)] for k in range(first, first + micro_batch_size)]
+    return torch.stack(windows if seq_len is None else [window[: seq_len + 1] for window in windows])

@@ -103,9 +103,14 @@ class LanguageModelingTask:
             return family_of(self.model_config).pipeline(self.model_config, self.pipeline_stages, loss_fn=lm_loss)
         return build_model(self.model_config)
 
-    def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size):
-        batch = micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size)
+    def train_batch(self, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size, seq_len=None):
+        """``seq_len``: the length sequence-length warmup trains this step at (None: the run's), in tokens of input;
+        cut before the sequence-parallel slice, so that each rank holds its share of the cut windows."""
+        batch = micro_batch(self.train, self.train_order, consumed_samples, micro_step, micro_batch_size, dp_rank, dp_size, seq_len)
         return self.own_slice(batch)
+
+    # train_batch takes seq_len: sequence-length warmup can cut its batches (pretrain/seqlen_warmup.check_launch).
+    supports_seqlen_warmup = True
 
     def val_batch(self, i, micro_batch_size, dp_rank, dp_size):
         """The i-th validation micro-batch of this rank, in file order, wrapping around."""

@@ -211,6 +211,27 @@ CASES = {
         ),
         "data_efficiency (DeepSpeed's curriculum data sampling and random-LTD) works only with DeepSpeed's own data loader",
     ),
+    "deepspeed's removed curriculum_learning": (
+        lambda t: (ds_with(t, curriculum_learning={"enabled": True, "curriculum_type": "seqlen"}), MODELS / "tiny-gpt.json", [], 1),
+        "'curriculum_learning': DeepSpeed 0.19 removed it; for sequence-length warmup write the schedule as \"seqlen_warmup\"",
+    ),
+    "seqlen warmup past the samples' length": (
+        lambda t: (
+            ds_with(
+                t,
+                seqlen_warmup={
+                    "min_difficulty": 8,
+                    "max_difficulty": 128,
+                    "schedule_type": "fixed_linear",
+                    "schedule_config": {"total_curriculum_step": 20, "difficulty_step": 8},
+                },
+            ),
+            MODELS / "tiny-gpt.json",
+            [],
+            1,
+        ),
+        "seqlen_warmup.max_difficulty 128 is above the run's sequence length 64",
+    ),
     "missing second blend corpus": (
         lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, t / "none.txt"], 1),
         "none.txt does not exist",

@@ -21,6 +21,7 @@ def recipes(tmp_path, pair_data):
         "bf16_zero1": ("bf16_zero1.json", "tiny-gpt.json", ()),
         "distillation": ("zero1.json", "tiny-gpt.json", ("--task", "distill", "--teacher", tmp_path / "fp32_zero0")),
         "switch_lm_zero2": ("zero2.json", "tiny-switch.json", ()),
+        "seqlen_warmup_zero1": ("seqlen_warmup.json", "tiny-gpt.json", ()),  # a new length each step: no sync for it
     }
     runs = {
         name: (train_args(tmp_path, ds, model, STEPS, *extra, *log, save_dir=tmp_path / name), name == "fp32_zero0")
