@@ -15,7 +15,7 @@ from pretrain.ds_config import plan_resume
 from pretrain.main import prepare
 from pretrain.run_dir import MANIFEST, read_latest
 from switchyard.errors import ConfigError
-from tests.distributed import read_metrics, run_ranks, train_args
+from tests.distributed import REPO, read_metrics, run_ranks, train_args
 
 STEPS = 3
 MODEL = "tiny-gpt.json"
@@ -80,3 +80,31 @@ def test_resume_at_another_zero_partition_count_is_refused(monkeypatch, tmp_path
     _, model_config, ds_config, plan, _ = prepare_at(monkeypatch, tmp_path, 1, "zero1.json")
     with pytest.raises(ConfigError, match="partitioned over 2 ranks and this launch partitions it over 1"):
         plan_resume(plan, ds_config, "zero1.json", manifest["dp_size"], model_config, saved_sp_size=manifest["sequence_parallel_size"])
+
+
+def with_seqlen_warmup(tmp_path, ds_config, difficulty_step):
+    """DS_CONFIG plus a warmup from 16 tokens to the run's 64 over STEPS steps, written under tmp_path."""
+    config = json.loads((REPO / "ds_configs" / ds_config).read_text())
+    schedule = {"total_curriculum_step": STEPS, "difficulty_step": difficulty_step}
+    config["seqlen_warmup"] = {"min_difficulty": 16, "max_difficulty": "auto", "schedule_type": "fixed_linear", "schedule_config": schedule}
+    path = tmp_path / f"warmup_{ds_config}"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_sequence_length_warmup_cuts_the_windows_before_the_ranks_split_them(tmp_path):
+    """Each step's windows are cut to the scheduled length first, then halved: 2 sequence-parallel ranks train as one
+    rank under the same warmup."""
+    for name, ds_config, ranks in (("whole", "zero1.json", 1), ("split", "ulysses2_zero1.json", 2)):
+        run_ranks(
+            train_args(tmp_path, with_seqlen_warmup(tmp_path, ds_config, 8), MODEL, STEPS, save_dir=tmp_path / name), ranks, tmp_path / f"logs_{name}"
+        )
+    lengths = read_metrics(tmp_path / "whole", "train/seq_len")
+    assert read_metrics(tmp_path / "split", "train/seq_len") == lengths and lengths[1] < 64, lengths
+    one, two = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split", "train/lm_loss")
+    assert [two[s] for s in range(1, STEPS + 1)] == pytest.approx([one[s] for s in range(1, STEPS + 1)], rel=RTOL)
+
+
+def test_a_warmup_length_the_ranks_cannot_halve_is_refused(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="difficulty_step 1 is not a multiple of the sequence-parallel size 2"):
+        prepare_at(monkeypatch, tmp_path, 2, with_seqlen_warmup(tmp_path, "ulysses2_zero1.json", 1))
