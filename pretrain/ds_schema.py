@@ -42,6 +42,9 @@ SWITCHYARD_SECTIONS = {
     "pipeline": {
         "stages": "plan_launch: pipeline stages the GPT is split into ('auto' = 1)",
     },
+    "activation_checkpointing": {
+        "use_reentrant": "plan_launch: the model's checkpointed blocks run DeepSpeed's checkpoint (true, the default) or non_reentrant_checkpoint (false)",
+    },
 }
 
 # Keys DeepSpeed reads but Switchyard refuses, with the fix.
