@@ -95,3 +95,15 @@ def test_router_bias_is_refused_with_checkpointing():
     """SwitchFFN counts the tokens it routes in its forward; a checkpointed block's second forward would count them again."""
     with pytest.raises(ConfigError, match="router_bias_rate counts routed tokens in the forward, which checkpoint_activations runs twice"):
         tiny("tiny-switch.json", checkpoint_activations=1, router_bias_rate=0.001)
+
+
+def test_a_resume_may_change_the_checkpointed_blocks_and_a_record_loads_without_the_launch_field():
+    """checkpoint_activations changes what is kept in memory, not the weights (a training setting); the record of
+    a launch holds checkpoint_reentrant, which a model file may not (models/registry.py without_launch_fields)."""
+    from models.registry import config_to_dict, resume_differences, without_launch_fields
+
+    launched = dataclasses.replace(tiny("tiny-llama.json", checkpoint_activations=1), checkpoint_reentrant=False)
+    recorded = config_to_dict(launched)
+    assert recorded["checkpoint_reentrant"] is False
+    assert resume_differences(recorded, tiny("tiny-llama.json")) == ([], [("checkpoint_activations", 1, 0)])
+    assert config_from_dict(without_launch_fields(recorded)) == dataclasses.replace(launched, checkpoint_reentrant=True)
