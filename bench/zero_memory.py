@@ -227,7 +227,7 @@ def print_report(rows, opts):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
+    p.add_argument("--stages", type=int, nargs="+", choices=[0, 1, 2, 3], help="default: 0 1 2 3 (--smoke: 0 3)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(STATE_BYTES))
     p.add_argument("--d_model", type=int, default=768)
     p.add_argument("--n_heads", type=int, default=12)
@@ -242,14 +242,23 @@ def parse(argv=None):
         help="the model's checkpoint_activations: 0 none, N every Nth block (models/checkpointing.py)",
     )
     p.add_argument("--timeout", type=int, default=1200, help="seconds for one launch")
-    p.add_argument("--smoke", action="store_true", help="d_model 64, 2 layers, ZeRO 0 and 3, fp32, 1 step")
+    p.add_argument("--smoke", action="store_true", help="d_model 64, 2 layers, ZeRO 0 and 3 (or --stages), fp32, 1 step")
     # Set by the launcher for the ranks it starts.
     p.add_argument("--rank_model", dest="model", help=argparse.SUPPRESS)
     p.add_argument("--rank_ds", dest="ds", help=argparse.SUPPRESS)
     p.add_argument("--rank_result", dest="result", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.smoke:
-        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = [0, 3], ["fp32"], 64, 4, 2, 32, 1
+        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = (
+            opts.stages or [0, 3],
+            ["fp32"],
+            64,
+            4,
+            2,
+            32,
+            1,
+        )
+    opts.stages = opts.stages or [0, 1, 2, 3]
     return opts
 
 
