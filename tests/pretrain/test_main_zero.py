@@ -181,7 +181,8 @@ def nvme_config(tmp_path, swap):
 @pytest.mark.skipif(async_io_problem() is not None, reason=str(async_io_problem()))
 def test_zero_infinity_puts_the_large_partitions_on_nvme_and_trains_as_zero3(tmp_path):
     """ZeRO-Infinity (ds_configs/zero3_nvme.json) on 2 ranks: each rank's partitions of at least 1 MiB live in swap
-    files under nvme_path (DeepSpeed's final_location nvme, nothing of them in memory), the smaller ones in host
+    files under nvme_path (DeepSpeed's final_location nvme, nothing of them in memory: offload_param.max_in_cpu 0, or
+    DeepSpeed copies them back into host memory at initialize), the smaller ones in host
     memory; the optimizer states are swapped too; and the losses are ZeRO-3's without offload."""
     model = tmp_path / "nvme-gpt.json"
     model.write_text(json.dumps(NVME_GPT))
@@ -196,7 +197,8 @@ def test_zero_infinity_puts_the_large_partitions_on_nvme_and_trains_as_zero3(tmp
         on_nvme = {name for name, p in held["placement"].items() if p["final_location"] == "OffloadDeviceEnum.nvme"}
         large = {name for name, p in held["placement"].items() if p["partition_bytes"] >= MIB}
         assert on_nvme == large == {"blocks.0.ffn.fc.weight", "blocks.0.ffn.proj.weight"}, held["placement"]
-        assert all(held["placement"][name]["status"] == "NOT_AVAILABLE" and held["placement"][name]["in_memory"] == 0 for name in on_nvme)
+        # NOT_AVAILABLE: only the swap file holds it; what is left in memory is DeepSpeed's 1-value placeholder
+        assert all(held["placement"][name]["status"] == "NOT_AVAILABLE" and held["placement"][name]["in_memory"] <= 1 for name in on_nvme)
         assert all(p["in_memory"] == p["partition_bytes"] // 4 for name, p in held["placement"].items() if name not in on_nvme)
         swapped = [f for f in held["files"] if f.startswith(f"zero_stage_3/float32params/rank{rank}/") and f.endswith(".swp")]
         assert len(swapped) == 2, held["files"]
