@@ -3,6 +3,7 @@ the ZeRO paper's model-state formula.
 
     python -m bench.zero_memory            # a 57M-parameter GPT (d_model 768, 8 layers), both precisions
     python -m bench.zero_memory --smoke    # a small GPT, ZeRO 0 and 3 in fp32 (CI runs this)
+    python -m bench.zero_memory --checkpoint_activations 1   # every block's activations recomputed in the backward
 
 What is measured: the resident set size (RSS) high-water mark of each rank process (VmHWM in
 /proc/self/status), reset through /proc/self/clear_refs just before the model is built, minus the
@@ -152,6 +153,7 @@ def run_case(opts, stage, precision, workdir, argv):
                 "n_layers": opts.n_layers,
                 "n_heads": opts.n_heads,
                 "d_ff": 4 * opts.d_model,
+                "checkpoint_activations": opts.checkpoint_activations,
             }
         )
     )
@@ -178,7 +180,7 @@ def print_report(rows, opts):
     params = rows[0][2][0]["params"]
     print(
         f"\nGPT d_model {opts.d_model}, {opts.n_layers} layers, Psi = {params:,} parameters; {WORLD_SIZE} ranks, "
-        f"micro-batch {opts.micro_batch}, seq {opts.seq_len}, {opts.steps} steps"
+        f"micro-batch {opts.micro_batch}, seq {opts.seq_len}, {opts.steps} steps, checkpoint_activations {opts.checkpoint_activations}"
     )
     print("GiB per rank; added = RSS high-water mark - RSS before the model was built; formula = model states only")
     print(f"{'precision':9s} {'stage':>5s} {'formula':>8s} {'added r0':>9s} {'added r1':>9s} {'peak r0':>8s} {'peak r1':>8s} {'before r0':>10s}")
@@ -225,7 +227,7 @@ def print_report(rows, opts):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
+    p.add_argument("--stages", type=int, nargs="+", choices=[0, 1, 2, 3], help="default: 0 1 2 3 (--smoke: 0 3)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(STATE_BYTES))
     p.add_argument("--d_model", type=int, default=768)
     p.add_argument("--n_heads", type=int, default=12)
@@ -233,15 +235,30 @@ def parse(argv=None):
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--micro_batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument(
+        "--checkpoint_activations",
+        type=int,
+        default=0,
+        help="the model's checkpoint_activations: 0 none, N every Nth block (models/checkpointing.py)",
+    )
     p.add_argument("--timeout", type=int, default=1200, help="seconds for one launch")
-    p.add_argument("--smoke", action="store_true", help="d_model 64, 2 layers, ZeRO 0 and 3, fp32, 1 step")
+    p.add_argument("--smoke", action="store_true", help="d_model 64, 2 layers, ZeRO 0 and 3 (or --stages), fp32, 1 step")
     # Set by the launcher for the ranks it starts.
     p.add_argument("--rank_model", dest="model", help=argparse.SUPPRESS)
     p.add_argument("--rank_ds", dest="ds", help=argparse.SUPPRESS)
     p.add_argument("--rank_result", dest="result", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.smoke:
-        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = [0, 3], ["fp32"], 64, 4, 2, 32, 1
+        opts.stages, opts.precisions, opts.d_model, opts.n_heads, opts.n_layers, opts.seq_len, opts.steps = (
+            opts.stages or [0, 3],
+            ["fp32"],
+            64,
+            4,
+            2,
+            32,
+            1,
+        )
+    opts.stages = opts.stages or [0, 1, 2, 3]
     return opts
 
 

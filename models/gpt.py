@@ -13,12 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+from models.checkpointing import ActivationCheckpointing, run_block
 from models.registry import TRAINING_SETTING, register_model
 from switchyard.deepspeed_compat import full_numel, stage_layers, tied_modules, whole_fp32_on_cpu
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ActivationCheckpointing):
     vocab_size: int = 320
     max_seq_len: int = 128
     d_model: int = 64
@@ -50,7 +51,7 @@ class GPTConfig:
             return f"dropout must be in [0, 1), got {self.dropout}"
         if self.init_scale <= 0:
             return f"init_scale must be positive, got {self.init_scale}"
-        return None
+        return self.checkpoint_problem()
 
 
 def init_linear_(weight, init_scale, generator=None):
@@ -176,8 +177,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats = []
-        for block in self.blocks:
-            x, block_aux, block_stats = block(x)
+        for index, block in enumerate(self.blocks):
+            x, block_aux, block_stats = run_block(self.config, index, block, x)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
                 stats.append(block_stats)

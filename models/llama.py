@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.checkpointing import ActivationCheckpointing, run_block
 from models.gpt import apply_rotary, init_weights_, rotary_tables
 from models.registry import TRAINING_SETTING, register_model
 from models.switch import DecoderSwitchSettings, ExpertModel, SwitchFFN
@@ -21,7 +22,7 @@ from switchyard.deepspeed_compat import full_numel
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ActivationCheckpointing):
     vocab_size: int = 320
     max_seq_len: int = 128  # the default --seq_len (rotary positions are computed for any length)
     d_model: int = 64
@@ -64,7 +65,7 @@ class LlamaConfig:
             return f"dropout must be in [0, 1), got {self.dropout}"
         if self.init_scale <= 0:
             return f"init_scale must be positive, got {self.init_scale}"
-        return None
+        return self.checkpoint_problem()
 
 
 class GroupedQueryAttention(nn.Module):
@@ -160,8 +161,8 @@ class Llama(nn.Module):
         x = self.drop(self.tok_emb(tokens))
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats = []
-        for block in self.blocks:
-            x, block_aux, block_stats = block(x)
+        for index, block in enumerate(self.blocks):
+            x, block_aux, block_stats = run_block(self.config, index, block, x)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
                 stats.append(block_stats)

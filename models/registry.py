@@ -177,6 +177,14 @@ def with_launch_fields(config, **fields):
     return config
 
 
+def without_launch_fields(raw):
+    """Model dict ``raw`` (config_to_dict's, as a run records it) without the fields its family sets at launch,
+    for a model built outside a launch (evaluation, export: every default fits one process)."""
+    family = MODEL_FAMILIES.get(raw.get("family"))
+    launch = {f.name for f in dataclasses.fields(family.config_cls) if f.metadata.get("from_launch")} if family else set()
+    return {key: value for key, value in raw.items() if key not in launch}
+
+
 def config_to_dict(config, launch_fields=True):
     """The config as JSON-ready dict; without ``launch_fields`` it is a valid model config file again."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if launch_fields or not f.metadata.get("from_launch")}

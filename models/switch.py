@@ -85,6 +85,9 @@ class SwitchSettings:
             return "min_capacity, aux_loss_coef, z_loss_coef and router_bias_rate must be >= 0"
         if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
             return f"expert_dropout must be in [0, 1), got {self.expert_dropout}"
+        if self.router_bias_rate > 0 and self.checkpoint_activations:
+            # SwitchFFN counts each expert's tokens in its forward, which a checkpointed block runs twice.
+            return "router_bias_rate counts routed tokens in the forward, which checkpoint_activations runs twice; set one of them to 0"
         if self.num_experts % self.expert_parallel_size:
             return f"num_experts ({self.num_experts}) is not divisible by the expert-parallel size ({self.expert_parallel_size}); change one of them"
         return None

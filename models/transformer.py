@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.checkpointing import ActivationCheckpointing, run_block
 from models.gpt import FeedForward, init_weights_
 from models.registry import TRAINING_SETTING, register_model
 from models.switch import ExpertModel, SwitchFFN, SwitchSettings
@@ -25,7 +26,7 @@ from switchyard.deepspeed_compat import full_numel
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ActivationCheckpointing):
     vocab_size: int = 320
     tgt_vocab_size: Optional[int] = None  # None: the source vocabulary is the target's too
     share_all_embeddings: bool = True
@@ -61,7 +62,7 @@ class TransformerConfig:
             return f"dropout must be in [0, 1), got {self.dropout}"
         if self.init_scale <= 0:
             return f"init_scale must be positive, got {self.init_scale}"
-        return None
+        return self.checkpoint_problem()
 
     @property
     def target_vocab_size(self):
@@ -157,6 +158,10 @@ class DecoderLayer(nn.Module):
         x = x + self.cross_attn(self.ln_cross(x), *cross_kv, attend_mask=src_attend_mask)
         return add_ffn(x, self.ffn, self.ln_ffn(x), used_token)
 
+    def checkpointable(self, x, cross_k, cross_v, src_attend_mask, used_token):
+        """The training forward with the encoder's keys and values as tensors of their own (models/checkpointing.py)."""
+        return self(x, (cross_k, cross_v), src_attend_mask, None, used_token)
+
 
 @register_model("transformer", TransformerConfig, "encoder-decoder")
 class Transformer(nn.Module):
@@ -203,8 +208,8 @@ class Transformer(nn.Module):
         attend_mask = self.attend_mask(src_pad_mask)
         used_token = None if src_pad_mask is None else ~src_pad_mask
         aux_loss, stats = x.new_zeros((), dtype=torch.float32), []
-        for layer in self.encoder:
-            x, layer_aux, layer_stats = layer(x, attend_mask, used_token)
+        for index, layer in enumerate(self.encoder):
+            x, layer_aux, layer_stats = run_block(self.config, index, layer, x, attend_mask, used_token)
             if layer_aux is not None:
                 aux_loss, stats = aux_loss + layer_aux, stats + [layer_stats]
         return self.ln_enc(x), aux_loss, stats
@@ -223,8 +228,12 @@ class Transformer(nn.Module):
         used_token = None if tgt_pad_mask is None else ~tgt_pad_mask
         aux_loss, stats = x.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.decoder):
-            cache = None if caches is None else caches[i]
-            x, layer_aux, layer_stats = layer(x, cross_kv[i], attend_mask, cache, used_token)
+            if caches is None:  # the encoder's keys and values as arguments of their own: a checkpoint passes tensors' gradients only
+                x, layer_aux, layer_stats = run_block(
+                    self.config, self.config.encoder_layers + i, layer, x, *cross_kv[i], attend_mask, used_token, forward=layer.checkpointable
+                )
+            else:
+                x, layer_aux, layer_stats = layer(x, cross_kv[i], attend_mask, caches[i], used_token)
             if layer_aux is not None:
                 aux_loss, stats = aux_loss + layer_aux, stats + [layer_stats]
         logits = F.linear(self.ln_dec(x), self.tgt_emb.weight)  # tied decoder input/output embedding

@@ -118,6 +118,8 @@ def plan_launch(config, path, world_size, model_config):
                 f"DeepSpeed config {path}: {stages} pipeline stages do not divide the world size {world_size}; launch a multiple of {stages} ranks"
             )
 
+    check_activation_checkpointing(config, path, model_config, stages)
+
     ep_size = (config.get("moe") or {}).get("expert_parallel_size", 1)
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ConfigError(f"DeepSpeed config {path}: moe.expert_parallel_size must be a positive integer, got {ep_size!r}")
@@ -235,6 +237,42 @@ def plan_sequence_parallel(config, path, world_size, stages, zero_stage, model_c
     return sp
 
 
+def check_activation_checkpointing(config, path, model_config, stages):
+    """The DeepSpeed config's activation_checkpointing section against the model's checkpointed blocks
+    (``checkpoint_activations``, models/checkpointing.py): a section with no block to apply it to, or keys
+    that would do nothing here, are refused rather than silently ignored."""
+    section = config.get("activation_checkpointing")
+    every = getattr(model_config, "checkpoint_activations", 0)
+    if section is not None and not every:
+        raise ConfigError(
+            f"DeepSpeed config {path}: activation_checkpointing configures how checkpointed blocks are recomputed, "
+            f"and the model checkpoints none; set checkpoint_activations in the model config (N: every Nth block) or remove the section"
+        )
+    if not every:
+        return
+    if stages > 1:
+        raise ConfigError(
+            f"DeepSpeed config {path}: the pipeline form does not checkpoint its blocks (checkpoint_activations "
+            f"{every} in the model config); set checkpoint_activations to 0 with pipeline stages"
+        )
+    section = section or {}
+    if not isinstance(section.get("use_reentrant", True), bool):
+        raise ConfigError(f"DeepSpeed config {path}: activation_checkpointing.use_reentrant must be true or false, got {section['use_reentrant']!r}")
+    for key in ("partition_activations", "contiguous_memory_optimization"):
+        if section.get(key):
+            # DeepSpeed splits each checkpoint across the tensor-parallel group of the mpu it is configured with
+            # (contiguous buffers only with that split); Switchyard has no tensor parallelism, so nothing is split.
+            raise ConfigError(
+                f"DeepSpeed config {path}: activation_checkpointing.{key} splits checkpoints across tensor-parallel "
+                f"ranks, which Switchyard does not have (it would keep each whole); remove it"
+            )
+
+
+def launch_checkpointing(config):
+    """The model's launch field of the activation_checkpointing section: which DeepSpeed checkpoint it runs."""
+    return {"checkpoint_reentrant": (config.get("activation_checkpointing") or {}).get("use_reentrant", True)}
+
+
 # The DeepSpeed op each optimizer class DeepSpeed may build JIT-compiles at deepspeed.initialize on a GPU (its op
 # builder's NAME); torch.optim's classes compile nothing.
 COMPILED_OPS = {
@@ -299,11 +337,19 @@ QUANTIZED_ZERO = {
 
 
 def check_device_features(config, path, device):
-    """Refuse, in one line, what the DeepSpeed config asks of a device that does not have it: ZeRO++'s quantized
+    """Refuse, in one line, what the DeepSpeed config asks of a device that does not have it: activation
+    checkpoints offloaded to host memory (cpu_checkpointing) off an accelerator; ZeRO++'s quantized
     weights and gradients (qwZ, qgZ) need DeepSpeed's CUDA quantizer, compiled at start (on CUDA: the same
     toolkit condition as a compiled optimizer, optimizer_for_device)."""
     from switchyard import deepspeed_compat
 
+    if device != "cuda" and (config.get("activation_checkpointing") or {}).get("cpu_checkpointing"):
+        # Measured with DeepSpeed 0.19.8 on the CPU accelerator: its offload engine leaves each checkpoint an empty
+        # tensor there, and the backward's recomputation fails on it (for both checkpoint functions).
+        raise ConfigError(
+            f"DeepSpeed config {path}: activation_checkpointing.cpu_checkpointing moves checkpoints from an accelerator "
+            f"to host memory; on the {device} they are there already, and DeepSpeed's offload loses them in the backward; remove it"
+        )
     zero = config.get("zero_optimization") or {}
     for key, name in QUANTIZED_ZERO.items():
         if not zero.get(key):
@@ -320,6 +366,46 @@ def check_device_features(config, path, device):
                 f"compiled at start, which it cannot do here ({problem}); install a CUDA toolkit matching torch's CUDA "
                 f"(CUDA_HOME), or remove it"
             )
+
+
+NVME_OFFLOADS = ("offload_optimizer", "offload_param")
+
+
+def resolve_nvme_paths(config, path):
+    """``config`` with each NVMe offload's (ZeRO-Infinity) ``nvme_path`` made absolute, a relative one against the
+    launch's working directory (as every path flag is), so that each rank and the run's record name one directory.
+
+    Refused in one line: DeepSpeed's async_io op cannot be built here (it needs libaio's headers), or the directory
+    does not exist or is not writable. DeepSpeed would create a missing one: a mistyped mount point would then
+    swap onto whatever disk holds its parent."""
+    zero = config.get("zero_optimization") or {}
+    offloads = [key for key in NVME_OFFLOADS if (zero.get(key) or {}).get("device") == "nvme"]
+    if not offloads:
+        return config
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.{offloads[0]} to nvme needs DeepSpeed's async_io op, which "
+            f"cannot be built here without libaio; install libaio-dev (apt-get install libaio-dev) or offload to cpu"
+        )
+    zero = dict(zero)
+    for key in offloads:
+        given = zero[key].get("nvme_path")
+        if not isinstance(given, str) or not given:
+            raise ConfigError(f"DeepSpeed config {path}: zero_optimization.{key}.nvme_path must name a directory on an NVMe drive, got {given!r}")
+        directory = os.path.abspath(os.path.expanduser(given))
+        if not os.path.isdir(directory):
+            raise ConfigError(
+                f"DeepSpeed config {path}: zero_optimization.{key}.nvme_path {directory} is not a directory; create it "
+                f"on the NVMe drive (its mount point) or point nvme_path at one"
+            )
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"DeepSpeed config {path}: zero_optimization.{key}.nvme_path {directory} is not writable; pick a directory you can write"
+            )
+        zero[key] = {**zero[key], "nvme_path": directory}
+    return {**config, "zero_optimization": zero}
 
 
 def plan_resume(plan, config, path, saved_dp_size, model_config, saved_ep_size=None, saved_sp_size=None):

@@ -49,6 +49,9 @@ SWITCHYARD_SECTIONS = {
         "schedule_type": "seqlen_warmup: fixed_linear or fixed_root",
         "schedule_config": "seqlen_warmup: total_curriculum_step, difficulty_step (, root_degree)",
     },
+    "activation_checkpointing": {
+        "use_reentrant": "plan_launch: the model's checkpointed blocks run DeepSpeed's checkpoint (true, the default) or non_reentrant_checkpoint (false)",
+    },
 }
 
 # Keys DeepSpeed reads but Switchyard refuses, with the fix.

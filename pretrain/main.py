@@ -25,7 +25,16 @@ def prepare(argv):
     from models.registry import family_of, with_launch_fields
     from pretrain import distributed, run_dir, seqlen_warmup
     from pretrain.args import parse_args
-    from pretrain.ds_config import check_device_features, load_ds_config, optimizer_for_device, plan_launch, plan_resume, resolve_schedule
+    from pretrain.ds_config import (
+        check_device_features,
+        launch_checkpointing,
+        load_ds_config,
+        optimizer_for_device,
+        plan_launch,
+        plan_resume,
+        resolve_nvme_paths,
+        resolve_schedule,
+    )
     from pretrain.tasks import TASKS
 
     args = parse_args(argv)
@@ -36,6 +45,7 @@ def prepare(argv):
     plan = plan_launch(ds_config, args.ds_config, distributed.world_size_from_env(), model_config)
     check_device_features(ds_config, args.ds_config, get_accelerator().device_name())
     ds_config, optimizer_notice = optimizer_for_device(ds_config, args.ds_config, get_accelerator().device_name())
+    ds_config = resolve_nvme_paths(ds_config, args.ds_config)
     if plan.precision == "fp16":
         if not get_accelerator().is_fp16_supported():
             raise ConfigError(
@@ -44,6 +54,7 @@ def prepare(argv):
             )
     if family_of(model_config).experts:
         model_config = with_launch_fields(model_config, expert_parallel_size=plan.expert_parallel_size)
+    model_config = with_launch_fields(model_config, **launch_checkpointing(ds_config))
     run_dir.check_start(args.save_dir, args.resume, args.replace_run)  # read only: claim() applies it again under the lock
     recorded = (run_dir.read_run_config(args.save_dir) or {}).get("deepspeed") if args.resume else None
     ds_config, schedule_notice = resolve_schedule(ds_config, args.ds_config, args.max_steps, args.resume, recorded, args.extend_schedule)
@@ -201,6 +212,8 @@ def build_engine(args, model_config, ds_config, plan, task):
 
         mpu = split_sequences(model, plan.sequence_parallel_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model), config=ds_config, mpu=mpu)
+    if model_config.checkpoint_activations:  # the activation_checkpointing section (or DeepSpeed's defaults) for its checkpoint
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     torch.manual_seed(args.seed + dist.get_rank())  # dropout differs across data-parallel ranks
     return engine, flops
 

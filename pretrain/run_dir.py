@@ -33,7 +33,7 @@ import time
 import torch
 
 from models import build_model, config_from_dict
-from models.registry import check_architecture, family_of
+from models.registry import check_architecture, family_of, without_launch_fields
 from pretrain.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from switchyard import deepspeed_compat
 from switchyard.errors import ConfigError
@@ -583,9 +583,9 @@ def run_source_tokenizer(run_dir):
 
 def recorded_model_config(run_config, run_dir):
     """The model config a run recorded, for a model on one process."""
-    raw = dict(run_config["model"])
-    # Recorded from the launch; evaluation holds every expert on one process (the default, 1).
-    raw.pop("expert_parallel_size", None)
+    # The launch fields are the launch's: evaluation holds every expert on one process (expert_parallel_size 1),
+    # and runs no backward (checkpoint_reentrant is unused).
+    raw = without_launch_fields(run_config["model"])
     return config_from_dict(raw, where=f"{os.path.join(run_dir, RUN_CONFIG)} model")
 
 

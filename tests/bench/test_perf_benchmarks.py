@@ -15,11 +15,11 @@ from bench.switch_vs_dense import TARGETS
 from tests.distributed import REPO
 
 
-def run_bench(module):
+def run_bench(module, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # the benchmark starts its own ranks
-    proc = subprocess.run([sys.executable, "-m", module, "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke", *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -71,6 +71,14 @@ def test_switch_vs_dense_smoke():
     # The readable ratio lines before the JSON hold the same cases.
     lines = [line for line in stdout.splitlines() if re.match(r"^\S+ switch-8 on [12] rank\(s\): step ", line)]
     assert len(lines) == 3
+
+
+def test_zero_memory_smoke_with_activation_checkpointing():
+    """The bench's --checkpoint_activations reaches the model it measures (the memory saved: BENCHMARKS.md section 3)."""
+    stdout = run_bench("bench.zero_memory", "--stages", "0", "--checkpoint_activations", "1")
+    assert re.search(r"^GPT d_model 64, .*, checkpoint_activations 1$", stdout, re.M), stdout[-2000:]
+    rows = [line.split() for line in stdout.splitlines() if re.match(r"fp32 +\d ", line)]
+    assert [row[1] for row in rows] == ["0"] and all(float(value) > 0 for value in rows[0][2:])
 
 
 def test_zero_memory_smoke():

@@ -269,3 +269,61 @@ def test_sequence_parallel_groups_are_data_parallel_ranks_in_the_batch_arithmeti
     assert (plan.dp_size, plan.sequence_parallel_size, plan.zero_partitions) == (2, 2, 4)
     assert plan.train_batch_size == plan.micro_batch_size * plan.grad_accum_steps * plan.dp_size == 8
     assert plan_launch({k: v for k, v in config.items() if k != "sequence_parallel_size"}, path, 4, model_preset("tiny-gpt.json")).dp_size == 4
+
+
+# Activation checkpointing and ZeRO-Infinity's nvme_path (pretrain/ds_config.py check_activation_checkpointing,
+# resolve_nvme_paths); the launches themselves: test_main_checkpointing.py, test_main_zero.py, test_errors.py.
+
+
+def checkpointed_gpt(every=1):
+    from models import config_from_dict
+
+    return config_from_dict({"family": "gpt", "checkpoint_activations": every})
+
+
+@pytest.mark.parametrize(
+    "section, stages, message",
+    [
+        ({"use_reentrant": "no"}, 1, "activation_checkpointing.use_reentrant must be true or false, got 'no'"),
+        ({"partition_activations": True}, 1, "activation_checkpointing.partition_activations splits checkpoints across tensor-parallel ranks"),
+        ({"contiguous_memory_optimization": True}, 1, "activation_checkpointing.contiguous_memory_optimization splits"),
+        ({}, 2, "the pipeline form does not checkpoint its blocks (checkpoint_activations 1 in the model config)"),
+    ],
+)
+def test_what_activation_checkpointing_cannot_do_is_one_line(section, stages, message):
+    from pretrain.ds_config import plan_launch
+
+    config = {**shipped("zero1_activation_checkpointing.json")[0], "activation_checkpointing": section, "pipeline": {"stages": stages}}
+    with pytest.raises(ConfigError) as refused:
+        plan_launch(config, "d.json", 2, checkpointed_gpt())
+    assert str(refused.value).startswith("DeepSpeed config d.json: ") and message in str(refused.value)
+
+
+def test_the_shipped_checkpointing_config_plans_and_picks_the_checkpoint():
+    from pretrain.ds_config import launch_checkpointing, plan_launch
+
+    config, path = shipped("zero1_activation_checkpointing.json")
+    assert plan_launch(config, path, 2, checkpointed_gpt(2)).zero_stage == 1
+    assert launch_checkpointing(config) == {"checkpoint_reentrant": True}
+    assert launch_checkpointing({**config, "activation_checkpointing": {"use_reentrant": False}}) == {"checkpoint_reentrant": False}
+    assert launch_checkpointing(shipped("zero1.json")[0]) == {"checkpoint_reentrant": True}  # DeepSpeed's defaults, reentrant
+
+
+def test_nvme_path_is_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from pretrain.ds_config import resolve_nvme_paths
+
+    config, path = shipped("zero3_nvme.json")
+    (tmp_path / "drive").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = {**config, "zero_optimization": {**config["zero_optimization"]}}
+    for key in ("offload_optimizer", "offload_param"):
+        relative["zero_optimization"][key] = {**config["zero_optimization"][key], "nvme_path": "drive"}
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        with pytest.raises(ConfigError, match="needs DeepSpeed's async_io op, which cannot be built here without libaio; install libaio-dev"):
+            resolve_nvme_paths(relative, path)
+        return
+    resolved = resolve_nvme_paths(relative, path)
+    assert {resolved["zero_optimization"][key]["nvme_path"] for key in ("offload_optimizer", "offload_param")} == {str(tmp_path / "drive")}
+    assert resolve_nvme_paths(shipped("zero3_offload.json")[0], "o.json") == shipped("zero3_offload.json")[0]  # no nvme: as written

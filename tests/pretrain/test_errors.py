@@ -232,6 +232,26 @@ CASES = {
         ),
         "seqlen_warmup.max_difficulty 128 is above the run's sequence length 64",
     ),
+    "activation checkpointing section without checkpointed blocks": (
+        lambda t: (DS / "zero1_activation_checkpointing.json", MODELS / "tiny-gpt.json", [], 1),
+        "activation_checkpointing configures how checkpointed blocks are recomputed, and the model checkpoints none",
+    ),
+    "activation checkpoints offloaded on the cpu": (
+        lambda t: (ds_with(t, activation_checkpointing={"cpu_checkpointing": True}), model_with(t, checkpoint_activations=1), [], 1),
+        "activation_checkpointing.cpu_checkpointing moves checkpoints from an accelerator to host memory; on the cpu",
+    ),
+    "nvme offload into a missing directory": (
+        lambda t: (
+            ds_with(
+                t,
+                zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(t / "no-drive"), "pin_memory": True}},
+            ),
+            MODELS / "tiny-gpt.json",
+            [],
+            1,
+        ),
+        "no-drive is not a directory; create it on the NVMe drive (its mount point) or point nvme_path at one",
+    ),
     "missing second blend corpus": (
         lambda t: (DS / "zero1.json", MODELS / "tiny-gpt.json", ["--train_data", CORPUS, t / "none.txt"], 1),
         "none.txt does not exist",
