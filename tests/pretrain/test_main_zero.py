@@ -184,6 +184,11 @@ def test_zero_infinity_puts_the_large_partitions_on_nvme_and_trains_as_zero3(tmp
     files under nvme_path (DeepSpeed's final_location nvme, nothing of them in memory: offload_param.max_in_cpu 0, or
     DeepSpeed copies them back into host memory at initialize), the smaller ones in host
     memory; the optimizer states are swapped too; and the losses are ZeRO-3's without offload."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    # Built here, once, as tests/conftest.py builds the other ops: its JIT build (minutes on 2 cores) must not run
+    # inside the ranks' time-out, where a rank killed mid-build would leave torch's build lock behind.
+    AsyncIOBuilder().load(verbose=False)
     model = tmp_path / "nvme-gpt.json"
     model.write_text(json.dumps(NVME_GPT))
     swap = tmp_path / "swap"
